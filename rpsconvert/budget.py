@@ -1,0 +1,72 @@
+"""Budgets in bytes and ratios, and how many pool slots they buy."""
+
+from __future__ import annotations
+
+import re
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_BUDGET = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
+
+
+class BudgetError(ValueError):
+    """The requested budget cannot hold the model: it names the smallest budget that can."""
+
+
+def parse_bytes(budget: str | int | float) -> int:
+    """`"1MB"` -> 1_000_000, `"1.5 MiB"` -> 1_572_864, `"123456"` -> 123456 (SI and IEC units)."""
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        value, unit = float(budget), ""
+    else:
+        match = _BUDGET.match(str(budget))
+        if not match or match.group(2).lower() not in _UNITS:
+            raise ValueError(
+                f"cannot read the budget {budget!r}: write a number of bytes with an optional unit, "
+                "such as 500kB, 1MB, 1.5MiB or 123456"
+            )
+        value, unit = float(match.group(1)), match.group(2).lower()
+    size = int(value * _UNITS[unit])
+    if size <= 0:
+        raise ValueError(f"the budget must be a positive number of bytes, got {budget!r}")
+    return size
+
+
+def check_ratio(ratio: float) -> float:
+    """A ratio is the fraction of compressible weight memory kept, in (0, 1]."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio != ratio:
+        raise ValueError(f"ratio must be a number in (0, 1], got {ratio!r}")
+    if ratio > 1:
+        raise ValueError(
+            f"ratio must be in (0, 1] (the fraction of weight memory kept), got {ratio}; "
+            f"for a model {ratio:g} times smaller, pass ratio={1 / ratio:.6g}"
+        )
+    if ratio <= 0:
+        raise ValueError(f"ratio must be in (0, 1] (the fraction of weight memory kept), got {ratio}")
+    return float(ratio)
+
+
+def format_bytes(n: int) -> str:
+    for unit, size in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def slots_for_budget(budget: int, fixed_bytes: int, slot_bytes: int, largest_dense: list[tuple[str, int]]) -> int:
+    """Pool slots that fit in `budget` once the fixed part of the file (dense tensors, header) is paid.
+
+    Raises BudgetError naming the minimum feasible budget when not even one slot fits.
+    """
+    slots = (budget - fixed_bytes) // slot_bytes
+    if slots < 1:
+        biggest = ", ".join(f"{name} ({format_bytes(size)})" for name, size in largest_dense[:3])
+        raise BudgetError(
+            f"a budget of {format_bytes(budget)} is too small: the tensors kept dense and the file header "
+            f"alone take {format_bytes(fixed_bytes)}, so the minimum budget is {fixed_bytes + slot_bytes} bytes"
+            + (f"; the largest dense tensors are {biggest} (compress them with include=... or a lower min_numel)" if biggest else "")
+        )
+    return slots

@@ -1,0 +1,115 @@
+"""What a conversion did, per weight and in total, in bytes."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from rpsconvert.budget import format_bytes
+from rpsconvert.layers import find_pool
+from rpsconvert.mapping import chunks
+
+
+@dataclass(frozen=True)
+class WeightReport:
+    name: str
+    shape: tuple[int, ...]
+    elements: int
+    compressed: bool
+    bytes_before: int
+    bytes_after: int  # dense bytes, or 0 for a compressed weight (it lives in the pool)
+    slots_used: int = 0  # distinct pool slots the weight reads
+    reason: str = ""  # why a tensor was kept dense
+
+
+@dataclass(frozen=True)
+class ConversionReport:
+    weights: list[WeightReport]
+    mapping: str
+    seed: int
+    pool_slots: int
+    pool_dtype: str
+    pool_bytes: int
+    dense_bytes: int
+    original_bytes: int
+    compressible_elements: int
+    discovery: str = "fx"
+    fallback_reason: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.pool_bytes + self.dense_bytes
+
+    @property
+    def ratio(self) -> float:
+        """Fraction of the compressible weight elements kept as pool slots."""
+        return self.pool_slots / max(self.compressible_elements, 1)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out.update(total_bytes=self.total_bytes, ratio=self.ratio)
+        return out
+
+    def summary(self) -> str:
+        compressed = sum(w.compressed for w in self.weights)
+        return (
+            f"{compressed} weights compressed into {self.pool_slots:,} slots ({self.ratio:.4g} of their elements), "
+            f"{len(self.weights) - compressed} tensors kept dense; "
+            f"{format_bytes(self.original_bytes)} -> {format_bytes(self.total_bytes)} "
+            f"({self.original_bytes / max(self.total_bytes, 1):.1f}x smaller)"
+        )
+
+
+def _slots_used(pool, spec) -> int:
+    if spec.numel >= pool.size and pool.mapping.name == "randomfold":
+        return pool.size  # a full fold covers every slot
+    used = torch.zeros(pool.size, dtype=torch.bool, device=pool.pool.device)
+    for _, _, slots, _ in chunks(pool.mapping, spec.offset, spec.numel, pool.size, pool.seed, pool.pool.device):
+        used[slots] = True
+    return int(used.sum())
+
+
+def report(model: nn.Module) -> ConversionReport:
+    """Per-weight and total sizes of a converted model (stored bytes, not the generated weights)."""
+    pool = find_pool(model)
+    item = pool.pool.element_size()
+    rows = [
+        WeightReport(
+            name=spec.name,
+            shape=spec.shape,
+            elements=spec.numel,
+            compressed=True,
+            bytes_before=spec.numel * torch.empty(0, dtype=spec.dtype).element_size(),
+            bytes_after=0,
+            slots_used=_slots_used(pool, spec),
+        )
+        for spec in pool.specs.values()
+    ]
+    reasons = pool.info.get("dense_reasons", {})
+    seen: set[int] = set()
+    dense_bytes = 0
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if tensor is pool.pool or id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        size = tensor.numel() * tensor.element_size()
+        dense_bytes += size
+        rows.append(WeightReport(name, tuple(tensor.shape), tensor.numel(), False, size, size, 0, reasons.get(name, "kept dense")))
+    compressible = sum(spec.numel for spec in pool.specs.values())
+    return ConversionReport(
+        weights=rows,
+        mapping=pool.mapping.name,
+        seed=pool.seed,
+        pool_slots=pool.size,
+        pool_dtype=str(pool.pool.dtype).removeprefix("torch."),
+        pool_bytes=pool.size * item,
+        dense_bytes=dense_bytes,
+        original_bytes=sum(r.bytes_before for r in rows),
+        compressible_elements=compressible,
+        discovery=pool.info.get("discovery", "fx"),
+        fallback_reason=pool.info.get("fallback_reason"),
+        notes=list(pool.info.get("notes", [])),
+    )
