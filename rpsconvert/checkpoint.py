@@ -20,14 +20,14 @@ from torch import nn
 
 from rpsconvert import __version__
 from rpsconvert.hashing import check_seed
-from rpsconvert.layers import POOL_ATTR, RPSPool, WeightSpec, find_pool, install
+from rpsconvert.layers import POOL_PARAM, RPSPool, WeightSpec, find_pool, install
 from rpsconvert.mapping import MAX_SLOTS, get_mapping
 
 FORMAT = "rpsconvert"
 FORMAT_VERSION = 1
 HASH_SPEC = "fmix32-v1"
 METADATA_KEY = "rpsconvert"
-POOL_TENSOR = f"{POOL_ATTR}.pool"
+POOL_TENSOR = POOL_PARAM
 
 
 class CheckpointError(ValueError):

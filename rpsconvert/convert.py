@@ -14,7 +14,7 @@ from rpsconvert.budget import check_ratio, format_bytes, parse_bytes, slots_for_
 from rpsconvert.checkpoint import header_bound
 from rpsconvert.discovery import Discovery, discover
 from rpsconvert.hashing import check_seed
-from rpsconvert.layers import POOL_ATTR, RPSPool, WeightSpec, install
+from rpsconvert.layers import POOL_ATTR, POOL_PARAM, RPSPool, WeightSpec, install
 from rpsconvert.mapping import MAX_SLOTS, get_mapping
 from rpsconvert.projection import layer_scales, project
 
@@ -98,7 +98,7 @@ def convert(
     budget_bytes = parse_bytes(budget) if budget is not None else None
     mapping_impl = get_mapping(mapping)
     check_seed(seed)
-    if hasattr(model, POOL_ATTR):
+    if hasattr(model, POOL_ATTR) or hasattr(model, POOL_PARAM):
         raise ValueError(f"the model already has an attribute {POOL_ATTR!r}: it looks already converted")
 
     found = discover(model)

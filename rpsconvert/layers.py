@@ -16,7 +16,8 @@ from torch import nn
 
 from rpsconvert.mapping import chunks, get_mapping
 
-POOL_ATTR = "rps"  # the pool module's name on the converted model's root
+POOL_ATTR = "rps"  # the RPSPool object on the converted model's root (a plain attribute)
+POOL_PARAM = "rps_pool"  # the pool Parameter, registered on the root (so never called by Sequential)
 
 
 @dataclass(frozen=True)
@@ -35,46 +36,60 @@ class WeightSpec:
         return math.prod(self.shape)
 
 
-class RPSPool(nn.Module):
-    """The shared pool and what is needed to generate every compressed weight from it."""
+class RPSPool:
+    """The shared pool and what is needed to generate every compressed weight from it.
+
+    Once installed, the pool Parameter is registered on the model's root as `rps_pool` and read
+    from there on every use, so `.to()`, `load_state_dict(assign=True)` or anything else that
+    replaces the Parameter object is followed.
+    """
 
     def __init__(self, pool: torch.Tensor, mapping: str, seed: int, specs: list[WeightSpec], grad_scaling: bool = True):
-        super().__init__()
-        self.pool = nn.Parameter(pool)
+        self._detached = nn.Parameter(pool)
+        self._owner: nn.Module | None = None
         self.mapping = get_mapping(mapping)
         self.seed = seed
         self.specs = {spec.name: spec for spec in specs}
         self.grad_scaling = grad_scaling
+        self.grad_scale: torch.Tensor | None = None  # computed at the first backward
         self.info: dict = {}  # what convert() decided (discovery method, weights kept dense and why)
         self._cache: dict[str, torch.Tensor] | None = None
-        self._cache_version = -1
-        self._hooked = None
-        self.register_buffer("grad_scale", None, persistent=False)  # computed at the first backward
+        self._cache_key: tuple | None = None
+        self._hooked: int | None = None
+
+    @property
+    def pool(self) -> nn.Parameter:
+        return self._detached if self._owner is None else getattr(self._owner, POOL_PARAM)
 
     @property
     def size(self) -> int:
         return self.pool.numel()
 
-    def extra_repr(self) -> str:
-        return f"slots={self.size}, mapping={self.mapping.name}, seed={self.seed}, weights={len(self.specs)}"
+    def __repr__(self) -> str:
+        return f"RPSPool(slots={self.size}, mapping={self.mapping.name}, seed={self.seed}, weights={len(self.specs)})"
 
     def _pool_for_autograd(self) -> torch.Tensor:
         """The pool, with the STABLE-RPS gradient hook attached once per Parameter object."""
-        if self._hooked != id(self.pool) and self.pool.requires_grad:
-            self.pool.register_hook(self._scale_gradient)
-            self._hooked = id(self.pool)
-        return self.pool
+        pool = self.pool
+        if self._hooked != id(pool) and pool.requires_grad:
+            pool.register_hook(self._scale_gradient)
+            self._hooked = id(pool)
+        return pool
 
     def _scale_gradient(self, grad: torch.Tensor) -> torch.Tensor:
         if not self.grad_scaling:
             return grad
-        if self.grad_scale is None:
-            self.grad_scale = slot_grad_scale(self)
+        if self.grad_scale is None or self.grad_scale.device != grad.device:
+            self.grad_scale = slot_grad_scale(self).to(grad.device)
         return grad / self.grad_scale.to(grad.dtype)
+
+    def _current_key(self) -> tuple:
+        pool = self.pool
+        return (id(pool), pool._version, pool.device, pool.dtype)
 
     def weight(self, name: str) -> torch.Tensor:
         spec = self.specs[name]
-        if self._cache is not None and self._cache_version == self.pool._version:
+        if self._cache is not None and self._cache_key == self._current_key():
             if not (torch.is_grad_enabled() and self.pool.requires_grad):
                 return self._cache[name]
         pool = self._pool_for_autograd()
@@ -89,14 +104,10 @@ class RPSPool(nn.Module):
         with torch.no_grad():
             self._cache = None
             self._cache = {name: self.weight(name) for name in self.specs}
-        self._cache_version = self.pool._version
+        self._cache_key = self._current_key()
 
     def clear_cache(self) -> None:
         self._cache = None
-
-    def _apply(self, fn, recurse=True):
-        self._cache = None  # a cache on the old device or dtype would be stale
-        return super()._apply(fn, recurse)
 
 
 def slot_grad_scale(pool: RPSPool) -> torch.Tensor:
@@ -130,9 +141,11 @@ def _rps_class(cls: type, attrs: tuple[str, ...]) -> type:
 
 def install(model: nn.Module, pool: RPSPool) -> None:
     """Replace every name of every spec by a pool-backed property and attach the pool to `model`."""
-    if hasattr(model, POOL_ATTR):
+    if hasattr(model, POOL_ATTR) or hasattr(model, POOL_PARAM):
         raise ValueError(f"the model already has an attribute {POOL_ATTR!r}: is it already converted?")
-    model.add_module(POOL_ATTR, pool)
+    model.register_parameter(POOL_PARAM, pool.pool)
+    pool._owner, pool._detached = model, None
+    object.__setattr__(model, POOL_ATTR, pool)
     by_module: dict[str, dict[str, str]] = {}
     for spec in pool.specs.values():
         for name in (spec.name, *spec.aliases):
@@ -143,15 +156,17 @@ def install(model: nn.Module, pool: RPSPool) -> None:
         for attr in names:
             delattr(module, attr)
         base = getattr(type(module), "_rps_original_class", type(module))
-        previous = getattr(module, "_rps_names", {})
-        merged = {**previous, **names}
+        merged = {**getattr(module, "_rps_names", {}), **names}
         module.__class__ = _rps_class(base, tuple(sorted(merged)))
-        object.__setattr__(module, "_rps_pool", pool)  # a plain reference: not a second registration
+        object.__setattr__(module, "_rps_pool", pool)
         object.__setattr__(module, "_rps_names", merged)
 
 
 def find_pool(model: nn.Module) -> RPSPool:
-    pool = getattr(model, POOL_ATTR, None)
+    pool = model.__dict__.get(POOL_ATTR)
+    wrapped = model.__dict__.get("_modules", {}).get("module")  # DistributedDataParallel and similar
+    if pool is None and wrapped is not None:
+        pool = wrapped.__dict__.get(POOL_ATTR)
     if not isinstance(pool, RPSPool):
         raise ValueError("this model has no RPS pool: convert it with rpsconvert.convert() first")
     return pool

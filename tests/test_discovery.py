@@ -1,0 +1,49 @@
+"""Discovery: which parameters are weights, through modules, functional calls and the fallback."""
+
+import pytest
+import torch
+from torch import nn
+
+from models import FunctionalNet, StdConv2d, TiedLM, Untraceable, tiny_bert
+from rpsconvert.discovery import discover
+
+
+def test_functional_weights_are_found_and_added_parameters_are_not():
+    found = discover(FunctionalNet())
+    assert found.method == "fx"
+    assert found.weights == ["w1", "w2"]  # not b1 (bias slot), not pos (added)
+
+
+def test_weight_of_a_custom_conv_subclass_is_found_through_its_own_forward():
+    model = nn.Sequential(StdConv2d(3, 8, 3), nn.ReLU())
+    assert discover(model).weights == ["0.weight"]
+
+
+def test_tied_weight_is_one_weight_with_two_names():
+    found = discover(TiedLM())
+    assert found.weights == ["embed.weight", "mix.weight"]
+    assert found.aliases["embed.weight"] == ["embed.weight", "head.weight"]
+
+
+def test_multihead_attention_projections_are_weights():
+    model = nn.TransformerEncoderLayer(32, 2, 64, batch_first=True)
+    assert set(discover(model).weights) == {
+        "self_attn.in_proj_weight", "self_attn.out_proj.weight", "linear1.weight", "linear2.weight",
+    }
+
+
+def test_untraceable_model_falls_back_to_module_scan_and_names_the_reason():
+    found = discover(Untraceable())
+    assert found.method == "module-scan"
+    assert "TraceError" in found.fallback_reason or "symbolically traced" in found.fallback_reason
+    assert found.weights == ["a.weight", "b.weight"]
+
+
+def test_hugging_face_bert_is_found_by_the_fallback_with_its_tied_decoder():
+    model = tiny_bert()
+    found = discover(model)
+    assert found.method == "module-scan"
+    word = "bert.embeddings.word_embeddings.weight"
+    assert word in found.weights
+    assert "cls.predictions.decoder.weight" in found.aliases[word]
+    assert len(found.weights) == 2 * 6 + 3 + 1  # 6 linears a layer, 3 embeddings, the head transform; decoder tied
