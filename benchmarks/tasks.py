@@ -1,0 +1,222 @@
+"""The quality benchmark's tasks: real data that ships offline, the models, training and metrics.
+
+- digits: scikit-learn's 8x8 handwritten digits, a CNN and an MLP, test accuracy on a held-out split;
+- text: a byte-level transformer language model on the docstrings of Python's standard library,
+  bits per byte on held-out modules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import io
+import math
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SEED = 0
+
+
+@dataclass
+class Task:
+    """A model family (built by width), its data, its training recipe and its quality metric."""
+
+    name: str
+    metric: str
+    higher_is_better: bool
+    build: Callable[[int], nn.Module]  # width -> a freshly initialized model
+    width: int  # the width of the dense reference model
+    train_steps: int
+    lr: float
+    sample: Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]  # a training batch
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    evaluate: Callable[[nn.Module], float]  # on held-out data only
+    inputs: list[torch.Tensor]  # fixed training-input batches for calibration and recovery
+
+
+def train(model: nn.Module, task: Task, steps: int) -> nn.Module:
+    """Train `model` on the task's labels with Adam and a cosine schedule, from a fixed seed."""
+    gen = torch.Generator().manual_seed(SEED)
+    opt = torch.optim.Adam(model.parameters(), lr=task.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
+    model.train()
+    for _ in range(steps):
+        x, y = task.sample(gen)
+        loss = task.loss(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model.eval()
+
+
+def build_seeded(task: Task, width: int) -> nn.Module:
+    torch.manual_seed(SEED)
+    return task.build(width)
+
+
+# ---------------------------------------------------------------- digits
+
+
+def digits_cnn(width: int) -> nn.Module:
+    """width=32: 283k weights (conv 1->32->64, max-pool, fc 1024->256->10)."""
+    return nn.Sequential(
+        nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(2 * width * 16, 8 * width), nn.ReLU(),
+        nn.Linear(8 * width, 10),
+    )  # fmt: skip
+
+
+def digits_mlp(width: int) -> nn.Module:
+    """width=384: 176k weights (64->384->384->10)."""
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10)
+    )
+
+
+def _digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """1,347 training and 450 held-out test images, stratified, fixed seed; pixels scaled to [0, 1]."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(digits.target)
+    idx_train, idx_test = train_test_split(range(len(y)), test_size=0.25, random_state=SEED, stratify=digits.target)
+    return x[idx_train], y[idx_train], x[idx_test], y[idx_test]
+
+
+def _accuracy(x: torch.Tensor, y: torch.Tensor) -> Callable[[nn.Module], float]:
+    def evaluate(model: nn.Module) -> float:
+        with torch.no_grad():
+            return 100.0 * float((model.eval()(x).argmax(-1) == y).float().mean())
+
+    return evaluate
+
+
+def digits_tasks(train_steps: int, batch: int = 64) -> list[Task]:
+    x_train, y_train, x_test, y_test = _digits_split()
+    order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(SEED))
+    inputs = list(x_train[order].split(batch))
+
+    def sample(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        i = torch.randint(len(x_train), (batch,), generator=gen)
+        return x_train[i], y_train[i]
+
+    common = dict(metric="test accuracy (%)", higher_is_better=True, train_steps=train_steps, lr=1e-3,
+                  sample=sample, loss=F.cross_entropy, evaluate=_accuracy(x_test, y_test), inputs=inputs)  # fmt: skip
+    return [
+        Task(name="digits CNN", build=digits_cnn, width=32, **common),
+        Task(name="digits MLP", build=digits_mlp, width=384, **common),
+    ]
+
+
+# ---------------------------------------------------------------- text
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: causal self-attention and a 4x GELU MLP."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.up, self.down = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, width = x.size(0), x.size(1), x.size(2)
+        q, k, v = self.qkv(self.norm1(x)).view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.out(attn.transpose(1, 2).reshape(batch, length, width))
+        return x + self.down(F.gelu(self.up(self.norm2(x))))
+
+
+class ByteLM(nn.Module):
+    """Byte-level transformer language model with learned positions and an untied output layer."""
+
+    def __init__(self, width: int, layers: int = 2, context: int = 64):
+        super().__init__()
+        heads = math.gcd(width, 4)
+        self.tokens, self.positions = nn.Embedding(256, width), nn.Embedding(context, width)
+        self.blocks = nn.Sequential(*[Block(width, heads) for _ in range(layers)])
+        self.norm, self.head = nn.LayerNorm(width), nn.Linear(width, 256, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.tokens(x) + self.positions(torch.arange(x.size(1), device=x.device))
+        return self.head(self.norm(self.blocks(h)))
+
+
+_SIDE_EFFECTS = {"antigravity", "this", "turtle", "turtledemo", "tkinter", "idlelib"}
+
+
+def _module_docs(name: str) -> str:
+    """The docstrings of a standard-library module and of the classes and functions it defines."""
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            module = importlib.import_module(name)
+    except Exception:  # platform-specific or deprecated modules that do not import here
+        return ""
+    objects = [module] + [
+        obj
+        for _, obj in sorted(vars(module).items())
+        if (inspect.isclass(obj) or inspect.isfunction(obj)) and getattr(obj, "__module__", None) == name
+    ]
+    return "\n\n".join(doc for doc in map(inspect.getdoc, objects) if doc)
+
+
+def stdlib_text() -> tuple[bytes, bytes]:
+    """(training, held-out) UTF-8 text: every 10th public stdlib module (sorted by name) is held out."""
+    names = sorted(n for n in sys.stdlib_module_names if not n.startswith("_") and n not in _SIDE_EFFECTS)
+    docs = [_module_docs(n) for n in names]
+    docs = [d for d in docs if d]
+    held = "\n\n".join(d for i, d in enumerate(docs) if i % 10 == 9)
+    train_text = "\n\n".join(d for i, d in enumerate(docs) if i % 10 != 9)
+    return train_text.encode(), held.encode()
+
+
+def _bits_per_byte(windows: torch.Tensor) -> Callable[[nn.Module], float]:
+    def evaluate(model: nn.Module) -> float:
+        model.eval()
+        with torch.no_grad():
+            nats = sum(
+                float(F.cross_entropy(model(w[:, :-1]).flatten(0, 1), w[:, 1:].flatten(), reduction="sum"))
+                for w in windows.split(128)
+            )
+        return nats / (windows.size(0) * (windows.size(1) - 1)) / math.log(2)
+
+    return evaluate
+
+
+def text_task(train_steps: int, eval_windows: int = 512, batch: int = 32, context: int = 64) -> Task:
+    train_bytes, held_bytes = (torch.tensor(list(t), dtype=torch.long) for t in stdlib_text())
+    held = held_bytes[: eval_windows * (context + 1)].view(-1, context + 1)  # non-overlapping windows
+
+    def sample(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        start = torch.randint(len(train_bytes) - context - 1, (batch, 1), generator=gen)
+        window = train_bytes[start + torch.arange(context + 1)]
+        return window[:, :-1], window[:, 1:]
+
+    gen = torch.Generator().manual_seed(SEED + 1)  # recovery inputs differ from the training stream
+    return Task(
+        name="stdlib LM",
+        metric="held-out bits per byte",
+        higher_is_better=False,
+        build=ByteLM,
+        width=128,
+        train_steps=train_steps,
+        lr=2e-3,
+        sample=sample,
+        loss=lambda logits, y: F.cross_entropy(logits.flatten(0, 1), y.flatten()),
+        evaluate=_bits_per_byte(held),
+        inputs=[sample(gen)[0] for _ in range(64)],
+    )
