@@ -1,0 +1,238 @@
+"""Recovery by distillation: a short fine-tune that brings a compressed model back to its original.
+
+The original model is the teacher: its outputs on unlabeled inputs are the targets, so no labels
+are needed and the student learns the original's whole output distribution, not only its argmax.
+The pool and every dense tensor (biases, norms) are trained with Adam; the pool is in the units of
+the weights (see projection.layer_scales), so one learning rate suits both, and the same loop
+fine-tunes a model that is not RPS-converted at all (a pruned or low-rank baseline).
+
+It runs unchanged under torchrun: every process passes the same global batches, keeps its share,
+DistributedDataParallel averages the gradients, so the result equals a single-process run with the
+same global batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Union
+
+import torch
+import torch.distributed
+import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+
+from rpsconvert.batches import Batch, cycle, device_of, is_logits, outputs, process_group, run, shard, to_device
+from rpsconvert.fidelity import Fidelity, fidelity, paired_outputs
+
+Loss = Union[str, Callable[[object, object], torch.Tensor]]
+LOSSES = ("auto", "kl", "mse", "cosine")
+DEFAULT_LR = 1e-3
+
+
+@dataclass
+class RecoveryHistory:
+    """What recover() did: the loss at every step, and fidelity on the held-out data."""
+
+    loss: list[float] = field(default_factory=list)  # global mean loss of each step
+    lr: list[float] = field(default_factory=list)
+    evals: list[tuple[int, Fidelity]] = field(default_factory=list)  # (steps done, fidelity)
+    before: Fidelity | None = None
+    after: Fidelity | None = None  # of the parameters kept (the best evaluated ones)
+    best_step: int | None = None
+    stopped_early: bool = False
+
+    @property
+    def steps(self) -> int:
+        return len(self.loss)
+
+
+def distillation_loss(output, target_output, loss: Loss = "auto") -> torch.Tensor:
+    """How far the student's output is from the teacher's, averaged over the output tensors.
+
+    "kl": KL(teacher || student) of the softmax over the last dimension, per row;
+    "mse": squared error relative to the teacher's mean square (scale-free, so tensors of any size
+    weigh alike); "cosine": 1 - cosine of the output vectors; "auto": KL for classifier logits
+    (outputs named like logits, or unnamed (batch, classes) matrices), relative MSE for the rest
+    (embeddings, hidden states). A callable gets (output, target_output) and returns the loss.
+    """
+    if callable(loss):
+        return loss(output, target_output)
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}: choose one of {', '.join(LOSSES)} or pass a function")
+    terms = []
+    for path, out, target in paired_outputs(output, target_output):
+        kind = loss if loss != "auto" else ("kl" if is_logits(path, target) else "mse")
+        if kind == "kl":
+            rows = target.shape[-1]
+            terms.append(
+                F.kl_div(
+                    F.log_softmax(out.float().reshape(-1, rows), -1),
+                    F.log_softmax(target.float().reshape(-1, rows), -1),
+                    log_target=True,
+                    reduction="batchmean",
+                )
+            )
+        elif kind == "mse":
+            terms.append((out.float() - target.float()).square().mean() / _global_mean(target.float().square()))
+        else:
+            terms.append((1 - F.cosine_similarity(out.float(), target.float(), dim=-1)).mean())
+    if not terms:
+        raise ValueError("the model returns no floating-point tensor to distill")
+    return torch.stack(terms).mean()
+
+
+def _global_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over the global batch (all processes), a constant for autograd."""
+    _, world = process_group()
+    total = torch.stack([x.detach().sum(), torch.tensor(float(x.numel()), device=x.device, dtype=x.dtype)])
+    if world > 1:
+        torch.distributed.all_reduce(total)
+    return (total[0] / total[1]).clamp(min=torch.finfo(x.dtype).tiny)
+
+
+def recover(
+    model: nn.Module,
+    teacher: nn.Module,
+    data: Iterable[Batch],
+    *,
+    steps: int,
+    lr: float | None = None,
+    loss: Loss = "auto",
+    eval_data: Iterable[Batch] | None = None,
+    inputs: Callable[[Batch], Batch] | None = None,
+    labels: Callable[[Batch], torch.Tensor] | None = None,
+    trainable: Callable[[str, nn.Parameter], bool] | None = None,
+    eval_every: int | None = None,
+    patience: int = 3,
+    warmup: float = 0.05,
+    quiet: bool = False,
+) -> RecoveryHistory:
+    """Fine-tune `model` in place to reproduce `teacher` (the original) on the inputs of `data`.
+
+    `data` is a list or DataLoader of batches (tensor, tuple or dict), cycled for `steps` steps.
+    Adam with `lr` (default DEFAULT_LR) after a linear warmup over the first `warmup` fraction of
+    the steps, then cosine decay to zero. With `eval_data` (held-out batches, never the training
+    ones) fidelity is measured every `eval_every` steps; training stops early after `patience`
+    evaluations without a 0.1 % gain in relative error, and the best evaluated parameters are kept,
+    so recovery never returns a model worse than it got. Without `eval_data` the stop watches the
+    training loss. `inputs` picks the model's input out of a batch that also holds labels;
+    `labels` picks hard labels to add a cross-entropy term on the first logits (optional);
+    `trainable(name, parameter)` chooses what is trained (default: every parameter that requires
+    grad: the pool and the dense tensors).
+    """
+    if isinstance(data, (torch.Tensor, dict)):
+        raise TypeError("data must be a list or DataLoader of batches: cut a tensor with rpsconvert.batches.split(x, 32)")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    lr = DEFAULT_LR if lr is None else lr
+    params = [p for n, p in model.named_parameters() if p.requires_grad and (trainable is None or trainable(n, p))]
+    if not params:
+        raise ValueError("nothing to train: no parameter requires grad (or the trainable filter kept none)")
+    rank, world = process_group()
+    device = device_of(model)
+    net = _distributed(model, device) if world > 1 else model
+    optimizer = torch.optim.Adam(params, lr=lr)
+    warm = max(1, round(warmup * steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
+    eval_every = eval_every or max(1, steps // 10)
+    history = RecoveryHistory()
+    best_value, best_state, stale = math.inf, None, 0
+    if eval_data is not None:
+        history.before = fidelity(model, teacher, eval_data, inputs=inputs)
+        history.evals.append((0, history.before))
+        best_value, best_state, history.best_step = history.before.relative_error, _snapshot(model), 0
+
+    teacher_modes = [(m, m.training) for m in teacher.modules()]
+    teacher.eval()
+    was_training = model.training
+    model.train()
+    progress = Progress(
+        TextColumn("[bold]recovering"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+        disable=quiet or rank != 0,
+        transient=False,
+    )
+    try:
+        with progress:
+            task = progress.add_task("recover", total=steps, status=_status(None, history.before))
+            batches = cycle(data)
+            for step in range(1, steps + 1):
+                batch = next(batches)
+                x = shard(to_device(inputs(batch) if inputs else batch, device), rank, world)
+                with torch.no_grad():
+                    target = run(teacher, x)
+                output = run(net, x)
+                value = distillation_loss(output, target, loss)
+                if labels is not None:
+                    value = value + _label_loss(output, shard(to_device(labels(batch), device), rank, world))
+                optimizer.zero_grad(set_to_none=True)
+                value.backward()
+                optimizer.step()
+                history.lr.append(schedule.get_last_lr()[0])
+                schedule.step()
+                history.loss.append(_global_mean(value.detach()).item())
+                latest = history.evals[-1][1] if history.evals else None
+                progress.update(task, advance=1, status=_status(history.loss[-1], latest))
+                if step % eval_every and step != steps:
+                    continue
+                if eval_data is not None:
+                    latest = fidelity(model, teacher, eval_data, inputs=inputs)
+                    history.evals.append((step, latest))
+                    value_now = latest.relative_error
+                else:
+                    value_now = sum(history.loss[-eval_every:]) / len(history.loss[-eval_every:])
+                if value_now < best_value * (1 - 1e-3):
+                    best_value, stale = value_now, 0
+                    if eval_data is not None:
+                        best_state, history.best_step = _snapshot(model), step
+                else:
+                    stale += 1
+                progress.update(task, status=_status(history.loss[-1], latest))
+                if stale >= patience and step != steps:
+                    history.stopped_early = True
+                    break
+    finally:
+        model.train(was_training)
+        for m, training in teacher_modes:
+            m.training = training
+    if best_state is not None:
+        model.load_state_dict(best_state)
+        history.after = next(f for s, f in history.evals if s == history.best_step)
+    return history
+
+
+def _distributed(model: nn.Module, device: torch.device) -> nn.Module:
+    """DDP around the model; unused parameters are allowed (a model may skip a head for some inputs)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+
+
+def _label_loss(output, labels: torch.Tensor) -> torch.Tensor:
+    pairs = [(p, t) for p, t in outputs(output) if is_logits(p, t)]
+    if not pairs:
+        raise ValueError("labels were given but the model returns no classifier logits")
+    logits = pairs[0][1]
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _status(loss: float | None, latest: Fidelity | None) -> str:
+    parts = [] if loss is None else [f"loss {loss:.4g}"]
+    if latest is not None:
+        if latest.top1_agreement is not None:
+            parts.append(f"top-1 {latest.top1_agreement:.1%}")
+        parts.append(f"cos {latest.cosine:.4f}")
+        parts.append(f"rel err {latest.relative_error:.4f}")
+    return "  ".join(parts)
