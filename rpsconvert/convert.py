@@ -43,10 +43,10 @@ def select(
     weights = set(found.weights)
     chosen, reasons = [], {}
     for name, p in params.items():
-        if name not in weights:
-            reasons[name] = "not used as a weight" if found.method == "fx" else "not in a known layer (module scan)"
-        elif p.ndim < 2:
+        if p.ndim < 2:
             reasons[name] = "1-D"
+        elif name not in weights:
+            reasons[name] = "not used as a weight" if found.method == "fx" else "not in a known layer (module scan)"
         elif p.numel() < min_numel:
             reasons[name] = f"fewer than min_numel={min_numel} elements"
         elif include is not None and not _matches(name, include):

@@ -1,0 +1,41 @@
+"""Projection: the weight-space least-squares pool is optimal."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rpsconvert.mapping import MAPPINGS, chunks
+from rpsconvert.projection import layer_scales, project
+
+
+def _reconstruct(theta, mapping, offset, numel, m, seed, scale):
+    return torch.cat([theta[s] * sg * scale for _, _, s, sg in chunks(mapping, offset, numel, m, seed)])
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 400), min_size=1, max_size=4),
+    m=st.integers(1, 300),
+    seed=st.integers(0, 2**32 - 1),
+    mapping=st.sampled_from(sorted(MAPPINGS)),
+    data_seed=st.integers(0, 1000),
+)
+def test_least_squares_gradient_is_zero_at_the_projected_pool(sizes, m, seed, mapping, data_seed):
+    g = torch.Generator().manual_seed(data_seed)
+    weights = [torch.randn(n, generator=g, dtype=torch.float64) * (i + 1) for i, n in enumerate(sizes)]
+    scales = layer_scales(weights)
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    theta = project(list(zip(weights, offsets, scales)), MAPPINGS[mapping], m, seed).requires_grad_()
+    loss = sum(
+        (w - _reconstruct(theta, MAPPINGS[mapping], o, w.numel(), m, seed, s)).square().sum()
+        for w, o, s in zip(weights, offsets, scales)
+    )
+    (grad,) = torch.autograd.grad(loss, theta)
+    assert grad.abs().max().item() < 1e-9 * max(1.0, loss.item())
+
+
+def test_layer_scales_keep_each_layers_size_relative_to_the_rest():
+    scales = layer_scales([torch.full((10,), 2.0), torch.full((30,), 1.0), torch.zeros(5)])
+    rms_all = ((4 * 10 + 30) / 45) ** 0.5
+    assert scales == pytest.approx([2.0 / rms_all, 1.0 / rms_all, 1.0], rel=1e-12)
