@@ -22,7 +22,7 @@ from rpsconvert.hashing import (
     stream_key,
 )
 
-CHUNK = 1 << 22  # elements generated at once: 4M elements keep temporaries around 100 MB
+CHUNK = 1 << 20  # elements generated at once: about ten int64 temporaries of 8 MB each
 MAX_SLOTS = 1 << 32  # hash words are 32-bit, so slots beyond 2**32 would never be reached
 
 
