@@ -5,12 +5,13 @@ from __future__ import annotations
 import copy
 import fnmatch
 import warnings
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch import nn
 
 from rpsconvert.budget import check_ratio, format_bytes, parse_bytes, slots_for_budget
+from rpsconvert.calibration import calibrate
 from rpsconvert.checkpoint import header_bound
 from rpsconvert.discovery import Discovery, discover
 from rpsconvert.hashing import check_seed
@@ -81,6 +82,7 @@ def convert(
     dtype: torch.dtype | None = None,
     architecture: str | dict | None = None,
     inplace: bool = False,
+    calibration: Iterable | None = None,
 ) -> nn.Module:
     """Return `model` with its weights generated from one shared pool (STABLE-RPS).
 
@@ -89,7 +91,8 @@ def convert(
     kept dense and the header. `dtype` is the pool's dtype (default: the weights'). `architecture`
     is recorded in the checkpoint so it can be loaded without a skeleton ("torchvision:resnet50").
     The pool is projected from the trained weights (least squares); below ratio 1.0 that alone
-    loses accuracy, which recovery restores.
+    loses accuracy, which recovery restores. With `calibration` (a list of example input batches)
+    the pool is then refit to each layer's outputs on them (rpsconvert.calibration).
     """
     if (ratio is None) == (budget is None):
         raise ValueError("pass exactly one of ratio=... (fraction of weight memory kept) or budget=... ('1MB')")
@@ -158,6 +161,8 @@ def convert(
         notes=notes,
     )
     install(result, pool)
+    if calibration is not None:
+        calibrate(result, model, calibration)
     return result
 
 

@@ -1,0 +1,307 @@
+"""Data-aware projection: fit the pool to each layer's outputs on calibration data, not its weights.
+
+The weight-space projection spends the pool's few values equally on every weight. A layer only
+needs to be right on the inputs it actually sees, so for each compressed Linear or Conv layer l, in
+forward order, this minimizes its relative output error
+
+    E_l(theta) = ||X W_l(theta)^T - Y||^2 / ||Y||^2,    Y = X_orig W_orig^T,
+
+where X are the layer's inputs in the *converted* model (so a layer corrects what earlier layers
+got wrong) and Y the original layer's outputs on the original activations. For a conv layer, X
+holds the input patches (im2col) and each group is its own block.
+
+Shared slots. A slot of the pool also carries elements of other layers, so "solving layer l" cannot
+mean fitting l alone: that would undo the layers solved before it and wreck those still to come.
+Layer l's step is therefore the proximal problem
+
+    min_delta  E_l(theta + delta) + proximal * sum_{k != l} ||W_k(delta)||^2 / ||W_k,orig||^2
+                                  + damping * (mean eigenvalue of l's data term) * ||W_l(delta)||^2
+
+over the whole pool: every other layer's relative weight change is charged like an output error
+of that layer (they are equal for whitened inputs), so a slot moves for layer l only as far as
+that pays off against everyone sharing it; the small damping term keeps directions that the
+calibration data never excites where the weight-space solution put them. Each W_k(delta) touches
+each slot through one element, so the penalty's Hessian is diagonal and computed once.
+
+Memory is bounded whatever the amount of calibration data: batches are streamed, and a layer keeps
+only its statistics H = X^T X (d x d per group, d = in_features or in_channels * kernel size) and
+B = Y^T X (the weight's shape), so each conjugate-gradient step costs one weight-sized matmul,
+independent of the number of samples. Forward passes stop at the layer being solved.
+
+Layers solved this way: Linear, Conv1d and Conv2d weights that are not tied to another tensor.
+Every other compressed weight (embeddings, tied weights, weights used through functional calls)
+keeps the weight-space solution, protected by the proximal term.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+
+from rpsconvert.batches import Batch, device_of, eval_mode, run, to_device
+from rpsconvert.layers import POOL_ATTR, RPSPool, WeightSpec, find_pool
+from rpsconvert.mapping import chunks
+
+ROWS = 1 << 22  # patch matrix elements processed at once (16 MB in float32)
+
+
+@dataclass(frozen=True)
+class LayerFit:
+    """Relative output error of one layer on the calibration data, before and after its solve."""
+
+    name: str
+    before: float
+    after: float
+    iterations: int
+
+
+class _Stop(Exception):
+    """Raised by a hook once the layer being solved has seen its input: the rest is not needed."""
+
+
+def calibrate(
+    model: nn.Module,
+    reference: nn.Module,
+    batches: Iterable[Batch],
+    *,
+    inputs: Callable[[Batch], Batch] | None = None,
+    proximal: float = 1.0,
+    damping: float = 0.01,
+    iterations: int = 50,
+    tolerance: float = 1e-4,
+    quiet: bool = False,
+) -> list[LayerFit]:
+    """Refit the pool of the converted `model` so each layer reproduces `reference` (the original).
+
+    `batches` are example inputs (a list: it is iterated once per layer); `inputs` picks the model's
+    input out of a batch that also holds labels. Returns one LayerFit per layer solved, in forward
+    order. The pool is updated in place.
+    """
+    if POOL_ATTR in reference.__dict__:
+        raise ValueError("the reference must be the original model (convert without inplace=True to calibrate)")
+    pool = find_pool(model)
+    batches = [inputs(b) if inputs else b for b in batches]
+    if not batches:
+        raise ValueError("calibration needs at least one batch of example inputs")
+    device = device_of(model)
+    batches = [to_device(b, device) for b in batches]
+    originals = dict(reference.named_parameters(remove_duplicate=False))
+    layers = _forward_order(model, pool, batches[0])
+    penalty = _proximal_diagonal(pool, originals, proximal)
+    fits = []
+    progress = Progress(
+        TextColumn("[bold]calibrating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[layer]}"), disable=quiet,
+    )
+    with eval_mode(model, reference), torch.no_grad(), progress:
+        task = progress.add_task("calibrate", total=len(layers), layer="")
+        for name, calls in layers:
+            spec = pool.specs[name]
+            progress.update(task, layer=name)
+            stats = _statistics(model, reference, name, calls, batches, originals[name])
+            own = proximal / _squared_norm(originals[name])
+            fits.append(_solve(pool, spec, stats, penalty, own, damping, iterations, tolerance))
+            progress.advance(task)
+    return fits
+
+
+def _module_name(spec_name: str) -> str:
+    return spec_name.rpartition(".")[0]
+
+
+def _solvable(model: nn.Module, spec: WeightSpec) -> bool:
+    module_name, _, attr = spec.name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    return (
+        not spec.aliases
+        and bool(module_name)
+        and attr == "weight"
+        and isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d))
+    )
+
+
+def _forward_order(model: nn.Module, pool: RPSPool, batch: Batch) -> list[tuple[str, int]]:
+    """(spec name, calls per forward) of the solvable layers, in the order a forward first calls them."""
+    solvable = {_module_name(s.name): s.name for s in pool.specs.values() if _solvable(model, s)}
+    calls: dict[str, int] = {}
+
+    def count(module_name):
+        def hook(module, args):
+            calls[module_name] = calls.get(module_name, 0) + 1
+
+        return hook
+
+    handles = [model.get_submodule(m).register_forward_pre_hook(count(m)) for m in solvable]
+    try:
+        with eval_mode(model), torch.no_grad():
+            run(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return [(solvable[m], n) for m, n in calls.items()]  # dicts keep insertion (first call) order
+
+
+def _capture(model: nn.Module, module_name: str, calls: int, batch: Batch) -> list[torch.Tensor]:
+    """The inputs of one module during a forward of `batch`, stopping the forward after its last call."""
+    seen: list[torch.Tensor] = []
+
+    def hook(module, args):
+        seen.append(args[0])
+        if len(seen) == calls:
+            raise _Stop
+
+    handle = model.get_submodule(module_name).register_forward_pre_hook(hook)
+    try:
+        run(model, batch)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return seen
+
+
+def _patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A layer's input as rows of what multiplies its weight: (rows, groups, d)."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, 1, x.shape[-1])
+    pad_mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    x = F.pad(x, module._reversed_padding_repeated_twice, mode=pad_mode)
+    if isinstance(module, nn.Conv1d):  # a Conv1d is a Conv2d of height 1
+        x = x.unsqueeze(2)
+        kernel, dilation, stride = (1, *module.kernel_size), (1, *module.dilation), (1, *module.stride)
+    else:
+        kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
+    cols = F.unfold(x, kernel, dilation=dilation, stride=stride)  # (n, C*k, L), channel-major columns
+    return cols.transpose(1, 2).reshape(-1, module.groups, cols.shape[1] // module.groups)
+
+
+def _grouped(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """A weight as (groups, out per group, d), matching _patches."""
+    return weight.reshape(groups, weight.shape[0] // groups, -1)
+
+
+@dataclass
+class _Stats:
+    H: torch.Tensor  # (G, d, d): sum of X^T X
+    B: torch.Tensor  # (G, o, d): sum of Y^T X
+    yy: float  # ||Y||^2
+
+
+def _statistics(model, reference, name, calls, batches, original) -> _Stats:
+    module_name = _module_name(name)
+    module = model.get_submodule(module_name)
+    groups = getattr(module, "groups", 1)
+    target = _grouped(original.detach(), groups).double()
+    per_sample = math.prod(getattr(module, "kernel_size", (1,)))  # patch elements per input element, at most
+    H = B = None
+    yy = 0.0
+    for batch in batches:
+        ours = _capture(model, module_name, calls, batch)
+        theirs = _capture(reference, module_name, calls, batch)
+        for x, x_ref in zip(ours, theirs):
+            step = max(1, ROWS // max(x[0].numel() * per_sample, 1))
+            for xs, xr in zip(x.split(step), x_ref.split(step)):
+                p, p_ref = _patches(module, xs).double(), _patches(module, xr).double()
+                y = torch.einsum("ngd,god->ngo", p_ref, target)
+                h, b = torch.einsum("ngd,nge->gde", p, p), torch.einsum("ngo,ngd->god", y, p)
+                H, B = (h, b) if H is None else (H + h, B + b)
+                yy += float(y.square().sum())
+    if H is None:
+        raise ValueError(f"layer {module_name} was not called on the calibration data")
+    return _Stats(H, B, yy)
+
+
+def _weight(pool: RPSPool, spec: WeightSpec, v: torch.Tensor) -> torch.Tensor:
+    """W(v): the weight the pool vector v generates (linear in v)."""
+    pieces = [v[slots] * (sign.to(v.dtype) * spec.scale) for _, _, slots, sign in _chunks(pool, spec, v.device)]
+    return torch.cat(pieces).view(spec.shape)
+
+
+def _adjoint(pool: RPSPool, spec: WeightSpec, u: torch.Tensor) -> torch.Tensor:
+    """W^T(u): the pool vector whose inner product with v equals <u, W(v)> (a scatter-add)."""
+    out = torch.zeros(pool.size, dtype=u.dtype, device=u.device)
+    flat = u.reshape(-1)
+    for lo, hi, slots, sign in _chunks(pool, spec, u.device):
+        out.index_add_(0, slots, flat[lo:hi] * (sign.to(u.dtype) * spec.scale))
+    return out
+
+
+def _chunks(pool: RPSPool, spec: WeightSpec, device):
+    return chunks(pool.mapping, spec.offset, spec.numel, pool.size, pool.seed, device)
+
+
+def _squared_norm(t: torch.Tensor) -> float:
+    return max(float(t.detach().double().square().sum()), 1e-30)
+
+
+def _proximal_diagonal(pool: RPSPool, originals: dict[str, torch.Tensor], proximal: float) -> torch.Tensor:
+    """sum_k proximal / ||W_k||^2 * (W_k^T W_k), the diagonal Hessian of every layer's penalty."""
+    device = pool.pool.device
+    diagonal = torch.zeros(pool.size, dtype=torch.float64, device=device)
+    for spec in pool.specs.values():
+        weight = proximal / _squared_norm(originals[spec.name]) * spec.scale**2
+        for lo, hi, slots, _ in _chunks(pool, spec, device):
+            diagonal.index_add_(0, slots, torch.full((hi - lo,), weight, dtype=torch.float64, device=device))
+    return diagonal
+
+
+def _solve(pool, spec, stats, penalty, own, damping, iterations, tolerance) -> LayerFit:
+    """Preconditioned conjugate gradients on layer l's proximal problem (see the module docstring)."""
+    theta = pool.pool.detach()
+    dtype = torch.float32
+    groups = stats.H.shape[0]
+    H = (stats.H / stats.yy).to(dtype)
+    B = (stats.B / stats.yy).to(dtype)
+    ridge = damping * float(torch.diagonal(H, dim1=1, dim2=2).mean())
+    ones = torch.ones(pool.size, dtype=dtype, device=theta.device)
+    signs = _weight(pool, spec, ones)  # scale * sign of every element: J^T (signs * c) sums scale^2 * c per slot
+    own_diag = _adjoint(pool, spec, signs)  # the diagonal of W_l^T W_l
+    diagonal = (penalty.to(dtype) - own * own_diag + ridge * own_diag).clamp(min=0)
+
+    def grouped(w):
+        return _grouped(w, groups)
+
+    def data_term(w):  # gradient of the data term / 2, as a weight
+        return torch.bmm(grouped(w), H).reshape(spec.shape)
+
+    def operator(v):
+        return _adjoint(pool, spec, data_term(_weight(pool, spec, v))) + diagonal * v
+
+    def error(w):  # relative output error on the calibration data
+        g = grouped(w)
+        value = float((torch.bmm(g, H) * g).sum() - 2 * (g * B).sum()) + 1.0
+        return max(value, 0.0) ** 0.5
+
+    w0 = _weight(pool, spec, theta.to(dtype))
+    before = error(w0)
+    rhs = _adjoint(pool, spec, B.reshape(spec.shape) - data_term(w0))
+    h_diag = torch.diagonal(H, dim1=1, dim2=2)  # (G, d): the data term's diagonal, per weight element
+    precondition = _adjoint(pool, spec, signs * h_diag.unsqueeze(1).expand(grouped(w0).shape).reshape(spec.shape))
+    precondition = 1.0 / (precondition + diagonal).clamp(min=1e-30)
+
+    delta = torch.zeros_like(theta, dtype=dtype)
+    r = rhs
+    z = precondition * r
+    p = z.clone()
+    rz = float(r @ z)
+    start = rz
+    done = 0
+    for done in range(1, iterations + 1):
+        if rz <= tolerance**2 * start or start == 0:
+            done -= 1
+            break
+        q = operator(p)
+        alpha = rz / float(p @ q)
+        delta += alpha * p
+        r -= alpha * q
+        z = precondition * r
+        rz, previous = float(r @ z), rz
+        p = z + (rz / previous) * p
+    theta.add_(delta.to(theta.dtype))
+    return LayerFit(spec.name, before, error(_weight(pool, spec, theta.to(dtype))), done)
