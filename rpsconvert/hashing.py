@@ -59,11 +59,15 @@ def signs(start: int, stop: int, seed: int, device: torch.device | str = "cpu") 
     """g(i) in {-1, +1} for the global indices [start, stop), as int8.
 
     One hash word gives the signs of 32 consecutive elements (bit i mod 32 of H(i // 32)), which
-    makes the sign 32 times cheaper than a hash per element while the bits stay independent.
+    makes the sign 32 times cheaper than a hash per element while the bits stay independent. The
+    bits are unpacked byte-wise in uint8 (the low byte of a word holds bits 0-7), so the
+    per-element work is on 1-byte values.
     """
     key = stream_key(seed, STREAM_SIGN)
     first_word = start >> 5
     words = hash32(torch.arange(first_word, ((stop - 1) >> 5) + 1, device=device), key)
-    i = torch.arange(start, stop, device=device)
-    bits = (words[(i >> 5) - first_word] >> (i & 31)) & 1
-    return (1 - 2 * bits).to(torch.int8)
+    shifts = torch.tensor([0, 8, 16, 24], device=device)
+    octets = ((words.unsqueeze(1) >> shifts) & 0xFF).to(torch.uint8)  # (words, 4), low byte first
+    bits = (octets.unsqueeze(2) >> torch.arange(8, dtype=torch.uint8, device=device)) & 1
+    bits = bits.reshape(-1)[start - 32 * first_word : stop - 32 * first_word]
+    return (1 - 2 * bits.to(torch.int8)).to(torch.int8)

@@ -24,6 +24,7 @@ from rpsconvert.hashing import (
 
 CHUNK = 1 << 20  # elements generated at once: about ten int64 temporaries of 8 MB each
 MAX_SLOTS = 1 << 32  # hash words are 32-bit, so slots beyond 2**32 would never be reached
+_MAX_SEGMENTS = 64  # RandomFold: above this many folds in one range, arithmetic beats ranges
 
 
 class Mapping(Protocol):
@@ -50,11 +51,21 @@ class RandomFold:
     name: str = "randomfold"
 
     def slots(self, start, stop, m, seed, device="cpu"):
-        i = torch.arange(start, stop, device=device)
-        fold = i // m
-        first = start // m
-        rotation = hash32(torch.arange(first, (stop - 1) // m + 1, device=device), _key(seed, STREAM_ROTATION))
-        return (rotation[fold - first] % m + i % m) % m
+        first, last = start // m, (stop - 1) // m
+        rotation = hash32(torch.arange(first, last + 1, device=device), _key(seed, STREAM_ROTATION)) % m
+        if last - first > _MAX_SEGMENTS:  # many tiny folds: one vectorised expression
+            i = torch.arange(start, stop, device=device)
+            return (rotation[i // m - first] + i % m) % m
+        # few folds: each fold's slots are one or two ascending runs, so no per-element arithmetic
+        runs = []
+        for fold, r in zip(range(first, last + 1), rotation.tolist()):
+            lo, hi = max(start, fold * m) - fold * m, min(stop, (fold + 1) * m) - fold * m
+            begin = (lo + r) % m
+            end = begin + hi - lo
+            runs.append(torch.arange(begin, min(end, m), device=device))
+            if end > m:
+                runs.append(torch.arange(0, end - m, device=device))
+        return torch.cat(runs) if len(runs) > 1 else runs[0]
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from typing import Iterable
 
 import torch
 
-from rpsconvert.mapping import Mapping, chunks
+from rpsconvert.mapping import CHUNK, Mapping, chunks
 
 
 def layer_scales(weights: Iterable[torch.Tensor]) -> list[float]:
@@ -37,9 +37,10 @@ def project(
     device = weights[0][0].device if weights else "cpu"
     num = torch.zeros(m, dtype=torch.float64, device=device)
     den = torch.zeros(m, dtype=torch.float64, device=device)
+    ones = torch.ones(min(CHUNK, max((w.numel() for w, _, _ in weights), default=0)), dtype=torch.float64, device=device)
     for tensor, offset, scale in weights:
         flat = tensor.detach().reshape(-1)
         for lo, hi, slots, sign in chunks(mapping, offset, flat.numel(), m, seed, device):
-            num.index_add_(0, slots, flat[lo:hi].double() * sign * scale)
-            den.index_add_(0, slots, torch.full((hi - lo,), scale * scale, dtype=torch.float64, device=device))
+            num.index_add_(0, slots, flat[lo:hi].double() * sign, alpha=scale)
+            den.index_add_(0, slots, ones[: hi - lo], alpha=scale * scale)
     return torch.where(den > 0, num / den.clamp(min=1e-300), torch.zeros_like(num))
