@@ -66,3 +66,33 @@ def tiny_bert():
     )
     torch.manual_seed(0)
     return transformers.BertForMaskedLM(config).eval()
+
+
+class LayerZoo(nn.Module):
+    """One of each weight-bearing layer kind, plus an einsum weight and an LSTM."""
+
+    def __init__(self):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(100, 16)
+        self.conv1 = nn.Conv1d(1, 8, 5)
+        self.up = nn.ConvTranspose2d(8, 4, 3)
+        self.conv3 = nn.Conv3d(1, 4, 3)
+        self.rnn = nn.LSTM(16, 24, batch_first=True)
+        self.mix = nn.Parameter(torch.randn(24, 10) * 0.1)
+        self.bilinear = nn.Bilinear(10, 10, 6)
+
+    def forward(self, tokens, offsets, signal, image, volume):
+        a = self.bag(tokens, offsets)
+        b = self.conv1(signal).mean()
+        c = self.up(image).mean()
+        d = self.conv3(volume).mean()
+        seq, _ = self.rnn(a.unsqueeze(1).repeat(1, 3, 1))
+        e = torch.einsum("bti,io->bo", seq, self.mix)
+        return self.bilinear(e, e) + b + c + d
+
+    @staticmethod
+    def inputs():
+        return (
+            torch.randint(0, 100, (12,)), torch.tensor([0, 4, 8]), torch.randn(3, 1, 20),
+            torch.randn(3, 8, 5, 5), torch.randn(3, 1, 6, 6, 6),
+        )

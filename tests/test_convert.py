@@ -7,7 +7,7 @@ import torch
 import torchvision
 from torch import nn
 
-from models import FunctionalNet, StdConv2d, TiedLM, Untraceable, tiny_bert
+from models import FunctionalNet, LayerZoo, StdConv2d, TiedLM, Untraceable, tiny_bert
 from rpsconvert import RPSWarning, clear_cache, convert, materialize, report
 
 
@@ -163,3 +163,12 @@ def test_resnet50_at_one_percent_stores_no_per_element_integers():
     assert compressible == pytest.approx(102.0e6, rel=0.01)
     assert held == pytest.approx(0.01 * compressible + r.dense_bytes, rel=1e-3)
     assert r.dense_bytes == pytest.approx(0.43e6, rel=0.05)
+
+
+def test_ratio_one_is_lossless_on_every_layer_kind():
+    torch.manual_seed(0)
+    model = LayerZoo()
+    converted = convert(model, ratio=1.0, min_numel=1)
+    assert len(converted.rps.specs) == 8
+    x = LayerZoo.inputs()
+    assert _relative_error(converted(*x), model(*x)) < 1e-5

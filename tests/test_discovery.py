@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from models import FunctionalNet, StdConv2d, TiedLM, Untraceable, tiny_bert
+from models import FunctionalNet, LayerZoo, StdConv2d, TiedLM, Untraceable, tiny_bert
 from rpsconvert.discovery import discover
 
 
@@ -47,3 +47,11 @@ def test_hugging_face_bert_is_found_by_the_fallback_with_its_tied_decoder():
     assert word in found.weights
     assert "cls.predictions.decoder.weight" in found.aliases[word]
     assert len(found.weights) == 2 * 6 + 3 + 1  # 6 linears a layer, 3 embeddings, the head transform; decoder tied
+
+
+def test_every_weight_bearing_layer_kind_is_found():
+    found = discover(LayerZoo())
+    assert set(found.weights) == {
+        "bag.weight", "conv1.weight", "up.weight", "conv3.weight", "rnn.weight_ih_l0", "rnn.weight_hh_l0", "mix",
+        "bilinear.weight",
+    }
