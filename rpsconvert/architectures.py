@@ -1,25 +1,116 @@
-"""Rebuild a model from the architecture spec recorded in a checkpoint (no weights, no pickle)."""
+"""Architecture specs: a few recorded words that rebuild a model's structure without pickle.
+
+A checkpoint records how to rebuild its model so that it loads without a skeleton. A spec is a
+string `"SOURCE:NAME"` or a dict `{"source": ..., "name": ..., "kwargs": {...}}`; a Hugging Face
+spec carries the model's whole config instead of kwargs, because a local model has no name to look
+up. Every source is imported only when a spec needs it.
+"""
 
 from __future__ import annotations
 
+import json
+import sys
+
+import torch
 from torch import nn
+
+SOURCES = ("torchvision", "timm", "transformers")
 
 
 class ArchitectureError(ValueError):
     """An architecture spec that cannot be built here."""
 
 
-def build(spec: str | dict) -> nn.Module:
-    """`"torchvision:resnet50"` or `{"source": "torchvision", "name": ..., "kwargs": {...}}` -> model."""
+def normalize(spec: str | dict) -> dict:
+    """`"torchvision:resnet50"` -> `{"source": "torchvision", "name": "resnet50", "kwargs": {}}`."""
     if isinstance(spec, str):
         source, _, name = spec.partition(":")
-        spec = {"source": source, "name": name, "kwargs": {}}
-    source, name, kwargs = spec.get("source"), spec.get("name"), spec.get("kwargs", {})
-    if source == "torchvision":
+        spec = {"source": source, "name": name}
+    if not isinstance(spec, dict) or spec.get("source") not in SOURCES or not spec.get("name"):
+        raise ArchitectureError(
+            f"cannot read the architecture {spec!r}: write SOURCE:NAME with SOURCE one of {', '.join(SOURCES)}, "
+            "for example torchvision:resnet50"
+        )
+    return {"kwargs": {}, **spec}
+
+
+def build(spec: str | dict, *, pretrained: bool = False) -> nn.Module:
+    """The model a spec names, randomly initialized (or with its library's pretrained weights)."""
+    spec = normalize(spec)
+    source, name, kwargs = spec["source"], spec["name"], spec["kwargs"]
+    try:
+        if source == "torchvision":
+            import torchvision
+
+            return torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **kwargs)
+        if source == "timm":
+            import timm
+
+            return timm.create_model(name, pretrained=pretrained, **kwargs)
+        return _build_transformers(name, spec.get("config", {}))
+    except ArchitectureError:
+        raise
+    except ImportError as exc:
+        raise ArchitectureError(f"the architecture {source}:{name} needs {exc.name or source}: pip install {source}") from None
+    except (ValueError, KeyError, RuntimeError, TypeError) as exc:
+        raise ArchitectureError(f"{source} cannot build {name!r}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+
+def _build_transformers(name: str, config: dict) -> nn.Module:
+    import transformers
+
+    cls = getattr(transformers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ArchitectureError(f"transformers has no model class {name!r}")
+    return cls(cls.config_class.from_dict(config))
+
+
+def transformers_spec(model: nn.Module) -> dict:
+    """The spec of a Hugging Face model: its class and its full config (defaults change between
+    transformers versions, so the whole config is recorded, not only its differences)."""
+    return {"source": "transformers", "name": type(model).__name__, "config": json.loads(model.config.to_json_string())}
+
+
+def matches(spec: str | dict, model: nn.Module) -> bool:
+    """Whether `spec` builds a model with exactly `model`'s state-dict names and shapes.
+
+    The candidate is built on the meta device: no memory and no weight init, so checking a
+    ResNet-152 costs milliseconds.
+    """
+    try:
+        with torch.device("meta"):
+            candidate = build(spec)
+    except Exception:  # a candidate that cannot be built (on meta, or at all) simply does not match
+        return False
+    return _shapes(candidate) == _shapes(model)
+
+
+def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def identify(model: nn.Module) -> str | dict | None:
+    """The spec that rebuilds `model`, for torchvision, timm and Hugging Face classes; else None.
+
+    Only libraries already imported are consulted: a model of a library that was never imported
+    cannot be one of its classes.
+    """
+    transformers = sys.modules.get("transformers")
+    if transformers is not None and isinstance(model, transformers.PreTrainedModel):
+        return transformers_spec(model)
+    return next((spec for spec in _candidates(model) if matches(spec, model)), None)
+
+
+def _candidates(model: nn.Module) -> list[str | dict]:
+    module = type(model).__module__
+    names: list[str] = []
+    if module.startswith("torchvision.models."):
         import torchvision
 
-        try:
-            return torchvision.models.get_model(name, weights=None, **kwargs)
-        except (ValueError, KeyError) as exc:
-            raise ArchitectureError(f"torchvision has no model {name!r}: {exc}") from None
-    raise ArchitectureError(f"cannot rebuild the architecture {spec!r}: pass the model to load(path, model=...)")
+        names = [f"torchvision:{n}" for n in torchvision.models.list_models() if torchvision.models.get_model_builder(n).__module__ == module]
+    elif module.startswith("timm.models.") and isinstance(getattr(model, "pretrained_cfg", None), dict):
+        names = [f"timm:{model.pretrained_cfg.get('architecture')}"]
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    classes = getattr(model, "num_classes", linears[-1].out_features if linears else None)
+    with_classes = [{**normalize(n), "kwargs": {"num_classes": classes}} for n in names] if classes else []
+    return [*names, *with_classes]

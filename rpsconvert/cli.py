@@ -1,0 +1,287 @@
+"""The `rpsconvert` command: convert a model, inspect or decompress a checkpoint.
+
+`rpsconvert MODEL ...` is short for `rpsconvert convert MODEL ...`; `info` and `decompress` are the
+other commands. Every failure is one line on stderr and a non-zero exit (a traceback only with
+--debug), and no output file exists unless the whole job succeeded.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Iterator, Literal, Optional
+
+import click
+import torch
+import typer
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from typer.core import TyperGroup
+
+import rpsconvert
+from rpsconvert.budget import check_ratio, format_bytes, parse_bytes
+from rpsconvert.checkpoint import Checkpoint, decompress, encode, read, save_dense, write_atomic
+from rpsconvert.convert import RPSWarning
+from rpsconvert.inputs import read_model
+from rpsconvert.mapping import MAPPINGS
+from rpsconvert.report import ConversionReport, report
+
+_DEFAULTS = inspect.signature(rpsconvert.convert).parameters  # one source for the defaults
+_POOL_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_stdout = Console()
+_stderr = Console(stderr=True)
+
+
+class _ConvertByDefault(TyperGroup):
+    """A group whose first argument, unless it names a command or a group option, is a MODEL for
+    the `convert` command: `rpsconvert m.pt --budget 1MB` runs `rpsconvert convert m.pt --budget 1MB`."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        own_options = {opt for param in self.get_params(ctx) for opt in param.opts}
+        if args and args[0] not in self.commands and args[0] not in own_options:
+            args = ["convert", *args]
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(
+    cls=_ConvertByDefault,
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+Debug = Annotated[bool, typer.Option("--debug", help="Show the full traceback of an error.")]
+Force = Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output file.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
+JsonOutput = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON report on stdout instead of tables.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"rpsconvert {rpsconvert.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_version, help="Show the version and exit.")] = False,
+) -> None:
+    """Shrink a trained PyTorch model to a memory budget with randomized parameter sharing (STABLE-RPS).
+
+    rpsconvert MODEL --budget 1MB is short for rpsconvert convert MODEL --budget 1MB.
+    """
+
+
+@contextmanager
+def _reported(debug: bool) -> Iterator[None]:
+    """Turn any failure into one line on stderr and exit status 1 (130 after an interrupt); with
+    `debug`, let it raise with its traceback."""
+    try:
+        yield
+    except (typer.Exit, click.ClickException):
+        raise
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        typer.secho("interrupted: nothing was written", err=True, fg="red")
+        raise typer.Exit(130) from None
+    except Exception as exc:
+        if debug:
+            raise
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        if not isinstance(exc, (ValueError, OSError)):  # not a user error we expected: say what broke
+            text = f"{type(exc).__name__}: {text} (rerun with --debug for the traceback)"
+        typer.secho(f"error: {text}", err=True, fg="red")
+        raise typer.Exit(1) from None
+
+
+class _Stages:
+    """The stages of one job: a progress bar on stderr while they run (stdout stays clean for
+    --json), and how long each took."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.progress = Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=_stderr, transient=True, disable=not (enabled and _stderr.is_terminal),
+        )
+        self.task = self.progress.add_task("", total=total)
+        self.seconds: dict[str, float] = {}
+
+    def __enter__(self) -> _Stages:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.progress.stop()
+
+    @contextmanager
+    def __call__(self, name: str, description: str) -> Iterator[None]:
+        self.progress.update(self.task, description=description)
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - start
+        self.progress.advance(self.task)
+
+
+@app.command("convert")
+def convert_command(
+    model: Annotated[str, typer.Argument(
+        help="A pickled model (torch.save(model)), a state dict (.safetensors/.pt) with --arch, a Hugging Face "
+        "model directory, or a name such as torchvision:resnet50 (pretrained weights).", show_default=False)],
+    budget: Annotated[Optional[str], typer.Option("--budget", "-b", help="Largest size of the output file: 1MB, 500kB, 1.5MiB, 123456.")] = None,
+    ratio: Annotated[Optional[float], typer.Option("--ratio", "-r", help="Fraction of the weight memory kept, in (0, 1]; 1.0 is lossless.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file.  [default: MODEL's name + .rps.safetensors, beside it]", show_default=False)] = None,
+    arch: Annotated[Optional[str], typer.Option("--arch", help="Architecture of a state-dict file, such as torchvision:resnet50 or timm:resnet50.")] = None,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Unpickle MODEL even if it needs classes outside the safe list: this runs any code the file's author put in it.")] = False,
+    mapping: Annotated[Literal[tuple(MAPPINGS)], typer.Option(help="How weights are laid onto the pool.")] = _DEFAULTS["mapping"].default,  # type: ignore[valid-type]
+    seed: Annotated[int, typer.Option(help="Seed of the hash functions.")] = _DEFAULTS["seed"].default,
+    include: Annotated[Optional[list[str]], typer.Option(help="Compress only parameters matching this pattern (fnmatch, repeatable).")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option(help="Keep parameters matching this pattern dense (fnmatch, repeatable).")] = None,
+    min_numel: Annotated[int, typer.Option(help="Keep tensors with fewer elements dense.")] = _DEFAULTS["min_numel"].default,
+    dtype: Annotated[Optional[Literal[tuple(_POOL_DTYPES)]], typer.Option(help="Pool dtype.  [default: the weights' dtype]")] = None,  # type: ignore[valid-type]
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Convert and report, but write nothing.")] = False,
+    json_output: JsonOutput = False,
+    force: Force = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Convert MODEL and write it as a .rps.safetensors checkpoint."""
+    with _reported(debug):
+        if (budget is None) == (ratio is None):
+            raise ValueError("pass either --budget SIZE (such as 1MB) or --ratio R (such as 0.01)")
+        if ratio is not None:
+            check_ratio(ratio)  # the cheap checks first, before reading a large model
+        budget_bytes = parse_bytes(budget) if budget is not None else None
+        with _Stages(3, enabled=not quiet) as stage, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RPSWarning)
+            with stage("read", f"reading {model}"):
+                source = read_model(model, arch=arch, trust_pickle=trust_pickle)
+                output = output or source.output
+                if output.exists() and not (force or dry_run):  # fail before the long part
+                    raise FileExistsError(f"{output} already exists: pass --force to replace it, or -o another path")
+            with stage("convert", "converting"):
+                converted = rpsconvert.convert(
+                    source.model, ratio, budget=budget_bytes, mapping=mapping, seed=seed, include=include or None,
+                    exclude=exclude or None, min_numel=min_numel, dtype=_POOL_DTYPES.get(dtype), architecture=source.architecture,
+                )
+            with stage("write", "writing" if not dry_run else "dry run: writing nothing"):
+                data = encode(converted)
+                written = None if dry_run else write_atomic(output, data, overwrite=force)
+        if not quiet:
+            for w in caught:
+                if issubclass(w.category, RPSWarning):
+                    typer.secho(f"warning: {w.message}", err=True, fg="yellow")
+            if source.architecture is None and written:
+                typer.secho(f"note: {model} is not a torchvision, timm or Hugging Face model, so its architecture is not "
+                            f"recorded: load the output with rpsconvert.load(path, model=YourModel())", err=True)
+        rep = report(converted)
+        if json_output:
+            typer.echo(json.dumps({
+                "input": model, "output": str(written) if written else None, "file_bytes": len(data),
+                "budget_bytes": budget_bytes, "architecture": source.architecture, "seconds": stage.seconds,
+                "report": rep.to_dict(),
+            }))
+        elif not quiet:
+            _stdout.print(_conversion_table(rep, model, written, len(data), sum(stage.seconds.values())))
+
+
+def _conversion_table(rep: ConversionReport, model: str, written: Path | None, file_bytes: int, seconds: float) -> Table:
+    compressed = [w for w in rep.weights if w.compressed]
+    dense = [w for w in rep.weights if not w.compressed]
+    target = written or "(dry run: nothing written)"
+    table = Table(title=f"{model} -> {target}", title_justify="left")
+    for column in ("", "tensors", "elements", "before", "after"):
+        table.add_column(column, justify="left" if not column else "right")
+    table.add_row("compressed", f"{len(compressed)}", f"{rep.compressible_elements:,}", format_bytes(sum(w.bytes_before for w in compressed)),
+                  format_bytes(rep.pool_bytes))
+    table.add_row("kept dense", f"{len(dense)}", f"{sum(w.elements for w in dense):,}", format_bytes(rep.dense_bytes), format_bytes(rep.dense_bytes))
+    table.add_row("file", f"{len(rep.weights)}", "", format_bytes(rep.original_bytes), format_bytes(file_bytes), style="bold")
+    table.caption = (f"{rep.original_bytes / file_bytes:.1f}x smaller in {seconds:.1f} s: a pool of {rep.pool_slots:,} {rep.pool_dtype} slots "
+                     f"(ratio {rep.ratio:.4g}), mapping {rep.mapping}, seed {rep.seed}")
+    return table
+
+
+@app.command()
+def info(
+    file: Annotated[Path, typer.Argument(help="A .rps.safetensors checkpoint.", show_default=False)],
+    json_output: JsonOutput = False,
+    debug: Debug = False,
+) -> None:
+    """Show a checkpoint's metadata and its per-layer table (after checking its sha256)."""
+    with _reported(debug):
+        ckpt = read(file)
+        if json_output:
+            dense = {name: {"shape": list(t.shape), "dtype": _dtype(t.dtype)} for name, t in ckpt.tensors.items()}
+            typer.echo(json.dumps({"file": str(file), "file_bytes": file.stat().st_size, "spec": ckpt.spec, "dense": dense}))
+        else:
+            _stdout.print(_metadata_table(ckpt, file))
+            _stdout.print(_layer_table(ckpt))
+
+
+def _metadata_table(ckpt: Checkpoint, file: Path) -> Table:
+    spec, pool = ckpt.spec, ckpt.pool
+    elements = sum(s.numel for s in pool.specs.values())
+    size = file.stat().st_size
+    table = Table(title=str(file), title_justify="left", show_header=False)
+    for key, value in (
+        ("format", f"{spec['format']} v{spec['format_version']} (hash {spec['hash']}), sha256 verified"),
+        ("written by", f"rpsconvert {spec.get('rpsconvert_version', '?')}"),
+        ("architecture", json.dumps(spec["architecture"]) if spec.get("architecture") else "not recorded: load with a skeleton"),
+        ("mapping, seed", f"{spec['mapping']}, {spec['seed']}"),
+        ("pool", f"{pool.size:,} {spec['pool']['dtype']} slots, {format_bytes(pool.size * pool.pool.element_size())}"),
+        ("compressed", f"{len(pool.specs)} weights, {elements:,} elements (ratio {pool.size / max(elements, 1):.4g})"),
+        ("kept dense", f"{len(ckpt.dense_state())} tensors, {format_bytes(sum(t.numel() * t.element_size() for t in ckpt.tensors.values()))}"),
+        ("size", f"{format_bytes(spec['original_bytes'])} -> {format_bytes(size)} file ({spec['original_bytes'] / size:.1f}x smaller)"),
+    ):
+        table.add_row(key, value)
+    return table
+
+
+def _layer_table(ckpt: Checkpoint) -> Table:
+    """One row per tensor name: compressed weights (their scale), then dense tensors (their size)."""
+    table = Table(title="tensors", title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("name", overflow="fold")  # long names fold; the short columns never do
+    for column in ("shape", "dtype", "stored", "scale"):
+        table.add_column(column, justify="right" if column == "scale" else "left", no_wrap=True)
+    for s in ckpt.pool.specs.values():
+        for name in (s.name, *s.aliases):
+            table.add_row(name, _shape(s.shape), _dtype(s.dtype), "pool" if name == s.name else f"= {s.name}", f"{s.scale:.4g}")
+    aliases = ckpt.spec["dense_aliases"]
+    for name, t in ckpt.dense_state().items():
+        stored = f"= {aliases[name]}" if name in aliases else f"dense {format_bytes(t.numel() * t.element_size())}"
+        table.add_row(name, _shape(t.shape), _dtype(t.dtype), stored, "")
+    return table
+
+
+def _shape(shape: tuple[int, ...] | torch.Size) -> str:
+    return "x".join(map(str, shape)) or "scalar"
+
+
+def _dtype(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@app.command("decompress")
+def decompress_command(
+    file: Annotated[Path, typer.Argument(help="A .rps.safetensors checkpoint.", show_default=False)],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file.  [default: FILE's name + .dense.safetensors]", show_default=False)] = None,
+    force: Force = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Write the dense state dict of a checkpoint: it loads with load_state_dict(strict=True) into the
+    original architecture, wherever PyTorch runs, without rpsconvert."""
+    with _reported(debug):
+        output = output or file.with_name(file.name.removesuffix(".safetensors").removesuffix(".rps") + ".dense.safetensors")
+        if output.exists() and not force:
+            raise FileExistsError(f"{output} already exists: pass --force to replace it, or -o another path")
+        state = decompress(file)
+        save_dense(state, output, overwrite=force)
+        if not quiet:
+            typer.echo(f"wrote {output}: {len(state)} tensors, {format_bytes(output.stat().st_size)}")

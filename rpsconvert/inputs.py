@@ -1,0 +1,193 @@
+"""What the command accepts as a model, read without running code the file's author chose.
+
+A pickled model is the common way to hand over a PyTorch model, and unpickling can run arbitrary
+code. So a pickle is read with `torch.load(weights_only=True)`, which only rebuilds tensors and
+the classes it is allowed, and rpsconvert allows only layer and model classes of torch.nn,
+torchvision and timm. Anything else needs the user's explicit `--trust-pickle`.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import importlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from rpsconvert.architectures import ArchitectureError, build, identify, matches, normalize
+
+# Modules whose nn.Module and Enum classes may be unpickled: their constructors and __setstate__
+# only build layers. A class is imported (only from these packages) to check what it is.
+SAFE_PACKAGES = ("torch.nn.modules.", "torchvision.models.", "torchvision.ops.", "timm.models.", "timm.layers.")
+SAFE_GLOBALS = {"functools.partial": functools.partial}  # torchvision stores partial(nn.LayerNorm, eps=...)
+
+
+class InputError(ValueError):
+    """A model input that cannot be read (safely)."""
+
+
+@dataclass
+class ModelInput:
+    model: nn.Module
+    architecture: str | dict | None  # recorded in the checkpoint so that it loads without a skeleton
+    output: Path  # where the converted model goes by default: <stem>.rps.safetensors
+
+
+def _safe_global(name: str) -> object | None:
+    """The object a pickle's global `module.attr` names, if it is on the allowlist, else None."""
+    if name in SAFE_GLOBALS:
+        return SAFE_GLOBALS[name]
+    module_name, _, attr = name.rpartition(".")
+    if not (module_name + ".").startswith(SAFE_PACKAGES):
+        return None
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError):
+        return None
+    return obj if isinstance(obj, type) and issubclass(obj, (nn.Module, enum.Enum)) else None
+
+
+def load_pickle(path: str | os.PathLike, *, trust: bool = False) -> object:
+    """`torch.load` a file, allowing only safe classes unless `trust` (`--trust-pickle`) is given.
+
+    The globals the pickle needs are listed before anything is unpickled, so a refused file runs
+    nothing, and the message names what was refused.
+    """
+    if trust:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    advice = "if you trust whoever made it, pass --trust-pickle (trust_pickle=True), or save a state dict and pass --arch"
+    try:
+        needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception as exc:  # not a zip-format torch file: it cannot be inspected without unpickling
+        raise InputError(f"cannot check {path} for unsafe content ({_first_line(exc)}): {advice}") from None
+    allowed = {name: _safe_global(name) for name in needed}
+    refused = sorted(name for name, obj in allowed.items() if obj is None)
+    if refused:
+        shown = ", ".join(refused[:3]) + (f" and {len(refused) - 3} more" if len(refused) > 3 else "")
+        raise InputError(f"{path} needs {shown} to unpickle, and unpickling a class can run any code its author chose: {advice}")
+    try:
+        with torch.serialization.safe_globals(list(allowed.values())):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(f"cannot read {path} safely ({_first_line(exc)}): {advice}") from None
+
+
+def read_model(source: str, *, arch: str | dict | None = None, trust_pickle: bool = False) -> ModelInput:
+    """A model from a pickled module, a state-dict file with `arch`, a local Hugging Face directory
+    or a name such as `torchvision:resnet50` (with that library's pretrained weights).
+
+    `arch` builds the model of a state-dict file; given with a pickled module, it must match the
+    module and is what the checkpoint records.
+    """
+    path = Path(source)
+    if path.is_dir():
+        return _hugging_face(path)
+    if path.is_file():
+        loaded = _read_file(path, trust_pickle)
+        output = path.with_name(path.stem + ".rps.safetensors")
+        if isinstance(loaded, nn.Module):
+            return ModelInput(loaded, _module_architecture(loaded, arch, path), output)
+        return ModelInput(_from_state_dict(loaded, arch, path), normalize(arch) if arch else None, output)
+    library, _, name = source.partition(":")
+    if library in ("torchvision", "timm") and name:
+        return _pretrained(source, name)
+    raise InputError(f"{source}: no such file or directory, nor a model name such as torchvision:resnet50 or timm:resnet50")
+
+
+def _read_file(path: Path, trust_pickle: bool) -> object:
+    if path.suffix != ".safetensors":
+        return load_pickle(path, trust=trust_pickle)
+    from rpsconvert.checkpoint import SPEC_KEY
+
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for every kind of bad file
+        raise InputError(f"{path} is not a readable safetensors file ({_first_line(exc)})") from None
+    if SPEC_KEY in metadata:
+        raise InputError(f"{path} is already an rpsconvert checkpoint: convert the original model instead")
+    return tensors
+
+
+def _module_architecture(model: nn.Module, arch: str | dict | None, path: Path) -> str | dict | None:
+    if arch is None:
+        return identify(model)
+    if not matches(arch, model):
+        raise InputError(f"--arch {arch} does not build a model with the tensors of {path}: check the name and its options")
+    return normalize(arch)
+
+
+def _from_state_dict(state: object, arch: str | dict | None, path: Path) -> nn.Module:
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise InputError(f"{path} holds a {type(state).__name__}, neither a model nor a state dict of tensors")
+    if arch is None:
+        raise InputError(f"{path} is a state dict, not a model: pass its architecture with --arch, for example --arch torchvision:resnet50")
+    model = _build(arch)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Tied weights are often saved once (safetensors refuses shared tensors): a key missing from
+    # the file is fine when the model ties it to a key that is there.
+    tied = {name for names in _tied_names(model) if set(names) & state.keys() for name in names}
+    missing = [name for name in missing if name not in tied]
+    if missing or unexpected:
+        detail = "; ".join(f"{what}: {', '.join(names[:3])}" for what, names in (("missing", missing), ("unexpected", unexpected)) if names)
+        raise InputError(f"{path} does not fit --arch {arch} ({detail})")
+    return model
+
+
+def _tied_names(model: nn.Module) -> list[list[str]]:
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return [group for group in names.values() if len(group) > 1]
+
+
+def _build(arch: str | dict, *, pretrained: bool = False) -> nn.Module:
+    try:
+        return build(arch, pretrained=pretrained)
+    except ArchitectureError as exc:
+        raise InputError(str(exc)) from None
+
+
+def _pretrained(spec: str, name: str) -> ModelInput:
+    try:
+        model = _build(spec, pretrained=True)
+    except OSError as exc:  # a download that failed
+        raise InputError(f"cannot get the pretrained weights of {spec} ({_first_line(exc)}): check the network, "
+                         "or pass a weights file with --arch") from None
+    return ModelInput(model, spec, Path(re.sub(r"[^\w.-]", "_", name) + ".rps.safetensors"))
+
+
+def _hugging_face(path: Path) -> ModelInput:
+    """A local Hugging Face model: config.json and model.safetensors (no pickle, no remote code)."""
+    if not (path / "config.json").is_file():
+        raise InputError(f"{path} is a directory without config.json: a Hugging Face model directory has config.json and model.safetensors")
+    try:
+        import transformers
+    except ImportError:
+        raise InputError(f"{path} is a Hugging Face model: pip install transformers to read it") from None
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # transformers raises many types for a bad config
+        raise InputError(f"cannot read {path / 'config.json'} ({_first_line(exc)})") from None
+    name = (config.architectures or ["AutoModel"])[0]
+    cls = getattr(transformers, name, None)
+    if not (isinstance(cls, type) and (issubclass(cls, transformers.PreTrainedModel) or name == "AutoModel")):
+        raise InputError(f"{path}: transformers has no model class {name!r} (rpsconvert never runs a model's own code)")
+    try:
+        model = cls.from_pretrained(path, local_files_only=True, use_safetensors=True)
+    except Exception as exc:
+        raise InputError(f"cannot read the Hugging Face model in {path} ({_first_line(exc)})") from None
+    return ModelInput(model, identify(model), path.parent / f"{path.name}.rps.safetensors")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
