@@ -17,11 +17,21 @@ Layer l's step is therefore the proximal problem
     min_delta  E_l(theta + delta) + proximal * sum_{k != l} ||W_k(delta)||^2 / ||W_k,orig||^2
                                   + damping * (mean eigenvalue of l's data term) * ||W_l(delta)||^2
 
-over the whole pool: every other layer's relative weight change is charged like an output error
-of that layer (they are equal for whitened inputs), so a slot moves for layer l only as far as
-that pays off against everyone sharing it; the small damping term keeps directions that the
-calibration data never excites where the weight-space solution put them. Each W_k(delta) touches
-each slot through one element, so the penalty's Hessian is diagonal and computed once.
+over the whole pool: a slot moves for layer l only as far as that pays off against the relative
+weight change it causes in every layer sharing it; the small damping term keeps directions that
+the calibration data never excites where the weight-space solution put them. Each W_k(delta)
+touches each slot through one element, so the penalty's Hessian is diagonal: one vector of the
+pool's size, computed once.
+
+`proximal=0.01` is measured, not derived. Charging other layers' relative weight change like an
+output error (proximal=1) freezes the slots: a digits CNN stays at chance at ratio 1/8. A layer's
+inputs span few directions, so most weight changes cost it little output error, and the layers
+solved later correct what a solve did to the layers before them. From 1 down to 1e-4, the CNN's
+held-out accuracy at ratio 1/8 went 10 %, 91 %, 97 %, 98 %, 98 %; at ratio 1/32, where sharing is
+heavier, 0.01 was best (88 %, against 81 % at 3e-3 and 65 % at 1e-4). Variants tried and dropped:
+protecting solved layers more than those still to solve, charging solved layers their own
+output error (diagonal of their X^T X), and targets computed from the converted model's own
+activations (less accurate end to end: no compensation of upstream errors).
 
 Memory is bounded whatever the amount of calibration data: batches are streamed, and a layer keeps
 only its statistics H = X^T X (d x d per group, d = in_features or in_channels * kernel size) and
@@ -71,7 +81,7 @@ def calibrate(
     batches: Iterable[Batch],
     *,
     inputs: Callable[[Batch], Batch] | None = None,
-    proximal: float = 1.0,
+    proximal: float = 0.01,
     damping: float = 0.01,
     iterations: int = 50,
     tolerance: float = 1e-4,
@@ -262,7 +272,7 @@ def _solve(pool, spec, stats, penalty, own, damping, iterations, tolerance) -> L
     ones = torch.ones(pool.size, dtype=dtype, device=theta.device)
     signs = _weight(pool, spec, ones)  # scale * sign of every element: J^T (signs * c) sums scale^2 * c per slot
     own_diag = _adjoint(pool, spec, signs)  # the diagonal of W_l^T W_l
-    diagonal = (penalty.to(dtype) - own * own_diag + ridge * own_diag).clamp(min=0)
+    diagonal = (penalty - (own - ridge) * own_diag.double()).clamp(min=0).to(dtype)
 
     def grouped(w):
         return _grouped(w, groups)

@@ -101,12 +101,15 @@ def layer_errors(
     data: Iterable[Batch],
     *,
     inputs: Callable[[Batch], Batch] | None = None,
+    isolated: bool = False,
 ) -> dict[str, float]:
-    """Relative output error of every compressed layer of `model`, each fed the original's inputs.
+    """Relative output error of every compressed layer against the same layer of the original.
 
-    Each layer is measured alone (`||layer(x) - original_layer(x)|| / ||original_layer(x)||` with x
-    the original model's activations), so the figure says how well that layer's weights were
-    reconstructed, not how errors of earlier layers pile up. Layers are listed in forward order.
+    By default each layer runs inside its own model (`||out - out_orig|| / ||out_orig||` with each
+    model on its own activations): it shows where the converted model drifts away from the original
+    and whether later layers pull it back. `isolated=True` feeds every layer the original's
+    activations instead, so the figure says how well that layer's weights alone were reconstructed.
+    Layers are listed in forward order.
     """
     names = []
     for spec in find_pool(model).specs.values():
@@ -115,24 +118,42 @@ def layer_errors(
             if module and module not in names:
                 names.append(module)
     sums: dict[str, list[float]] = {}
+    recorded: dict[str, list] = {name: [] for name in names}
 
-    def measure(name: str):
+    def add(name: str, output, reference_output) -> None:
+        pairs = paired_outputs(output, reference_output)
+        entry = sums.setdefault(name, [0.0, 0.0])
+        entry[0] += sum(float((a.double() - b.double()).square().sum()) for _, a, b in pairs)
+        entry[1] += sum(float(b.double().square().sum()) for _, _, b in pairs)
+
+    def on_reference(name: str):
         student = model.get_submodule(name)
 
         def hook(module, args, kwargs, output):
-            pairs = paired_outputs(student(*args, **kwargs), output)
-            entry = sums.setdefault(name, [0.0, 0.0])
-            entry[0] += sum(float((a.double() - b.double()).square().sum()) for _, a, b in pairs)
-            entry[1] += sum(float(b.double().square().sum()) for _, _, b in pairs)
+            if isolated:
+                add(name, student(*args, **kwargs), output)
+            else:
+                recorded[name].append(output)
 
         return hook
 
-    handles = [reference.get_submodule(n).register_forward_hook(measure(n), with_kwargs=True) for n in names]
+    def on_model(name: str):
+        def hook(module, args, output):
+            add(name, output, recorded[name].pop(0))
+
+        return hook
+
+    handles = [reference.get_submodule(n).register_forward_hook(on_reference(n), with_kwargs=True) for n in names]
+    if not isolated:
+        handles += [model.get_submodule(n).register_forward_hook(on_model(n)) for n in names]
     device = device_of(model)
     try:
         with eval_mode(model, reference):
             for batch in data:
-                run(reference, to_device(inputs(batch) if inputs else batch, device))
+                batch = to_device(inputs(batch) if inputs else batch, device)
+                run(reference, batch)
+                if not isolated:
+                    run(model, batch)
     finally:
         for handle in handles:
             handle.remove()
