@@ -97,7 +97,8 @@ class RPSPool:
             pool[slots] * (sign.to(pool.dtype) * spec.scale)
             for _, _, slots, sign in chunks(self.mapping, spec.offset, spec.numel, self.size, self.seed, pool.device)
         ]
-        return (torch.cat(pieces) if len(pieces) > 1 else pieces[0]).view(spec.shape)
+        weight = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        return weight.view(spec.shape).to(spec.dtype)  # generated in the pool dtype, used in the weight's
 
     def materialize(self) -> None:
         """Generate every weight once and reuse it until the pool changes (fast inference)."""
