@@ -117,19 +117,26 @@ def header_bound(pool: RPSPool, dense: dict[str, torch.Tensor], max_file_bytes: 
 
     The header is built as it will be written, with every number the converter does not know yet
     (pool size, data offsets, original size) replaced by all-nines of at least as many digits, so
-    the real header is never longer.
+    the real header is never longer. The digits are those of `max_file_bytes`, or more when even
+    the smallest possible file (one pool slot) is longer: then the minimum budget that the caller
+    derives from this bound is itself a budget that fits.
     """
     tensors, aliases = _dedupe(dense)
-    original = sum(t.numel() * t.element_size() for t in tensors.values())
-    original += sum(s.numel * torch.empty(0, dtype=s.dtype).element_size() for s in pool.specs.values())
-    big = 10 ** len(str(max_file_bytes)) - 1
+    dense_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    original = dense_bytes + sum(s.numel * torch.empty(0, dtype=s.dtype).element_size() for s in pool.specs.values())
     spec = spec_json(pool, aliases, 10 ** len(str(original)) - 1)
-    spec["pool"]["slots"] = big
-    entries: dict = {name: _entry(t.dtype, list(t.shape), big) for name, t in tensors.items()}
-    entries[POOL_TENSOR] = _entry(pool.pool.dtype, [big], big)
-    entries["__metadata__"] = {SPEC_KEY: json.dumps(spec, separators=(",", ":")), DIGEST_KEY: "0" * 64}
-    header = json.dumps(entries, separators=(",", ":"))  # ASCII-escaped: never shorter than UTF-8
-    return 8 + len(header.encode()) + 7  # length prefix, JSON, padding to a multiple of 8
+    digits = len(str(max_file_bytes))
+    while True:
+        big = 10**digits - 1
+        spec["pool"]["slots"] = big
+        entries: dict = {name: _entry(t.dtype, list(t.shape), big) for name, t in tensors.items()}
+        entries[POOL_TENSOR] = _entry(pool.pool.dtype, [big], big)
+        entries["__metadata__"] = {SPEC_KEY: json.dumps(spec, separators=(",", ":")), DIGEST_KEY: "0" * 64}
+        header = json.dumps(entries, separators=(",", ":"))  # ASCII-escaped: never shorter than UTF-8
+        bound = 8 + len(header.encode()) + 7  # length prefix, JSON, padding to a multiple of 8
+        if len(str(bound + dense_bytes + pool.pool.element_size())) <= digits:
+            return bound
+        digits += 1
 
 
 def _entry(dtype: torch.dtype, shape: list[int], offset: int) -> dict:

@@ -1,0 +1,267 @@
+"""Checkpoints: round trips, loading with and without a skeleton, decompress, budgets, corruption,
+atomic writes, and the golden files that pin format v1 forever."""
+
+import json
+import os
+import warnings
+
+import pytest
+import safetensors
+import safetensors.torch
+import torch
+import torchvision
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from golden import DATA, GOLDEN, GoldenNet
+from models import TiedLM
+from rpsconvert import BudgetError, CheckpointError, convert, decompress, load, materialize, save
+from rpsconvert.checkpoint import DIGEST_KEY, SPEC_KEY, write_atomic
+
+
+def _quiet_convert(model, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "the budget holds the whole model" and the like
+        return convert(model, *args, **kwargs)
+
+
+@torch.no_grad()
+def _outputs(model, x):
+    model.eval()
+    materialize(model) if hasattr(model, "rps") else None
+    return model(x)
+
+
+def _tiny_vit():
+    return torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64)
+
+
+ROUND_TRIP = {
+    "resnet18": (lambda: torchvision.models.resnet18(), lambda: torch.randn(2, 3, 32, 32)),
+    "mobilenet_v3_small": (lambda: torchvision.models.mobilenet_v3_small(), lambda: torch.randn(2, 3, 32, 32)),
+    "vision_transformer": (_tiny_vit, lambda: torch.randn(2, 3, 16, 16)),  # MultiheadAttention's in_proj_weight
+    "tied_lm": (TiedLM, lambda: torch.randint(0, 300, (2, 7))),
+}
+
+
+@pytest.mark.parametrize("name", ROUND_TRIP)
+def test_save_then_load_into_a_skeleton_gives_identical_outputs(name, tmp_path):
+    make, example = ROUND_TRIP[name]
+    torch.manual_seed(0)
+    converted = _quiet_convert(make(), 0.1)
+    path = save(converted, tmp_path / "m.rps.safetensors")
+    torch.manual_seed(1)
+    loaded = load(path, model=make())  # the skeleton's own weights are different
+    x = example()
+    assert torch.equal(_outputs(loaded, x), _outputs(converted, x))
+
+
+def test_tied_weights_stay_tied_after_load(tmp_path):
+    path = save(convert(TiedLM(), 0.5), tmp_path / "tied.rps.safetensors")
+    spec = json.loads(safetensors.safe_open(str(path), "pt").metadata()[SPEC_KEY])
+    assert [(w["name"], w["aliases"]) for w in spec["weights"] if w["aliases"]] == [("embed.weight", ["head.weight"])]
+    loaded = load(path, model=TiedLM())
+    assert torch.equal(loaded.head.weight, loaded.embed.weight)
+
+
+def test_load_without_a_skeleton_rebuilds_the_recorded_torchvision_architecture(tmp_path):
+    torch.manual_seed(0)
+    converted = convert(torchvision.models.resnet18(), 0.05, architecture="torchvision:resnet18")
+    path = save(converted, tmp_path / "r18.rps.safetensors")
+    loaded = load(path)
+    assert type(loaded).__name__ == "ResNet"
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.equal(_outputs(loaded, x), _outputs(converted, x))
+
+
+def test_load_without_a_skeleton_or_architecture_says_what_to_pass(tmp_path):
+    path = save(convert(TiedLM(), 0.5), tmp_path / "tied.rps.safetensors")
+    with pytest.raises(CheckpointError, match=r"records no architecture: pass a model .*load\(path, model=MyModel\(\)\).*decompress"):
+        load(path)
+
+
+def test_a_mismatching_skeleton_is_refused_before_it_is_touched(tmp_path):
+    path = save(convert(torchvision.models.resnet18(), 0.05), tmp_path / "r18.rps.safetensors")
+    skeleton = torchvision.models.resnet18(num_classes=10)
+    before = {k: v.clone() for k, v in skeleton.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"fc.weight has shape \(10, 512\), the checkpoint \(1000, 512\)"):
+        load(path, model=skeleton)
+    assert not hasattr(skeleton, "rps")
+    assert all(torch.equal(before[k], v) for k, v in skeleton.state_dict().items())
+
+
+def test_a_skeleton_with_other_dense_tensors_is_refused_unless_not_strict(tmp_path):
+    path = save(convert(nn.Sequential(nn.Linear(40, 40), nn.LayerNorm(40)), 0.5), tmp_path / "m.rps.safetensors")
+    skeleton = nn.Sequential(nn.Linear(40, 40), nn.LayerNorm(40), nn.LayerNorm(40))
+    with pytest.raises(CheckpointError, match=r"not in the checkpoint: 2.bias, 2.weight \(pass strict=False"):
+        load(path, model=skeleton)
+    assert load(path, model=skeleton, strict=False)[0].weight.shape == (40, 40)
+
+
+def test_decompress_at_ratio_one_strict_loads_into_the_original_architecture(tmp_path):
+    torch.manual_seed(0)
+    original = torchvision.models.resnet18().eval()
+    converted = convert(original, 1.0)
+    path = save(converted, tmp_path / "r18.rps.safetensors")
+    dense = torchvision.models.resnet18()
+    dense.load_state_dict(decompress(path), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    out = _outputs(dense, x)
+    assert torch.equal(out, _outputs(converted, x))  # the very weights the converted model generates
+    with torch.no_grad():  # and at ratio 1.0 those are the original's, to the last bit or two
+        assert ((out - original(x)).norm() / original(x).norm()).item() < 1e-6
+
+
+def test_decompress_keeps_tied_weights_as_one_tensor_under_both_names(tmp_path):
+    path = save(convert(TiedLM(), 0.5), tmp_path / "tied.rps.safetensors")
+    state = decompress(path)
+    assert state["head.weight"] is state["embed.weight"]
+    TiedLM().load_state_dict(state, strict=True)
+
+
+def test_the_metadata_spec_records_everything_a_loader_needs(tmp_path):
+    converted = convert(TiedLM(), 0.25, seed=42, dtype=torch.float16, architecture="torchvision:resnet18")
+    path = save(converted, tmp_path / "tied.rps.safetensors")
+    with safetensors.safe_open(str(path), "pt") as f:
+        metadata, names = f.metadata(), set(f.keys())
+    spec = json.loads(metadata[SPEC_KEY])
+    assert (spec["format"], spec["format_version"], spec["hash"]) == ("rpsconvert", 1, "fmix32-v1")
+    assert (spec["mapping"], spec["seed"]) == ("randomfold", 42)
+    assert spec["pool"] == {"tensor": "rps_pool", "slots": (300 * 48 + 48 * 48) // 4, "dtype": "float16"}
+    assert spec["weights"][1] == {"name": "mix.weight", "aliases": [], "shape": [48, 48], "dtype": "float32", "offset": 14_400,
+                                  "scale": converted.rps.specs["mix.weight"].scale}
+    assert spec["original_bytes"] == (300 * 48 + 48 * 48 + 48) * 4
+    assert spec["architecture"] == "torchvision:resnet18" and spec["rpsconvert_version"] == "0.1.0"
+    assert names == {"rps_pool", "mix.bias"} and len(metadata[DIGEST_KEY]) == 64
+
+
+MODELS = {
+    "mlp": lambda width: nn.Sequential(nn.Linear(32, width), nn.ReLU(), nn.Linear(width, 10)),
+    "cnn": lambda width: nn.Sequential(nn.Conv2d(3, width, 3), nn.BatchNorm2d(width), nn.ReLU(), nn.Conv2d(width, 8, 3)),
+    "tied": lambda width: TiedLM(vocab=width * 4, dim=24),
+}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(model=st.sampled_from(sorted(MODELS)), width=st.integers(40, 300), fraction=st.floats(0.001, 1.5), dtype=st.sampled_from(["float32", "float16"]))
+def test_the_written_file_is_never_larger_than_the_budget(tmp_path, model, width, fraction, dtype):
+    net = MODELS[model](width)
+    size = sum(t.numel() * t.element_size() for t in net.state_dict().values())
+    budget = max(1, int(size * fraction))
+    try:
+        converted = _quiet_convert(net, budget=budget, dtype=getattr(torch, dtype))
+    except BudgetError as exc:  # too small: the error names a budget that does fit
+        minimum = int(str(exc).split("minimum budget is ")[1].split(" bytes")[0])
+        assert minimum > budget
+        converted, budget = _quiet_convert(net, budget=minimum, dtype=getattr(torch, dtype)), minimum
+    path = save(converted, tmp_path / "m.rps.safetensors", overwrite=True)
+    assert os.path.getsize(path) <= budget
+
+
+def test_a_budget_is_used_to_within_a_few_hundred_bytes(tmp_path):
+    converted = _quiet_convert(torchvision.models.resnet18(), budget="1MB")
+    size = os.path.getsize(save(converted, tmp_path / "r18.rps.safetensors"))
+    assert 999_000 <= size <= 1_000_000
+
+
+@pytest.fixture
+def golden_file(tmp_path):
+    path = tmp_path / "golden.rps.safetensors"
+    path.write_bytes((DATA / "golden-v1-randomfold-fp32.rps.safetensors").read_bytes())
+    return path
+
+
+@pytest.mark.parametrize("keep", [0, 7, 8, 100, 1000, -1000, -1])
+def test_a_truncated_file_is_a_clear_error(golden_file, keep):
+    data = golden_file.read_bytes()
+    golden_file.write_bytes(data[:keep] if keep >= 0 else data[:keep])
+    with pytest.raises(CheckpointError, match="truncated, corrupt or not a checkpoint"):
+        load(golden_file, model=GoldenNet())
+
+
+def test_every_flipped_bit_is_caught(golden_file):
+    data = golden_file.read_bytes()
+    for position in range(0, len(data), 13):  # header, spec and tensor data alike
+        flipped = bytearray(data)
+        flipped[position] ^= 1 << (position % 8)
+        golden_file.write_bytes(bytes(flipped))
+        with pytest.raises(CheckpointError):
+            decompress(golden_file)
+
+
+def test_a_changed_scale_is_caught_by_the_digest(golden_file):
+    data = bytearray(golden_file.read_bytes())
+    digit = data.index(b'scale\\":') + len(b'scale\\":')  # the spec is a JSON string inside the JSON header
+    data[digit] = ord("7") if data[digit] != ord("7") else ord("8")  # still valid JSON, another number
+    golden_file.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="is corrupt: its content does not match its sha256"):
+        load(golden_file, model=GoldenNet())
+
+
+def test_garbage_and_foreign_files_are_clear_errors(tmp_path):
+    garbage = tmp_path / "garbage.rps.safetensors"
+    garbage.write_bytes(os.urandom(5000))
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        decompress(garbage)
+    foreign = tmp_path / "plain.safetensors"
+    safetensors.torch.save_file({"w": torch.zeros(3)}, foreign)
+    with pytest.raises(CheckpointError, match="a safetensors file but not an rpsconvert checkpoint"):
+        decompress(foreign)
+    with pytest.raises(CheckpointError, match="no such file"):
+        decompress(tmp_path / "missing.rps.safetensors")
+
+
+def test_a_newer_format_version_asks_for_an_upgrade(tmp_path):
+    path = save(convert(TiedLM(), 0.5), tmp_path / "tied.rps.safetensors")
+    with safetensors.safe_open(str(path), "pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    metadata[SPEC_KEY] = metadata[SPEC_KEY].replace('"format_version":1', '"format_version":2')
+    safetensors.torch.save_file(tensors, path, metadata=metadata)
+    with pytest.raises(CheckpointError, match="format version 2, newer than this rpsconvert reads"):
+        load(path, model=TiedLM())
+
+
+def test_an_existing_file_is_not_overwritten_without_overwrite(tmp_path):
+    path = tmp_path / "m.rps.safetensors"
+    path.write_bytes(b"precious")
+    converted = convert(TiedLM(), 0.5)
+    with pytest.raises(FileExistsError, match="already exists: pass --force"):
+        save(converted, path)
+    assert path.read_bytes() == b"precious"
+    save(converted, path, overwrite=True)
+    assert load(path, model=TiedLM()) is not None
+
+
+def test_a_failed_write_leaves_neither_output_nor_temporary_file(tmp_path, monkeypatch):
+    def fail(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(OSError, match="disk full"):
+        save(convert(TiedLM(), 0.5), tmp_path / "m.rps.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interrupted_overwrite_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "m.rps.safetensors"
+    path.write_bytes(b"old")
+
+    def interrupt(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(path, b"new", overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.rps.safetensors"] and path.read_bytes() == b"old"
+
+
+@pytest.mark.parametrize("name", GOLDEN)
+def test_a_golden_checkpoint_still_loads_to_the_same_outputs_and_weights(name):
+    expected = safetensors.torch.load_file(DATA / f"{name}.expected.safetensors")
+    model = load(DATA / f"{name}.rps.safetensors", model=GoldenNet()).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(expected["tokens"]), expected["output"], rtol=1e-5, atol=1e-6)
+    dense = decompress(DATA / f"{name}.rps.safetensors")
+    assert sorted(dense) == sorted(k.removeprefix("state.") for k in expected if k.startswith("state."))
+    assert all(torch.equal(dense[k], expected[f"state.{k}"]) for k in dense)  # bit for bit, on every machine
