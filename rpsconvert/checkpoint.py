@@ -261,8 +261,11 @@ def _parse(spec: dict, tensors: dict[str, torch.Tensor]) -> Checkpoint:
     check_seed(spec["seed"])
     get_mapping(spec["mapping"])
     pool_tensor = tensors.pop(spec["pool"]["tensor"])
-    if pool_tensor.ndim != 1 or not 0 < pool_tensor.numel() < MAX_SLOTS or pool_tensor.numel() != spec["pool"]["slots"]:
-        raise ValueError(f"the pool must be a 1-D tensor of {spec['pool']['slots']} slots, got shape {tuple(pool_tensor.shape)}")
+    pool_spec = spec["pool"]
+    if pool_tensor.ndim != 1 or not 0 < pool_tensor.numel() < MAX_SLOTS or pool_tensor.numel() != pool_spec["slots"]:
+        raise ValueError(f"the pool must be a 1-D tensor of {pool_spec['slots']} slots, got shape {tuple(pool_tensor.shape)}")
+    if dtype_name(pool_tensor.dtype) != pool_spec["dtype"]:
+        raise ValueError(f"the pool is {dtype_name(pool_tensor.dtype)}, the spec says {pool_spec['dtype']}")
     dense_aliases = spec["dense_aliases"]
     if not set(dense_aliases.values()) <= set(tensors):
         raise ValueError("a dense alias names a tensor the file does not hold")

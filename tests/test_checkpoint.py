@@ -1,10 +1,14 @@
 """Checkpoints: round trips, loading with and without a skeleton, decompress, budgets, corruption,
 atomic writes, and the golden files that pin format v1 forever."""
 
+import hashlib
 import json
+import math
 import os
+import struct
 import warnings
 
+import numpy as np
 import pytest
 import safetensors
 import safetensors.torch
@@ -265,3 +269,60 @@ def test_a_golden_checkpoint_still_loads_to_the_same_outputs_and_weights(name):
     dense = decompress(DATA / f"{name}.rps.safetensors")
     assert sorted(dense) == sorted(k.removeprefix("state.") for k in expected if k.startswith("state."))
     assert all(torch.equal(dense[k], expected[f"state.{k}"]) for k in dense)  # bit for bit, on every machine
+
+
+def _read_by_the_spec(path) -> dict[str, np.ndarray]:
+    """A reader written from docs/format.md alone (plain Python, numpy for float32 arithmetic)."""
+    M = 0xFFFFFFFF
+
+    def fmix32(x):
+        x ^= x >> 16
+        x = (x * 0x85EBCA6B) & M
+        x ^= x >> 13
+        x = (x * 0xC2B2AE35) & M
+        return x ^ (x >> 16)
+
+    def key(seed, stream):
+        return fmix32(seed ^ fmix32((stream * 0x9E3779B9) & M))
+
+    def H(x, k):
+        return fmix32(fmix32((x & M) ^ k) ^ (x >> 32))
+
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header, body = json.loads(data[8 : 8 + n]), data[8 + n :]
+    metadata = header.pop("__metadata__")
+    spec = json.loads(metadata["rpsconvert"])
+    digest = hashlib.sha256(metadata["rpsconvert"].encode())
+    for name in sorted(header, key=str.encode):
+        lo, hi = header[name]["data_offsets"]
+        digest.update(name.encode() + b"\0" + body[lo:hi])
+    assert digest.hexdigest() == metadata["rpsconvert.sha256"]
+
+    def tensor(name):
+        entry = header[name]
+        lo, hi = entry["data_offsets"]
+        return np.frombuffer(body[lo:hi], dtype={"F32": "<f4", "I64": "<i8"}[entry["dtype"]]).reshape(entry["shape"])
+
+    assert spec["mapping"] == "randomfold" and spec["pool"]["dtype"] == "float32"
+    pool, seed = tensor(spec["pool"]["tensor"]), spec["seed"]
+    m, rotation_key, sign_key = len(pool), key(seed, 1), key(seed, 4)
+    state = {name: tensor(name) for name in header if name != spec["pool"]["tensor"]}
+    state.update({alias: state[name] for alias, name in spec["dense_aliases"].items()})
+    for w in spec["weights"]:
+        values = []
+        for i in range(w["offset"], w["offset"] + math.prod(w["shape"])):
+            slot = (H(i // m, rotation_key) % m + i % m) % m
+            g = -1 if (H(i >> 5, sign_key) >> (i & 31)) & 1 else 1
+            values.append(pool[slot] * np.float32(g * w["scale"]))
+        for name in (w["name"], *w["aliases"]):
+            state[name] = np.array(values, dtype=np.float32).reshape(w["shape"])
+    return state
+
+
+def test_a_reader_written_from_the_format_spec_alone_decodes_the_golden_file_bit_for_bit():
+    name = "golden-v1-randomfold-fp32"
+    expected = safetensors.torch.load_file(DATA / f"{name}.expected.safetensors")
+    state = _read_by_the_spec(DATA / f"{name}.rps.safetensors")
+    assert sorted(state) == sorted(k.removeprefix("state.") for k in expected if k.startswith("state."))
+    assert all(np.array_equal(state[k], expected[f"state.{k}"].numpy()) for k in state)
