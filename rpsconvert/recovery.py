@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
-from rpsconvert.batches import Batch, cycle, device_of, is_logits, outputs, process_group, run, shard, to_device
+from rpsconvert.batches import Batch, cycle, device_of, eval_mode, is_logits, outputs, process_group, run, shard, size, to_device
 from rpsconvert.fidelity import Fidelity, fidelity, paired_outputs
 
 Loss = Union[str, Callable[[object, object], torch.Tensor]]
@@ -38,6 +38,7 @@ class RecoveryHistory:
     loss: list[float] = field(default_factory=list)  # global mean loss of each step
     lr: list[float] = field(default_factory=list)
     evals: list[tuple[int, Fidelity]] = field(default_factory=list)  # (steps done, fidelity)
+    heldout_loss: list[float] = field(default_factory=list)  # the distillation loss at each eval
     before: Fidelity | None = None
     after: Fidelity | None = None  # of the parameters kept (the best evaluated ones)
     best_step: int | None = None
@@ -114,9 +115,9 @@ def recover(
     `data` is a list or DataLoader of batches (tensor, tuple or dict), cycled for `steps` steps.
     Adam with `lr` (default DEFAULT_LR) after a linear warmup over the first `warmup` fraction of
     the steps, then cosine decay to zero. With `eval_data` (held-out batches, never the training
-    ones) fidelity is measured every `eval_every` steps; training stops early after `patience`
-    evaluations without a 0.1 % gain in relative error, and the best evaluated parameters are kept,
-    so recovery never returns a model worse than it got. Without `eval_data` the stop watches the
+    ones) fidelity and the distillation loss are measured every `eval_every` steps; training stops
+    early after `patience` evaluations without a 0.1 % gain in that held-out loss, and the best
+    evaluated parameters are kept, so recovery never returns a model worse than it got. Without `eval_data` the stop watches the
     training loss. `inputs` picks the model's input out of a batch that also holds labels;
     `labels` picks hard labels to add a cross-entropy term on the first logits (optional);
     `trainable(name, parameter)` chooses what is trained (default: every parameter that requires
@@ -134,17 +135,15 @@ def recover(
     device = device_of(model)
     net = _distributed(model, device) if world > 1 else model
     optimizer = torch.optim.Adam(params, lr=lr)
-    warm = max(1, round(warmup * steps))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
-    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps, max(1, round(warmup * steps))))
     eval_every = eval_every or max(1, steps // 10)
     history = RecoveryHistory()
     best_value, best_state, stale = math.inf, None, 0
     if eval_data is not None:
         history.before = fidelity(model, teacher, eval_data, inputs=inputs)
         history.evals.append((0, history.before))
-        best_value, best_state, history.best_step = history.before.relative_error, _snapshot(model), 0
+        history.heldout_loss.append(heldout_loss(model, teacher, eval_data, loss, inputs))
+        best_value, best_state, history.best_step = history.heldout_loss[-1], _snapshot(model), 0
 
     teacher_modes = [(m, m.training) for m in teacher.modules()]
     teacher.eval()
@@ -185,7 +184,8 @@ def recover(
                 if eval_data is not None:
                     latest = fidelity(model, teacher, eval_data, inputs=inputs)
                     history.evals.append((step, latest))
-                    value_now = latest.relative_error
+                    history.heldout_loss.append(heldout_loss(model, teacher, eval_data, loss, inputs))
+                    value_now = history.heldout_loss[-1]
                 else:
                     value_now = sum(history.loss[-eval_every:]) / len(history.loss[-eval_every:])
                 if value_now < best_value * (1 - 1e-3):
@@ -208,12 +208,48 @@ def recover(
     return history
 
 
+def _warmup_cosine(steps: int, warm: int) -> Callable[[int], float]:
+    """Learning-rate factor: linear warmup over `warm` steps, then a cosine down to zero at `steps`."""
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(step - warm + 1, steps - warm) / max(steps - warm, 1)))
+
+    return factor
+
+
+@torch.no_grad()
+def heldout_loss(
+    model: nn.Module, teacher: nn.Module, data: Iterable[Batch], loss: Loss = "auto", inputs: Callable | None = None
+) -> float:
+    """The distillation loss on held-out batches (eval mode): what early stopping watches.
+
+    Watching the objective itself, not one of the fidelity figures, keeps the stop consistent with
+    the training: KL on logits can keep improving agreement while the logits' scale, and so their
+    relative error, drifts.
+    """
+    rank, world = process_group()
+    device = device_of(model)
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    with eval_mode(model, teacher):
+        for batch in data:
+            x = shard(to_device(inputs(batch) if inputs else batch, device), rank, world)
+            n = size(x)
+            total[0] += distillation_loss(run(model, x), run(teacher, x), loss).double() * n
+            total[1] += n
+    if world > 1:
+        torch.distributed.all_reduce(total)
+    return float(total[0] / total[1])
+
+
 def _distributed(model: nn.Module, device: torch.device) -> nn.Module:
-    """DDP around the model; unused parameters are allowed (a model may skip a head for some inputs)."""
+    """DDP around the model. A static graph lets parameters that a forward never uses (a head the
+    distillation does not reach) stay unused without a graph traversal at every step."""
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+    return DistributedDataParallel(model, device_ids=ids, static_graph=True)
 
 
 def _label_loss(output, labels: torch.Tensor) -> torch.Tensor:

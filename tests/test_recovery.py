@@ -1,0 +1,142 @@
+"""Recovery by distillation: a short fine-tune brings a compressed model back to its original."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import prune
+
+from digits import accuracy, batches, digits_data, trained_mlp
+from rpsconvert import convert
+from rpsconvert.fidelity import fidelity
+from rpsconvert.recovery import distillation_loss, recover
+
+HERE = Path(__file__).parent
+
+
+def test_recovery_brings_a_model_at_chance_back_to_its_original():
+    teacher = trained_mlp()
+    model = convert(teacher, ratio=1 / 8)
+    history = recover(model, teacher, batches("calib", 50), steps=300, eval_data=batches("heldout"), quiet=True)
+    assert history.before.top1_agreement < 0.3  # projection alone: near chance
+    assert history.after.top1_agreement > 0.9
+    assert accuracy(model) > 0.88  # the original: 0.96
+    assert history.after == fidelity(model, teacher, batches("heldout"))  # the numbers describe the model returned
+    assert history.steps == len(history.lr) and history.loss[-1] < 0.2 * history.loss[0]
+
+
+def test_learning_rate_warms_up_then_decays_to_zero_along_a_cosine():
+    teacher = trained_mlp()
+    history = recover(convert(teacher, ratio=1 / 4), teacher, batches("calib"), steps=100, lr=1e-3, warmup=0.1, quiet=True)
+    assert history.lr[0] == pytest.approx(1e-4) and max(history.lr) == pytest.approx(1e-3, rel=0.01)
+    assert history.lr[-1] < 1e-5
+    assert history.lr[55] == pytest.approx(0.5e-3, rel=0.05)  # half-way down the cosine
+
+
+def test_recovery_never_returns_a_model_worse_than_it_got():
+    teacher = trained_mlp()
+    model = convert(teacher, ratio=1 / 2)
+    history = recover(model, teacher, batches("calib"), steps=60, lr=5.0, eval_data=batches("heldout"), eval_every=5, quiet=True)
+    assert history.stopped_early  # a learning rate this large only makes it worse
+    assert history.best_step == 0 and history.after == history.before
+    assert fidelity(model, teacher, batches("heldout")) == history.before
+
+
+def test_without_eval_data_training_stops_when_the_loss_stops_improving():
+    teacher = trained_mlp()
+    one_batch = batches("calib")[:1]
+    history = recover(convert(teacher, ratio=1 / 4), teacher, one_batch, steps=100, lr=1e-12, eval_every=5, patience=3, quiet=True)
+    assert history.stopped_early and history.steps == 20  # the first window sets the mark, three fail to beat it
+    assert history.before is None and history.after is None
+
+
+def test_a_model_that_is_not_rps_converted_is_fine_tuned_too():
+    """A pruned baseline: the pruning mask stays (a forward pre-hook), the remaining weights learn."""
+    teacher = trained_mlp()
+    model = trained_mlp()
+    for layer in (model[0], model[2], model[4]):
+        prune.l1_unstructured(layer, "weight", amount=0.95)
+    history = recover(model, teacher, batches("calib", 50), steps=150, lr=3e-3, eval_data=batches("heldout"), quiet=True)
+    assert history.after.top1_agreement > history.before.top1_agreement + 0.2
+    assert float((model[2].weight == 0).float().mean()) >= 0.95
+
+
+def test_labeled_batches_need_only_a_way_to_find_the_inputs():
+    teacher = trained_mlp()
+    model = convert(teacher, ratio=1 / 8)
+    x, y = digits_data()["calib"]
+    labeled = [(x[i : i + 50], y[i : i + 50]) for i in range(0, 400, 50)]
+    history = recover(model, teacher, labeled, steps=200, lr=3e-3, inputs=lambda b: b[0], labels=lambda b: b[1], quiet=True)
+    assert sum(history.loss[-8:]) < 0.3 * sum(history.loss[:8])
+    assert accuracy(model) > 0.8
+
+
+def test_auto_loss_is_kl_on_logits_and_relative_mse_on_other_outputs():
+    torch.manual_seed(0)
+    teacher = {"logits": torch.randn(8, 10), "embedding": torch.randn(8, 4, 16) * 3}
+    student = {"logits": torch.randn(8, 10), "embedding": torch.randn(8, 4, 16)}
+    kl = F.kl_div(F.log_softmax(student["logits"], -1), F.softmax(teacher["logits"], -1), reduction="batchmean")
+    mse = (student["embedding"] - teacher["embedding"]).square().mean() / teacher["embedding"].square().mean()
+    assert distillation_loss(student, teacher) == pytest.approx(float((kl + mse) / 2), rel=1e-5)
+    assert distillation_loss(student["embedding"], teacher["embedding"]) == pytest.approx(float(mse), rel=1e-5)
+    cosine = 1 - F.cosine_similarity(student["embedding"], teacher["embedding"], dim=-1).mean()
+    assert distillation_loss(student["embedding"], teacher["embedding"], "cosine") == pytest.approx(float(cosine), rel=1e-5)
+
+
+def test_a_transformer_with_dict_batches_and_model_outputs_recovers():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    torch.manual_seed(0)
+    teacher = transformers.BertModel(config).eval()
+    tokens = torch.randint(0, 200, (96, 12), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": tokens[i : i + 16], "attention_mask": torch.ones(16, 12, dtype=torch.long)} for i in range(0, 64, 16)]
+    heldout = [{"input_ids": tokens[64:], "attention_mask": torch.ones(32, 12, dtype=torch.long)}]
+    model = convert(teacher, ratio=1 / 4, min_numel=500)
+    history = recover(model, teacher, data, steps=40, lr=3e-3, eval_data=heldout, quiet=True)
+    assert history.before.top1_agreement is None  # hidden states and pooler output: no logits
+    assert history.after.relative_error < 0.7 * history.before.relative_error
+
+
+def test_quiet_mode_prints_nothing_and_the_progress_bar_shows_loss_and_fidelity(capsys):
+    teacher = trained_mlp()
+    recover(convert(teacher, ratio=1 / 4), teacher, batches("calib"), steps=4, eval_data=batches("heldout"), quiet=True)
+    assert capsys.readouterr().out == ""
+    recover(convert(teacher, ratio=1 / 4), teacher, batches("calib"), steps=4, eval_data=batches("heldout"))
+    shown = capsys.readouterr().out
+    assert "recovering" in shown and "loss" in shown and "top-1" in shown and "rel err" in shown
+
+
+def test_misused_arguments_are_refused_with_the_fix():
+    teacher = trained_mlp()
+    model = convert(teacher, ratio=1 / 4)
+    with pytest.raises(TypeError, match="split"):
+        recover(model, teacher, digits_data()["calib"][0], steps=5)
+    with pytest.raises(ValueError, match="unknown loss"):
+        recover(model, teacher, batches("calib"), steps=5, loss="huber", quiet=True)
+    with pytest.raises(ValueError, match="nothing to train"):
+        recover(model, teacher, batches("calib"), steps=5, trainable=lambda name, p: False)
+
+
+@pytest.mark.slow
+def test_under_torchrun_two_processes_give_the_single_process_result(tmp_path):
+    """DDP on CPU (gloo): each process takes half of every global batch; the result must not change."""
+    from ddp_recover import case
+
+    out = tmp_path / "ddp.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(HERE / "ddp_recover.py"), str(out)]
+    subprocess.run(command, check=True, env=env, timeout=300, capture_output=True)
+    distributed = torch.load(out)
+    model, history = case()
+    assert distributed["loss"] == pytest.approx(history.loss, rel=1e-4)
+    assert distributed["after"] == pytest.approx(history.after.relative_error, rel=1e-4)
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(distributed["state"][name], tensor, rtol=1e-4, atol=1e-6)
