@@ -155,12 +155,14 @@ def write_atomic(path: str | os.PathLike, data: bytes, *, overwrite: bool = Fals
 
     The bytes go to a temporary file in the same folder (so the final move is atomic), are flushed
     to disk, then moved into place: renamed over an old file only with `overwrite`, else hard-linked,
-    which fails if `path` appeared in the meantime. On any failure or interrupt the temporary file
-    is removed and `path` is untouched.
+    which fails if `path` appeared in the meantime (on a filesystem without hard links, renamed
+    after a last check). On any failure or interrupt the temporary file is removed and `path` is
+    untouched.
     """
     path = Path(path)
+    exists = f"{path} already exists: pass --force (overwrite=True) to replace it"
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists: pass --force (overwrite=True) to replace it")
+        raise FileExistsError(exists)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
@@ -174,7 +176,11 @@ def write_atomic(path: str | os.PathLike, data: bytes, *, overwrite: bool = Fals
             try:
                 os.link(tmp, path)
             except FileExistsError:
-                raise FileExistsError(f"{path} already exists: pass --force (overwrite=True) to replace it") from None
+                raise FileExistsError(exists) from None
+            except OSError:
+                if path.exists():
+                    raise FileExistsError(exists) from None
+                os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path

@@ -130,7 +130,11 @@ def _from_state_dict(state: object, arch: str | dict | None, path: Path) -> nn.M
     if arch is None:
         raise InputError(f"{path} is a state dict, not a model: pass its architecture with --arch, for example --arch torchvision:resnet50")
     model = _build(arch)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes differ; torch lists them one per line after a heading
+        lines = str(exc).splitlines()
+        raise InputError(f"{path} does not fit --arch {arch} ({lines[min(1, len(lines) - 1)].strip()})") from None
     # Tied weights are often saved once (safetensors refuses shared tensors): a key missing from
     # the file is fine when the model ties it to a key that is there.
     tied = {name for names in _tied_names(model) if set(names) & state.keys() for name in names}

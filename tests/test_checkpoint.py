@@ -260,6 +260,28 @@ def test_an_interrupted_overwrite_keeps_the_old_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["m.rps.safetensors"] and path.read_bytes() == b"old"
 
 
+def test_a_file_created_during_the_write_is_not_replaced(tmp_path, monkeypatch):
+    path = tmp_path / "m.rps.safetensors"
+
+    def racing_link(src, dst):
+        path.write_bytes(b"theirs")  # another process got there first
+        raise FileExistsError
+
+    monkeypatch.setattr(os, "link", racing_link)
+    with pytest.raises(FileExistsError, match="already exists"):
+        write_atomic(path, b"ours")
+    assert path.read_bytes() == b"theirs" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_a_filesystem_without_hard_links_still_gets_the_file(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise PermissionError("hard links not supported")
+
+    monkeypatch.setattr(os, "link", no_links)
+    write_atomic(tmp_path / "m.rps.safetensors", b"data")
+    assert [(p.name, p.read_bytes()) for p in tmp_path.iterdir()] == [("m.rps.safetensors", b"data")]
+
+
 @pytest.mark.parametrize("name", GOLDEN)
 def test_a_golden_checkpoint_still_loads_to_the_same_outputs_and_weights(name):
     expected = safetensors.torch.load_file(DATA / f"{name}.expected.safetensors")

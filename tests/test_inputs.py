@@ -97,6 +97,8 @@ def test_a_state_dict_that_does_not_fit_arch_is_a_clear_error(tmp_path):
     safetensors.torch.save_file(torchvision.models.resnet18().state_dict(), tmp_path / "r18.safetensors")
     with pytest.raises(InputError, match=r"does not fit --arch torchvision:resnet34 \(missing: layer1.2"):
         read_model(str(tmp_path / "r18.safetensors"), arch="torchvision:resnet34")
+    with pytest.raises(InputError, match=r"does not fit --arch torchvision:resnet50 \(size mismatch for layer1.0.conv1.weight"):
+        read_model(str(tmp_path / "r18.safetensors"), arch="torchvision:resnet50")
 
 
 def test_a_torchvision_name_loads_the_pretrained_weights(tmp_path, monkeypatch):
