@@ -232,7 +232,7 @@ def _metadata_table(ckpt: Checkpoint, file: Path) -> Table:
     for key, value in (
         ("format", f"{spec['format']} v{spec['format_version']} (hash {spec['hash']}), sha256 verified"),
         ("written by", f"rpsconvert {spec.get('rpsconvert_version', '?')}"),
-        ("architecture", json.dumps(spec["architecture"]) if spec.get("architecture") else "not recorded: load with a skeleton"),
+        ("architecture", _architecture(spec.get("architecture"))),
         ("mapping, seed", f"{spec['mapping']}, {spec['seed']}"),
         ("pool", f"{pool.size:,} {spec['pool']['dtype']} slots, {format_bytes(pool.size * pool.pool.element_size())}"),
         ("compressed", f"{len(pool.specs)} weights, {elements:,} elements (ratio {pool.size / max(elements, 1):.4g})"),
@@ -241,6 +241,15 @@ def _metadata_table(ckpt: Checkpoint, file: Path) -> Table:
     ):
         table.add_row(key, value)
     return table
+
+
+def _architecture(spec: str | dict | None) -> str:
+    if not spec:
+        return "not recorded: load with a skeleton"
+    if isinstance(spec, str):
+        return spec
+    options = ", ".join(f"{k}={v!r}" for k, v in spec.get("kwargs", {}).items())
+    return f"{spec['source']}:{spec['name']}" + (f"({options})" if options else "") + (" from its recorded config" if "config" in spec else "")
 
 
 def _layer_table(ckpt: Checkpoint) -> Table:

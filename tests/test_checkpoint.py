@@ -20,7 +20,7 @@ from torch import nn
 
 from golden import DATA, GOLDEN, GoldenNet
 from models import TiedLM
-from rpsconvert import BudgetError, CheckpointError, convert, decompress, load, materialize, save
+from rpsconvert import BudgetError, CheckpointError, convert, decompress, load, materialize, parse_bytes, save
 from rpsconvert.checkpoint import DIGEST_KEY, SPEC_KEY, write_atomic
 
 
@@ -161,6 +161,15 @@ def test_the_written_file_is_never_larger_than_the_budget(tmp_path, model, width
         converted, budget = _quiet_convert(net, budget=minimum, dtype=getattr(torch, dtype)), minimum
     path = save(converted, tmp_path / "m.rps.safetensors", overwrite=True)
     assert os.path.getsize(path) <= budget
+
+
+@pytest.mark.parametrize("name, budget, dtype", [
+    ("mobilenet_v3_small", "300kB", torch.float32), ("mobilenet_v3_small", "1MiB", torch.bfloat16),
+    ("squeezenet1_1", "100kB", torch.float16), ("shufflenet_v2_x0_5", "200kB", torch.float32),
+])
+def test_torchvision_models_fit_their_budget(tmp_path, name, budget, dtype):
+    converted = _quiet_convert(torchvision.models.get_model(name), budget=budget, dtype=dtype, architecture=f"torchvision:{name}")
+    assert os.path.getsize(save(converted, tmp_path / "m.rps.safetensors")) <= parse_bytes(budget)
 
 
 def test_a_budget_is_used_to_within_a_few_hundred_bytes(tmp_path):
