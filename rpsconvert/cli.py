@@ -133,18 +133,18 @@ class _Stages:
 def convert_command(
     model: Annotated[str, typer.Argument(
         help="A pickled model (torch.save(model)), a state dict (.safetensors/.pt) with --arch, a Hugging Face "
-        "model directory, or a name such as torchvision:resnet50 (pretrained weights).", show_default=False)],
-    budget: Annotated[Optional[str], typer.Option("--budget", "-b", help="Largest size of the output file: 1MB, 500kB, 1.5MiB, 123456.")] = None,
-    ratio: Annotated[Optional[float], typer.Option("--ratio", "-r", help="Fraction of the weight memory kept, in (0, 1]; 1.0 is lossless.")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file.  [default: MODEL's name + .rps.safetensors, beside it]", show_default=False)] = None,
-    arch: Annotated[Optional[str], typer.Option("--arch", help="Architecture of a state-dict file, such as torchvision:resnet50 or timm:resnet50.")] = None,
+        "model directory, or a name such as torchvision:resnet50 (pretrained weights).", metavar="MODEL", show_default=False)],
+    budget: Annotated[Optional[str], typer.Option("--budget", "-b", metavar="SIZE", help="Largest size of the output file: 1MB, 500kB, 1.5MiB, 123456.")] = None,
+    ratio: Annotated[Optional[float], typer.Option("--ratio", "-r", metavar="R", help="Fraction of the weight memory kept, in (0, 1]; 1.0 is lossless.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", metavar="PATH", help="Output file (default: MODEL's name + .rps.safetensors, beside it).", show_default=False)] = None,
+    arch: Annotated[Optional[str], typer.Option("--arch", metavar="SPEC", help="Architecture of a state-dict file, such as torchvision:resnet50 or timm:resnet50.")] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Unpickle MODEL even if it needs classes outside the safe list: this runs any code the file's author put in it.")] = False,
     mapping: Annotated[Literal[tuple(MAPPINGS)], typer.Option(help="How weights are laid onto the pool.")] = _DEFAULTS["mapping"].default,  # type: ignore[valid-type]
     seed: Annotated[int, typer.Option(help="Seed of the hash functions.")] = _DEFAULTS["seed"].default,
-    include: Annotated[Optional[list[str]], typer.Option(help="Compress only parameters matching this pattern (fnmatch, repeatable).")] = None,
-    exclude: Annotated[Optional[list[str]], typer.Option(help="Keep parameters matching this pattern dense (fnmatch, repeatable).")] = None,
+    include: Annotated[Optional[list[str]], typer.Option(metavar="PATTERN", help="Compress only parameters matching this pattern (fnmatch, repeatable).")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option(metavar="PATTERN", help="Keep parameters matching this pattern dense (fnmatch, repeatable).")] = None,
     min_numel: Annotated[int, typer.Option(help="Keep tensors with fewer elements dense.")] = _DEFAULTS["min_numel"].default,
-    dtype: Annotated[Optional[Literal[tuple(_POOL_DTYPES)]], typer.Option(help="Pool dtype.  [default: the weights' dtype]")] = None,  # type: ignore[valid-type]
+    dtype: Annotated[Optional[Literal[tuple(_POOL_DTYPES)]], typer.Option(help="Pool dtype (default: the weights' dtype).")] = None,  # type: ignore[valid-type]
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Convert and report, but write nothing.")] = False,
     json_output: JsonOutput = False,
     force: Force = False,
@@ -209,7 +209,7 @@ def _conversion_table(rep: ConversionReport, model: str, written: Path | None, f
 
 @app.command()
 def info(
-    file: Annotated[Path, typer.Argument(help="A .rps.safetensors checkpoint.", show_default=False)],
+    file: Annotated[Path, typer.Argument(help="A .rps.safetensors checkpoint.", metavar="FILE", show_default=False)],
     json_output: JsonOutput = False,
     debug: Debug = False,
 ) -> None:
@@ -278,14 +278,16 @@ def _dtype(dtype: torch.dtype) -> str:
 
 @app.command("decompress")
 def decompress_command(
-    file: Annotated[Path, typer.Argument(help="A .rps.safetensors checkpoint.", show_default=False)],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file.  [default: FILE's name + .dense.safetensors]", show_default=False)] = None,
+    file: Annotated[Path, typer.Argument(help="A .rps.safetensors checkpoint.", metavar="FILE", show_default=False)],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", metavar="PATH", help="Output file (default: FILE's name + .dense.safetensors).", show_default=False)] = None,
     force: Force = False,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Write the dense state dict of a checkpoint: it loads with load_state_dict(strict=True) into the
-    original architecture, wherever PyTorch runs, without rpsconvert."""
+    """Write the dense state dict of a checkpoint, for PyTorch without rpsconvert.
+
+    It loads with load_state_dict(strict=True) into the original architecture, wherever PyTorch runs.
+    """
     with _reported(debug):
         output = output or file.with_name(file.name.removesuffix(".safetensors").removesuffix(".rps") + ".dense.safetensors")
         if output.exists() and not force:
