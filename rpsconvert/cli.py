@@ -54,6 +54,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 Debug = Annotated[bool, typer.Option("--debug", help="Show the full traceback of an error.")]

@@ -157,6 +157,7 @@ def test_decompress_writes_a_state_dict_that_loads_strictly(model_file):
 def test_help_lists_the_commands_and_version_prints_it():
     help_text = rpsconvert("--help").stdout
     assert all(command in help_text for command in ("convert", "info", "decompress"))
+    assert rpsconvert("-h").stdout == help_text and "--trust-pickle" in rpsconvert("convert", "-h").stdout
     assert rpsconvert("--version").stdout == "rpsconvert 0.1.0\n"
 
 
