@@ -58,7 +58,7 @@ def spec_json(pool: RPSPool, dense_aliases: dict[str, str], original_bytes: int)
         "hash": HASH_SPEC,
         "mapping": pool.mapping.name,
         "seed": pool.seed,
-        "pool": {"tensor": POOL_TENSOR, "slots": pool.size, "dtype": dtype_name(pool.pool.dtype)},
+        "pool": {"tensor": POOL_TENSOR, "slots": pool.size, "dtype": dtype_name(pool.storage_dtype)},
         "weights": [
             {
                 "name": s.name,
@@ -123,18 +123,18 @@ def header_bound(pool: RPSPool, dense: dict[str, torch.Tensor], max_file_bytes: 
     """
     tensors, aliases = _dedupe(dense)
     dense_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    original = dense_bytes + sum(s.numel * torch.empty(0, dtype=s.dtype).element_size() for s in pool.specs.values())
+    original = dense_bytes + sum(s.numel * s.dtype.itemsize for s in pool.specs.values())
     spec = spec_json(pool, aliases, 10 ** len(str(original)) - 1)
     digits = len(str(max_file_bytes))
     while True:
         big = 10**digits - 1
         spec["pool"]["slots"] = big
         entries: dict = {name: _entry(t.dtype, list(t.shape), big) for name, t in tensors.items()}
-        entries[POOL_TENSOR] = _entry(pool.pool.dtype, [big], big)
+        entries[POOL_TENSOR] = _entry(pool.storage_dtype, [big], big)
         entries["__metadata__"] = {SPEC_KEY: json.dumps(spec, separators=(",", ":")), DIGEST_KEY: "0" * 64}
         header = json.dumps(entries, separators=(",", ":"))  # ASCII-escaped: never shorter than UTF-8
         bound = 8 + len(header.encode()) + 7  # length prefix, JSON, padding to a multiple of 8
-        if len(str(bound + dense_bytes + pool.pool.element_size())) <= digits:
+        if len(str(bound + dense_bytes + pool.storage_dtype.itemsize)) <= digits:
             return bound
         digits += 1
 
@@ -190,6 +190,7 @@ def encode(model: nn.Module) -> bytes:
     """The bytes of a converted model's checkpoint file (what `save` writes)."""
     pool = find_pool(model)
     tensors, aliases = _dedupe(model.state_dict())
+    tensors[POOL_TENSOR] = tensors[POOL_TENSOR].to(pool.storage_dtype)
     spec = spec_json(pool, aliases, pool.info.get("original_bytes", 0))
     return safetensors.torch.save(tensors, metadata=_metadata(spec, tensors))
 
@@ -275,7 +276,8 @@ def _parse(spec: dict, tensors: dict[str, torch.Tensor]) -> Checkpoint:
     dense_aliases = spec["dense_aliases"]
     if not set(dense_aliases.values()) <= set(tensors):
         raise ValueError("a dense alias names a tensor the file does not hold")
-    pool = RPSPool(pool_tensor, spec["mapping"], spec["seed"], weights)
+    compute_dtype = weights[0].dtype if weights else pool_tensor.dtype  # the pool works in the weights' dtype
+    pool = RPSPool(pool_tensor.to(compute_dtype), spec["mapping"], spec["seed"], weights, storage_dtype=pool_tensor.dtype)
     pool.info.update(architecture=spec.get("architecture"), discovery=spec.get("discovery"), original_bytes=spec.get("original_bytes", 0))
     return Checkpoint(spec, tensors, pool)
 

@@ -235,7 +235,7 @@ def _metadata_table(ckpt: Checkpoint, file: Path) -> Table:
         ("written by", f"rpsconvert {spec.get('rpsconvert_version', '?')}"),
         ("architecture", _architecture(spec.get("architecture"))),
         ("mapping, seed", f"{spec['mapping']}, {spec['seed']}"),
-        ("pool", f"{pool.size:,} {spec['pool']['dtype']} slots, {format_bytes(pool.size * pool.pool.element_size())}"),
+        ("pool", f"{pool.size:,} {spec['pool']['dtype']} slots, {format_bytes(pool.size * pool.storage_dtype.itemsize)}"),
         ("compressed", f"{len(pool.specs)} weights, {elements:,} elements (ratio {pool.size / max(elements, 1):.4g})"),
         ("kept dense", f"{len(ckpt.dense_state())} tensors, {format_bytes(sum(t.numel() * t.element_size() for t in ckpt.tensors.values()))}"),
         ("size", f"{format_bytes(spec['original_bytes'])} -> {format_bytes(size)} file ({spec['original_bytes'] / size:.1f}x smaller)"),

@@ -88,7 +88,9 @@ def convert(
 
     `ratio` is the fraction of the compressible weight memory kept, in (0, 1] (1.0 is lossless);
     `budget` ("1MB", "500kB", bytes) sizes the pool so the saved checkpoint fits, after the tensors
-    kept dense and the header. `dtype` is the pool's dtype (default: the weights'). `architecture`
+    kept dense and the header. `dtype` is the pool's storage dtype in the checkpoint (default: the
+    weights'; float16/bfloat16 halve the pool's bytes; in memory the pool keeps the weights' dtype
+    so it trains normally, holding values exact in the storage dtype). `architecture`
     is recorded in the checkpoint so it can be loaded without a skeleton ("torchvision:resnet50").
     The pool is projected from the trained weights (least squares); below ratio 1.0 that alone
     loses accuracy, which recovery restores. With `calibration` (a list of example input batches)
@@ -134,13 +136,13 @@ def convert(
     if ratio is not None:
         slots = max(1, round(ratio * total))
     else:
-        probe = RPSPool(torch.zeros(1, dtype=pool_dtype), mapping, seed, specs, grad_scaling=False)
+        probe = RPSPool(torch.zeros(1, dtype=pool_dtype), mapping, seed, specs, grad_scaling=False, storage_dtype=pool_dtype)
         probe.info.update(architecture=architecture, discovery=found.method)
         chosen_set = {alias for s in specs for alias in (s.name, *s.aliases)}
         dense = {k: v for k, v in model.state_dict().items() if k not in chosen_set}
         fixed = header_bound(probe, dense, budget_bytes) + _unique_bytes(dense.values())
         largest = sorted(((k, v.numel() * v.element_size()) for k, v in dense.items()), key=lambda kv: -kv[1])
-        slots = slots_for_budget(budget_bytes, fixed, torch.empty(0, dtype=pool_dtype).element_size(), largest)
+        slots = slots_for_budget(budget_bytes, fixed, pool_dtype.itemsize, largest)
         if slots >= total:
             slots = total
             note = f"the budget {format_bytes(budget_bytes)} holds the whole model: converted at ratio 1.0 (lossless)"
@@ -150,7 +152,7 @@ def convert(
         raise ValueError(f"a pool of {slots:,} slots exceeds the format's limit of 2**32: use a smaller ratio")
 
     theta = project([(w, s.offset, s.scale) for w, s in zip(weights, specs)], mapping_impl, slots, seed)
-    pool = RPSPool(theta.to(pool_dtype), mapping, seed, specs)
+    pool = RPSPool(theta.to(pool_dtype).to(weights[0].dtype), mapping, seed, specs, storage_dtype=pool_dtype)
     pool.pool.requires_grad_(any(w.requires_grad for w in weights))
     pool.info.update(
         discovery=found.method,

@@ -44,8 +44,19 @@ class RPSPool:
     replaces the Parameter object is followed.
     """
 
-    def __init__(self, pool: torch.Tensor, mapping: str, seed: int, specs: list[WeightSpec], grad_scaling: bool = True):
+    def __init__(
+        self,
+        pool: torch.Tensor,
+        mapping: str,
+        seed: int,
+        specs: list[WeightSpec],
+        grad_scaling: bool = True,
+        storage_dtype: torch.dtype | None = None,
+    ):
         self._detached = nn.Parameter(pool)
+        # The pool trains and generates in the weights' dtype; a checkpoint stores it in
+        # `storage_dtype` (fp16/bf16 halve the file), and the values are kept representable in it.
+        self.storage_dtype = storage_dtype or pool.dtype
         self._owner: nn.Module | None = None
         self.mapping = get_mapping(mapping)
         self.seed = seed
@@ -97,8 +108,7 @@ class RPSPool:
             pool[slots] * (sign.to(pool.dtype) * spec.scale)
             for _, _, slots, sign in chunks(self.mapping, spec.offset, spec.numel, self.size, self.seed, pool.device)
         ]
-        weight = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-        return weight.view(spec.shape).to(spec.dtype)  # generated in the pool dtype, used in the weight's
+        return (torch.cat(pieces) if len(pieces) > 1 else pieces[0]).view(spec.shape)
 
     def materialize(self) -> None:
         """Generate every weight once and reuse it until the pool changes (fast inference)."""

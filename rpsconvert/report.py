@@ -75,14 +75,14 @@ def _slots_used(pool, spec) -> int:
 def report(model: nn.Module) -> ConversionReport:
     """Per-weight and total sizes of a converted model (stored bytes, not the generated weights)."""
     pool = find_pool(model)
-    item = pool.pool.element_size()
+    item = pool.storage_dtype.itemsize
     rows = [
         WeightReport(
             name=spec.name,
             shape=spec.shape,
             elements=spec.numel,
             compressed=True,
-            bytes_before=spec.numel * torch.empty(0, dtype=spec.dtype).element_size(),
+            bytes_before=spec.numel * spec.dtype.itemsize,
             bytes_after=0,
             slots_used=_slots_used(pool, spec),
         )
@@ -104,7 +104,7 @@ def report(model: nn.Module) -> ConversionReport:
         mapping=pool.mapping.name,
         seed=pool.seed,
         pool_slots=pool.size,
-        pool_dtype=str(pool.pool.dtype).removeprefix("torch."),
+        pool_dtype=str(pool.storage_dtype).removeprefix("torch."),
         pool_bytes=pool.size * item,
         dense_bytes=dense_bytes,
         original_bytes=sum(r.bytes_before for r in rows),

@@ -8,7 +8,9 @@ import torchvision
 from torch import nn
 
 from models import FunctionalNet, LayerZoo, StdConv2d, TiedLM, Untraceable, tiny_bert
-from rpsconvert import RPSWarning, clear_cache, convert, materialize, report
+import safetensors.torch
+
+from rpsconvert import RPSWarning, clear_cache, convert, materialize, report, save
 
 
 def _relative_error(a, b):
@@ -123,11 +125,17 @@ def test_selection_by_patterns_and_min_numel():
     assert list(only.rps.specs) == ["2.weight"]
 
 
-def test_half_precision_pool():
+def test_half_precision_pool_is_stored_in_half_and_trains_in_the_weights_dtype(tmp_path):
     model = nn.Sequential(nn.Linear(50, 80))
     converted = convert(model, ratio=1.0, min_numel=1, dtype=torch.float16)
-    assert converted.rps_pool.dtype == torch.float16
+    assert converted.rps_pool.dtype == torch.float32
+    assert torch.equal(converted.rps_pool.half().float(), converted.rps_pool)  # exact in float16
     assert report(converted).pool_bytes == 2 * 4000
+    x = torch.randn(2, 50)
+    assert converted(x).dtype == torch.float32
+    assert converted.half()(x.half()).dtype == torch.float16  # the weights follow the pool's dtype
+    path = save(converted.float(), tmp_path / "m.rps.safetensors")
+    assert safetensors.torch.load_file(path)["rps_pool"].dtype == torch.float16
 
 
 def test_materialized_cache_gives_the_same_outputs_and_follows_training():
