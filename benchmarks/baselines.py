@@ -6,7 +6,8 @@ differ. Byte counts:
 
 - magnitude pruning: fp32 values plus, per tensor, the cheapest of int32 flat indices, CSR with
   int16 column indices (and int32 row pointers), or a bitmask of the whole tensor;
-- low-rank SVD: both fp32 factors, rank r costs 4 * r * (rows + columns) bytes;
+- low-rank SVD: both fp32 factors, rank r costs 4 * r * (rows + columns) bytes (a conv kernel is
+  the matrix out x (in * kh * kw));
 - fp16: 2 bytes per weight; int8: 1 byte per weight plus one fp32 scale per output row;
 - small dense model: every parameter of a narrower model of the same architecture.
 """
@@ -111,30 +112,42 @@ class _LowRank(nn.Module):
         return (self.left @ self.right).view(self.shape)
 
 
-def low_rank(model: nn.Module, names: list[str], budget: int) -> tuple[nn.Module, int] | None:
-    """Truncated SVD of every weight: rank 1 each, then the rest of the budget shared by size.
+def _energy_ranks(singular_values: list[torch.Tensor], costs: list[int], budget: int) -> list[int] | None:
+    """Ranks keeping the same fraction of every weight's energy (sum of squared singular values),
+    the largest fraction whose factors fit in `budget`; None when rank 1 of every weight does not."""
+    energies = [(s.square().cumsum(0) / s.square().sum()).tolist() for s in singular_values]
 
-    None when rank 1 of every weight does not fit.
-    """
+    def ranks(fraction: float) -> list[int]:  # the smallest rank reaching `fraction`, at least 1
+        return [min(len(e), 1 + sum(x < fraction for x in e)) for e in energies]
+
+    def cost(fraction: float) -> int:
+        return sum(r * c for r, c in zip(ranks(fraction), costs))
+
+    if cost(0.0) > budget:
+        return None
+    lo, hi = 0.0, 1.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cost(mid) <= budget else (lo, mid)
+    return ranks(lo)
+
+
+def low_rank(model: nn.Module, names: list[str], budget: int) -> tuple[nn.Module, int] | None:
+    """Truncated SVD of every weight, ranks chosen by equal retained energy; factors train in recovery."""
     factored = copy.deepcopy(model)
     weights = _weights(factored, names)
+    svds = [torch.linalg.svd(w.detach().reshape(_matrix_shape(tuple(w.shape))), full_matrices=False) for _, _, w in weights]
     costs = [4 * sum(_matrix_shape(tuple(w.shape))) for _, _, w in weights]  # bytes per unit of rank
-    spare = budget - sum(costs)
-    if spare < 0:
+    ranks = _energy_ranks([s for _, s, _ in svds], costs, budget)
+    if ranks is None:
         return None
-    total = sum(w.numel() for _, _, w in weights)
-    ranks = [
-        min(*_matrix_shape(tuple(w.shape)), 1 + math.floor(spare * w.numel() / total / cost))
-        for (_, _, w), cost in zip(weights, costs)
-    ]
-    for (module, attr, w), r in zip(weights, ranks):
-        u, s, vh = torch.linalg.svd(w.detach().reshape(_matrix_shape(tuple(w.shape))), full_matrices=False)
+    for (module, attr, w), (u, s, vh), r in zip(weights, svds, ranks):
         root = s[:r].sqrt()
         parametrize.register_parametrization(
             module, attr, _LowRank(u[:, :r] * root, root[:, None] * vh[:r], w.shape), unsafe=True
         )
         getattr(module.parametrizations, attr).original.requires_grad_(False)
-    return factored, sum(r * cost for r, cost in zip(ranks, costs))
+    return factored, sum(r * c for r, c in zip(ranks, costs))
 
 
 # ---------------------------------------------------------------- quantization

@@ -197,7 +197,7 @@ def _bits_per_byte(windows: torch.Tensor) -> Callable[[nn.Module], float]:
     return evaluate
 
 
-def text_task(train_steps: int, eval_windows: int = 512, batch: int = 32, context: int = 64) -> Task:
+def text_task(train_steps: int, eval_windows: int = 256, batch: int = 16, context: int = 64) -> Task:
     train_bytes, held_bytes = (torch.tensor(list(t), dtype=torch.long) for t in stdlib_text())
     held = held_bytes[: eval_windows * (context + 1)].view(-1, context + 1)  # non-overlapping windows
 
