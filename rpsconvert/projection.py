@@ -15,16 +15,17 @@ from rpsconvert.mapping import CHUNK, Mapping, chunks
 
 
 def layer_scales(weights: Iterable[torch.Tensor]) -> list[float]:
-    """lambda_l = RMS of layer l / RMS of all compressed weights.
+    """lambda_l = RMS of layer l / RMS of all compressed weights, rounded to a power of two.
 
-    The ratio keeps each layer's magnitude while the pool stays in the units of the weights, so
-    an optimizer's usual learning rate moves RPS weights as fast as it moved the dense ones. A layer
-    of zeros gets lambda 1 (it can still learn).
+    The ratio keeps each layer's magnitude (within a factor sqrt(2)) while the pool stays in the
+    units of the weights, so an optimizer's usual learning rate moves RPS weights as fast as it
+    moved the dense ones. The power of two makes multiplying and dividing by lambda exact, so at
+    ratio 1.0 the generated weights equal the originals bit for bit. A layer of zeros gets 1.
     """
     sums = [(float(w.detach().double().square().sum()), w.numel()) for w in weights]
     total, count = sum(s for s, _ in sums), sum(n for _, n in sums)
     global_rms = math.sqrt(total / count) if total > 0 else 1.0
-    return [math.sqrt(s / n) / global_rms if s > 0 else 1.0 for s, n in sums]
+    return [2.0 ** round(math.log2(math.sqrt(s / n) / global_rms)) if s > 0 else 1.0 for s, n in sums]
 
 
 def project(

@@ -180,3 +180,13 @@ def test_ratio_one_is_lossless_on_every_layer_kind():
     assert len(converted.rps.specs) == 8
     x = LayerZoo.inputs()
     assert _relative_error(converted(*x), model(*x)) < 1e-5
+
+
+def test_ratio_one_reproduces_every_weight_bit_for_bit():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18()
+    converted = convert(model, ratio=1.0)
+    for name in converted.rps.specs:
+        module_name, _, attr = name.rpartition(".")
+        original = getattr(model.get_submodule(module_name), attr)
+        assert torch.equal(getattr(converted.get_submodule(module_name), attr), original), name
