@@ -1,0 +1,151 @@
+"""Data-aware projection (convert(..., calibration=batches)) and calibration files."""
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from torch import nn
+
+from digits import batches, digits_data, trained_mlp
+from rpsconvert import convert
+from rpsconvert.batches import load_calibration
+from rpsconvert.calibration import _grouped, _patches, calibrate
+from rpsconvert.fidelity import fidelity
+from rpsconvert.layers import find_pool
+
+
+def test_at_ratio_one_calibration_keeps_the_conversion_lossless():
+    model = trained_mlp()
+    converted = convert(model, ratio=1.0, calibration=batches("calib"))
+    x = torch.cat(batches("heldout"))
+    torch.testing.assert_close(converted(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_data_aware_projection_brings_back_what_weight_space_projection_loses():
+    model = trained_mlp()
+    weight_space = fidelity(convert(model, ratio=1 / 4), model, batches("heldout"))
+    data_aware = fidelity(convert(model, ratio=1 / 4, calibration=batches("calib")), model, batches("heldout"))
+    assert weight_space.relative_error > 0.95 and weight_space.top1_agreement < 0.7  # measured: 0.98, 62 %
+    assert data_aware.relative_error < 0.45 and data_aware.top1_agreement > 0.9  # measured: 0.39, 93 %
+
+
+def test_layers_are_solved_in_forward_order_each_cutting_its_calibration_error():
+    model = trained_mlp()
+    converted = convert(model, ratio=1 / 4)
+    fits = calibrate(converted, model, batches("calib"), quiet=True)
+    assert [f.name for f in fits] == ["0.weight", "2.weight", "4.weight"]
+    assert all(f.after < 0.5 * f.before for f in fits)
+    assert all(0 < f.iterations <= 50 for f in fits)
+
+
+def test_only_statistics_of_the_calibration_data_matter_so_memory_does_not_grow_with_it():
+    model = trained_mlp()
+    once, twice = convert(model, ratio=1 / 4), convert(model, ratio=1 / 4)
+    calibrate(once, model, batches("calib"), quiet=True)
+    calibrate(twice, model, batches("calib") * 2, quiet=True)  # the same samples twice: same X^T X / ||Y||^2
+    torch.testing.assert_close(find_pool(once).pool, find_pool(twice).pool, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv1d(4, 6, 3, padding=1),
+        nn.Conv2d(4, 6, 3, stride=2, dilation=2, padding=2),
+        nn.Conv2d(4, 6, (3, 1), groups=2, padding="same"),
+        nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"),
+        nn.Conv1d(4, 8, 5, groups=4, padding=2, padding_mode="circular"),
+    ],
+    ids=["conv1d", "strided-dilated", "grouped-same", "reflect", "depthwise-circular"],
+)
+def test_input_patches_times_the_weight_are_the_convolution(conv):
+    x = torch.randn(2, 4, *([9] if isinstance(conv, nn.Conv1d) else [9, 7]))
+    with torch.no_grad():
+        expected = conv(x) - conv.bias.view(-1, *[1] * (x.ndim - 2))
+        p = _patches(conv, x)  # (rows, groups, d)
+        y = torch.einsum("ngd,god->ngo", p, _grouped(conv.weight, conv.groups)).reshape(-1, conv.out_channels)
+    positions = expected.flatten(2).transpose(1, 2).reshape(-1, conv.out_channels)
+    torch.testing.assert_close(y, positions, rtol=1e-5, atol=1e-5)
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1, groups=2), nn.ReLU(), nn.MaxPool2d(2)
+        )
+        self.head = nn.Linear(64 * 16, 10)
+
+    def forward(self, x):
+        return self.head(self.features(x.view(-1, 1, 8, 8)).flatten(1))
+
+
+def test_a_cnn_with_grouped_convolutions_is_calibrated():
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    weight_space = fidelity(convert(model, ratio=1 / 4, min_numel=200), model, batches("heldout"))
+    data_aware = fidelity(convert(model, ratio=1 / 4, min_numel=200, calibration=batches("calib")), model, batches("heldout"))
+    assert data_aware.relative_error < 0.6 * weight_space.relative_error
+
+
+def test_a_transformer_is_calibrated_from_dict_batches():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=32
+    )
+    torch.manual_seed(0)
+    model = transformers.BertModel(config).eval()
+    tokens = torch.randint(0, 200, (96, 12), generator=torch.Generator().manual_seed(0))
+    calib = [{"input_ids": tokens[i : i + 16], "attention_mask": torch.ones(16, 12, dtype=torch.long)} for i in range(0, 64, 16)]
+    heldout = [{"input_ids": tokens[64:], "attention_mask": torch.ones(32, 12, dtype=torch.long)}]
+    with pytest.warns(UserWarning, match="torch.fx could not trace"):
+        weight_space = convert(model, ratio=1 / 4, min_numel=500)
+        data_aware = convert(model, ratio=1 / 4, min_numel=500, calibration=calib)
+    before, after = fidelity(weight_space, model, heldout), fidelity(data_aware, model, heldout)
+    assert after.relative_error < 0.7 * before.relative_error
+
+
+def test_calibration_needs_the_original_as_reference():
+    model = trained_mlp()
+    with pytest.raises(ValueError, match="original model"):
+        convert(model, ratio=1 / 4, inplace=True, calibration=batches("calib"))
+    with pytest.raises(ValueError, match="at least one batch"):
+        convert(trained_mlp(), ratio=1 / 4, calibration=[])
+
+
+# Calibration files: what the command line's --calibrate reads
+
+
+def test_a_safetensors_file_of_named_inputs_gives_dict_batches_split_for_a_heldout_report(tmp_path):
+    path = tmp_path / "inputs.safetensors"
+    ids = torch.arange(50 * 4).view(50, 4)
+    safetensors.torch.save_file({"input_ids": ids, "attention_mask": torch.ones(50, 4, dtype=torch.long)}, str(path))
+    calib, heldout = load_calibration(path, holdout=0.2, batch_size=16)
+    assert [len(b["input_ids"]) for b in calib] == [16, 16, 8] and [len(b["input_ids"]) for b in heldout] == [10]
+    rows = torch.cat([b["input_ids"] for b in calib + heldout])
+    assert sorted(rows[:, 0].tolist()) == ids[:, 0].tolist()  # every sample once: disjoint and complete
+
+
+def test_npy_and_tensor_only_pt_files_are_read(tmp_path):
+    x = digits_data()["heldout"][0][:40]
+    np.save(tmp_path / "x.npy", x.numpy())
+    torch.save((x, x.sum(1)), tmp_path / "x.pt")
+    calib, heldout = load_calibration(tmp_path / "x.npy", holdout=0.25)
+    assert sum(len(b) for b in calib) == 30 and sum(len(b) for b in heldout) == 10
+    calib, _ = load_calibration(tmp_path / "x.pt", holdout=0.25, seed=1)
+    assert isinstance(calib[0], tuple) and torch.equal(calib[0][0].sum(1), calib[0][1])  # samples stay paired
+
+
+class NotATensor:
+    pass
+
+
+def test_files_that_are_not_plain_tensors_are_refused(tmp_path):
+    torch.save({"x": NotATensor()}, tmp_path / "pickle.pt")
+    with pytest.raises(Exception, match="(?i)weights_only|unsupported"):
+        load_calibration(tmp_path / "pickle.pt")
+    torch.save({"a": torch.zeros(5, 2), "b": torch.zeros(4, 2)}, tmp_path / "ragged.pt")
+    with pytest.raises(ValueError, match="number of samples"):
+        load_calibration(tmp_path / "ragged.pt")
+    (tmp_path / "x.csv").write_text("1,2\n")
+    with pytest.raises(ValueError, match="safetensors, .npy or .pt"):
+        load_calibration(tmp_path / "x.csv")
