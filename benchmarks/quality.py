@@ -78,7 +78,7 @@ class Cell:
 class TaskResult:
     task: tasks.Task
     dense: float
-    compressible_bytes: int
+    numel: int  # elements of the compressed weights
     recovery_steps: int
     rows: dict[str, dict[str, Cell]] = field(default_factory=dict)  # budget -> method -> cell
 
@@ -109,15 +109,15 @@ def recovered(ctx: Context, model: nn.Module) -> nn.Module:
     return model
 
 
-def budget_bytes(ctx: Context, fraction: Fraction) -> int:
-    """The bytes every method may spend on the compressed weights: those of RPS's pool."""
-    return 4 * max(1, round(float(fraction) * ctx.numel))
+def budget_bytes(budget: str, numel: int) -> int:
+    """The bytes every method may spend on the compressed weights: those of RPS's fp32 pool."""
+    return 4 * max(1, round(float(Fraction(budget)) * numel))
 
 
-def rps_cells(ctx: Context, fraction: Fraction) -> dict[str, Cell]:
+def rps_cells(ctx: Context, ratio: float) -> dict[str, Cell]:
     """Projection only, data-aware projection, and projection followed by recovery."""
-    projected = convert(ctx.teacher, ratio=float(fraction))
-    calibrated = convert(ctx.teacher, ratio=float(fraction), calibration=ctx.calibration)
+    projected = convert(ctx.teacher, ratio=ratio)
+    calibrated = convert(ctx.teacher, ratio=ratio, calibration=ctx.calibration)
     size = report(projected).pool_bytes
     cells = {
         "RPS projection": Cell(ctx.task.evaluate(projected), size),
@@ -130,7 +130,7 @@ def rps_cells(ctx: Context, fraction: Fraction) -> dict[str, Cell]:
 def pruning_cell(ctx: Context, budget: int) -> Cell:
     made = baselines.prune(ctx.teacher, ctx.names, budget)
     if made is None:
-        return Cell(note="the budget does not hold one nonzero per tensor")
+        return Cell(note="the budget does not pay for a single nonzero")
     model, size = made
     return Cell(ctx.task.evaluate(recovered(ctx, model)), size)
 
@@ -144,11 +144,11 @@ def svd_cell(ctx: Context, budget: int) -> Cell:
 
 
 def quantized_cell(ctx: Context, budget: int, method: str) -> Cell:
-    """fp16 or int8, no recovery; shown where it fits the budget (int8 within its row scales)."""
-    model, size = baselines.fp16(ctx.teacher, ctx.names) if method == "fp16" else baselines.int8(ctx.teacher, ctx.names)
-    bits = 16 if method == "fp16" else 8
+    """fp16 or int8, no recovery; shown where its weights fit the budget (int8's row scales may not)."""
+    quantize, bits = {"fp16": (baselines.fp16, 16), "int8": (baselines.int8, 8)}[method]
     if ctx.numel * bits // 8 > budget:
         return Cell(note=f"{method} needs {bits}/32 of the weight bytes")
+    model, size = quantize(ctx.teacher, ctx.names)
     return Cell(ctx.task.evaluate(model), size)
 
 
@@ -162,9 +162,9 @@ def small_dense_cell(ctx: Context, budget: int) -> Cell:
     return Cell(task.evaluate(model), baselines.parameter_bytes(model) - ctx.dense_bytes, f"width {width}")
 
 
-def run_budget(ctx: Context, fraction: Fraction) -> dict[str, Cell]:
-    budget = budget_bytes(ctx, fraction)
-    cells = rps_cells(ctx, fraction)
+def run_budget(ctx: Context, budget_name: str) -> dict[str, Cell]:
+    budget = budget_bytes(budget_name, ctx.numel)
+    cells = rps_cells(ctx, float(Fraction(budget_name)))
     cells["pruning + recovery"] = pruning_cell(ctx, budget)
     cells["SVD + recovery"] = svd_cell(ctx, budget)
     cells["fp16"] = quantized_cell(ctx, budget, "fp16")
@@ -187,10 +187,10 @@ def run_task(task: tasks.Task, recovery_steps: int, settings: Settings) -> TaskR
         recovery_steps=recovery_steps,
         calibration=task.inputs[: settings.calibration_batches],
     )
-    result = TaskResult(task, task.evaluate(teacher), 4 * numel, recovery_steps)
+    result = TaskResult(task, task.evaluate(teacher), numel, recovery_steps)
     for budget in settings.budgets:
         start = time.time()
-        result.rows[budget] = run_budget(ctx, Fraction(budget))
+        result.rows[budget] = run_budget(ctx, budget)
         print(f"  {task.name} at {budget}: {time.time() - start:.0f} s", file=sys.stderr, flush=True)
     return result
 
@@ -218,7 +218,7 @@ def table(result: TaskResult) -> str:
         "|---|---:|" + "---:|" * len(METHODS),
     ]
     for budget, cells in result.rows.items():
-        allowed = 4 * max(1, round(float(Fraction(budget)) * result.compressible_bytes / 4))
+        allowed = budget_bytes(budget, result.numel)
         values = [c.value for c in cells.values() if c.value is not None]
         best = max(values) if task.higher_is_better else min(values)
         row = []
@@ -238,7 +238,7 @@ def notes(result: TaskResult) -> list[str]:
     """Why cells are n/a, which exceed their budget, and the small dense models' widths."""
     out, widths = [], []
     for budget, cells in result.rows.items():
-        allowed = 4 * max(1, round(float(Fraction(budget)) * result.compressible_bytes / 4))
+        allowed = budget_bytes(budget, result.numel)
         for method, cell in cells.items():
             if cell.value is None:
                 out.append(f"n/a: {method} at {budget}: {cell.note}.")
@@ -319,21 +319,24 @@ def section(results: list[TaskResult], command: str, seconds: float, settings: S
     parts = [
         "## Quality",
         "",
-        f"Made by `{command}` in {seconds / 60:.1f} min on {torch.get_num_threads()} CPU threads "
+        f"Made by `{command}` in {seconds / 60:.1f} min with {torch.get_num_threads()} torch threads on a shared 2-core CPU "
         "(torch " + torch.__version__ + "); every seed is fixed.",
         "",
         "Tasks (trained by the benchmark): an 8x8-digits CNN and MLP (scikit-learn's digits, 1,347 training and "
         "450 held-out test images; test accuracy in %, higher is better) and a byte-level transformer language "
         "model (2 layers, width 128, context 64) on the docstrings of Python's standard library, every 10th "
-        "module held out (bits per byte on held-out text, lower is better).",
+        "module held out (bits per byte on held-out text, lower is better). Dense training: "
+        + "; ".join(f"{r.task.name} {r.task.train_steps} Adam steps at lr {r.task.lr:g}" for r in results)
+        + ".",
         "",
         "A **budget** is a fraction of the fp32 bytes of the weights rpsconvert compresses; every method "
         "stores those weights in at most that many bytes (the `bytes` column), and all other tensors (biases, "
         "norms, small weights) stay dense and identical for every method. How bytes are counted: RPS stores "
-        "its fp32 pool; magnitude pruning (one density for every tensor) stores fp32 values plus, per tensor, "
-        "the cheapest of int32 flat indices, CSR with int16 column indices and int32 row pointers, or a "
-        "bitmask; SVD stores both fp32 factors (each tensor's rank is what its share of the budget, "
-        "proportional to its size, pays for); fp16 stores 2 bytes per weight; int8 stores 1 byte per weight "
+        "its fp32 pool; magnitude pruning (the same density in every tensor) stores fp32 values plus, per "
+        "tensor, the cheapest of int32 flat indices, CSR with int16 column indices and int32 row pointers, or "
+        "a bitmask; truncated SVD stores both fp32 factors (a conv kernel as an out x in*kh*kw matrix; ranks "
+        "chosen so that every tensor keeps the same fraction of its squared singular values, at least "
+        "rank 1); fp16 stores 2 bytes per weight; int8 stores 1 byte per weight "
         "and one fp32 scale per output row; the small dense model is the widest of the same architecture whose "
         "parameters fit in the budget plus the dense tensors' bytes, trained from scratch with the dense "
         "model's recipe.",
@@ -341,7 +344,8 @@ def section(results: list[TaskResult], command: str, seconds: float, settings: S
         "RPS projection is `convert(model, ratio=budget)`; RPS data-aware adds `calibration=` "
         f"({settings.calibration_batches} training batches); RPS + recovery is the projected model after "
         "recovery (starting it from the data-aware projection instead was better at 1/20 but worse at 1/200 "
-        "in a check on digits, e.g. MLP 97.6 against 97.8 and 93.1 against 97.3). Recovery is the same for every method that gets it: `rpsconvert.recovery.recover` "
+        "in a check on digits, e.g. MLP 97.6 against 97.8 and 93.1 against 97.3). Recovery is the same for "
+        "every method that gets it: `rpsconvert.recovery.recover` "
         f"(distillation, KL against the dense model's logits; Adam at {RECOVERY_LR:g} with warmup and cosine "
         f"decay; early stopping off), {results[0].recovery_steps} steps on digits and "
         f"{results[-1].recovery_steps} on text, on the same training inputs. fp16 and int8 get no recovery.",
@@ -352,7 +356,7 @@ def section(results: list[TaskResult], command: str, seconds: float, settings: S
         parts += [
             "",
             f"### {result.task.name}: {result.task.metric}, dense {_format(result.task, result.dense)} "
-            f"({_kb(result.compressible_bytes)} of compressed weights)",
+            f"({result.numel:,} compressed weights, {_kb(4 * result.numel)} in fp32)",
             "",
             table(result),
             "",
