@@ -158,3 +158,22 @@ def layer_errors(
         for handle in handles:
             handle.remove()
     return {name: (e / r) ** 0.5 if r > 0 else float(e > 0) for name, (e, r) in sums.items()}
+
+
+@torch.no_grad()
+def weight_errors(model: nn.Module, reference: nn.Module) -> dict[str, float]:
+    """Relative weight error ||W - W_orig|| / ||W_orig|| of every compressed weight, and "total".
+
+    The only figure available without example inputs. It says little about quality: the output
+    error is what matters, and data-aware projection lowers it while raising this one.
+    """
+    pool = find_pool(model)
+    originals = dict(reference.named_parameters(remove_duplicate=False))
+    errors, diff, norm = {}, 0.0, 0.0
+    for name in pool.specs:
+        original = originals[name].detach().double()
+        d = float((pool.weight(name).double() - original).square().sum())
+        n = float(original.square().sum())
+        errors[name] = (d / n) ** 0.5 if n > 0 else float(d > 0)
+        diff, norm = diff + d, norm + n
+    return {"total": (diff / norm) ** 0.5 if norm > 0 else float(diff > 0), **errors}

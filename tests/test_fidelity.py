@@ -105,3 +105,13 @@ def test_isolated_layer_error_is_the_weight_error_seen_through_the_inputs():
     with torch.no_grad():
         expected = (converted[0](x) - model[0](x)).norm() / model[0](x).norm()
     assert errors["0"] == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_weight_errors_are_zero_at_ratio_one_and_the_total_weighs_every_weight():
+    from rpsconvert.fidelity import weight_errors
+
+    model = trained_mlp()
+    assert max(weight_errors(convert(model, ratio=1.0), model).values()) < 1e-6
+    errors = weight_errors(convert(model, ratio=1 / 4), model)
+    assert list(errors) == ["total", "0.weight", "2.weight", "4.weight"]
+    assert min(errors.values()) > 0.5 and errors["total"] <= max(errors.values())
