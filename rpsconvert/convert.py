@@ -123,13 +123,17 @@ def convert(
     params = dict(model.named_parameters())
     weights = [params[name] for name in chosen]
     pool_dtype = dtype or weights[0].dtype
-    scales = layer_scales(weights)
-    specs, offset = [], 0
-    for name, p, scale in zip(chosen, weights, scales):
-        aliases = tuple(n for n in found.aliases[name] if n != name)
-        specs.append(WeightSpec(name, tuple(p.shape), p.dtype, offset, scale, aliases))
-        offset += p.numel()
-    total = offset
+    aliases = [tuple(n for n in found.aliases[name] if n != name) for name in chosen]
+    offsets = [sum(p.numel() for p in weights[:i]) for i in range(len(weights))]
+    total = sum(p.numel() for p in weights)
+
+    def weight_specs(scales: list[float]) -> list[WeightSpec]:
+        return [
+            WeightSpec(name, tuple(p.shape), p.dtype, offset, scale, alias)
+            for name, p, offset, scale, alias in zip(chosen, weights, offsets, scales, aliases)
+        ]
+
+    specs = weight_specs(layer_scales(weights))
 
     result = model if inplace else _copy_without(model, weights)
     notes = []
@@ -148,6 +152,8 @@ def convert(
             note = f"the budget {format_bytes(budget_bytes)} holds the whole model: converted at ratio 1.0 (lossless)"
             notes.append(note)
             warnings.warn(note, RPSWarning, stacklevel=2)
+    if slots >= total:  # lossless: power-of-two scales make it bit-exact (the header only shrinks)
+        specs = weight_specs(layer_scales(weights, power_of_two=True))
     if slots >= MAX_SLOTS:
         raise ValueError(f"a pool of {slots:,} slots exceeds the format's limit of 2**32: use a smaller ratio")
 

@@ -14,18 +14,22 @@ import torch
 from rpsconvert.mapping import CHUNK, Mapping, chunks
 
 
-def layer_scales(weights: Iterable[torch.Tensor]) -> list[float]:
-    """lambda_l = RMS of layer l / RMS of all compressed weights, rounded to a power of two.
+def layer_scales(weights: Iterable[torch.Tensor], power_of_two: bool = False) -> list[float]:
+    """lambda_l = RMS of layer l / RMS of all compressed weights.
 
-    The ratio keeps each layer's magnitude (within a factor sqrt(2)) while the pool stays in the
-    units of the weights, so an optimizer's usual learning rate moves RPS weights as fast as it
-    moved the dense ones. The power of two makes multiplying and dividing by lambda exact, so at
-    ratio 1.0 the generated weights equal the originals bit for bit. A layer of zeros gets 1.
+    The ratio keeps each layer's magnitude while the pool stays in the units of the weights, so an
+    optimizer's usual learning rate moves RPS weights as fast as it moved the dense ones. A layer
+    of zeros gets 1. With `power_of_two` each scale is rounded to the nearest power of two, which
+    makes multiplying and dividing by it exact: at ratio 1.0 (one element per slot, where the
+    scales do not change the fit) the generated weights then equal the originals bit for bit.
+    Below 1.0 the exact ratios weigh colliding layers better (measured on the digits CNN at ratios
+    1/2 to 1/8: rounded scales lost 3 to 27 points of projection-only accuracy).
     """
     sums = [(float(w.detach().double().square().sum()), w.numel()) for w in weights]
     total, count = sum(s for s, _ in sums), sum(n for _, n in sums)
     global_rms = math.sqrt(total / count) if total > 0 else 1.0
-    return [2.0 ** round(math.log2(math.sqrt(s / n) / global_rms)) if s > 0 else 1.0 for s, n in sums]
+    scales = [math.sqrt(s / n) / global_rms if s > 0 else 1.0 for s, n in sums]
+    return [2.0 ** round(math.log2(s)) for s in scales] if power_of_two else scales
 
 
 def project(

@@ -35,8 +35,8 @@ def test_least_squares_gradient_is_zero_at_the_projected_pool(sizes, m, seed, ma
     assert grad.abs().max().item() < 1e-9 * max(1.0, loss.item())
 
 
-def test_layer_scales_are_the_powers_of_two_nearest_each_layers_size_relative_to_the_rest():
-    scales = layer_scales([torch.full((10,), 8.0), torch.full((30,), 0.3), torch.zeros(5)])
-    rms_all = ((64 * 10 + 0.09 * 30) / 45) ** 0.5  # 3.78: layer 1 is 2.1x, layer 2 is 0.079x
-    assert rms_all == pytest.approx(3.7792, abs=1e-4)
-    assert scales == [2.0, 0.0625, 1.0]
+def test_layer_scales_are_each_layers_size_relative_to_the_rest():
+    weights = [torch.full((10,), 8.0), torch.full((30,), 0.25), torch.zeros(5)]
+    rms_all = ((64 * 10 + 0.0625 * 30) / 45) ** 0.5  # 3.78: layer 1 is 2.12x, layer 2 is 0.066x
+    assert layer_scales(weights) == pytest.approx([8.0 / rms_all, 0.25 / rms_all, 1.0], rel=1e-12)
+    assert layer_scales(weights, power_of_two=True) == [2.0, 0.0625, 1.0]
