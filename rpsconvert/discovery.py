@@ -100,6 +100,23 @@ def _param_sources(node: torch.fx.Node, params: dict[str, nn.Parameter], memo: d
     return result
 
 
+def _weight_operands(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The graph nodes in the weight slots of a linear/conv/embedding/matmul-like call."""
+    if node.op == "call_function" and node.target in _WEIGHT_FUNCTIONS:
+        positions = _WEIGHT_FUNCTIONS[node.target]
+    elif node.op == "call_method" and node.target in _WEIGHT_METHODS:
+        positions = None
+    else:
+        return []
+    if positions is None:
+        operands = list(node.args)
+    else:
+        operands = [node.args[i] for i in positions if i < len(node.args)]
+        operands += [node.kwargs["weight"]] if "weight" in node.kwargs else []
+    flat = [a for arg in operands for a in (arg if isinstance(arg, (list, tuple)) else [arg])]  # einsum's list
+    return [a for a in flat if isinstance(a, torch.fx.Node)]
+
+
 def _fx_weights(model: nn.Module) -> list[str]:
     graph = torch.fx.symbolic_trace(model).graph
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -108,23 +125,8 @@ def _fx_weights(model: nn.Module) -> list[str]:
     for node in graph.nodes:
         if node.op == "call_module":
             found += _module_weights(model.get_submodule(node.target), node.target)
-            continue
-        if node.op == "call_function" and node.target in _WEIGHT_FUNCTIONS:
-            positions = _WEIGHT_FUNCTIONS[node.target]
-        elif node.op == "call_method" and node.target in _WEIGHT_METHODS:
-            positions = None
-        else:
-            continue
-        operands = list(node.args) if positions is None else [node.args[i] for i in positions if i < len(node.args)]
-        if positions is not None:
-            operands += [v for k, v in node.kwargs.items() if k == "weight"]
-        for arg in operands:
-            if isinstance(arg, (list, tuple)):  # einsum's operand list
-                candidates = [a for a in arg if isinstance(a, torch.fx.Node)]
-            else:
-                candidates = [arg] if isinstance(arg, torch.fx.Node) else []
-            for candidate in candidates:
-                found += sorted(_param_sources(candidate, params, memo) or ())
+        for operand in _weight_operands(node):
+            found += sorted(_param_sources(operand, params, memo) or ())
     return found
 
 
