@@ -56,6 +56,7 @@ from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
@@ -120,7 +121,7 @@ def calibrate(
     fits = []
     progress = Progress(
         TextColumn("[bold]calibrating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[layer]}"), disable=quiet,
+        TextColumn("{task.fields[layer]}"), disable=quiet, console=Console(stderr=True),
     )
     with eval_mode(model, reference), torch.no_grad(), progress:
         task = progress.add_task("calibrate", total=len(layers), layer="")

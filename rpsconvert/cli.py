@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from dataclasses import asdict
 import time
 import warnings
 from contextlib import contextmanager
@@ -30,6 +31,9 @@ from rpsconvert.checkpoint import Checkpoint, decompress, encode, read, save_den
 from rpsconvert.convert import RPSWarning
 from rpsconvert.inputs import read_model
 from rpsconvert.mapping import MAPPINGS
+from rpsconvert.batches import load_calibration
+from rpsconvert.fidelity import Fidelity, fidelity, weight_errors
+from rpsconvert.recovery import recover
 from rpsconvert.report import ConversionReport, report
 
 _DEFAULTS = inspect.signature(rpsconvert.convert).parameters  # one source for the defaults
@@ -122,11 +126,17 @@ class _Stages:
         self.progress.stop()
 
     @contextmanager
-    def __call__(self, name: str, description: str) -> Iterator[None]:
+    def __call__(self, name: str, description: str, own_bar: bool = False) -> Iterator[None]:
+        """One stage; `own_bar` stages (calibration, recovery) show their own progress bar, and
+        rich allows one live display at a time, so the stage bar steps aside meanwhile."""
         self.progress.update(self.task, description=description)
+        if own_bar:
+            self.progress.stop()
         start = time.perf_counter()
         yield
         self.seconds[name] = time.perf_counter() - start
+        if own_bar:
+            self.progress.start()
         self.progress.advance(self.task)
 
 
@@ -146,6 +156,8 @@ def convert_command(
     exclude: Annotated[Optional[list[str]], typer.Option(metavar="PATTERN", help="Keep parameters matching this pattern dense (fnmatch, repeatable).")] = None,
     min_numel: Annotated[int, typer.Option(help="Keep tensors with fewer elements dense.")] = _DEFAULTS["min_numel"].default,
     dtype: Annotated[Optional[Literal[tuple(_POOL_DTYPES)]], typer.Option(help="Pool dtype (default: the weights' dtype).")] = None,  # type: ignore[valid-type]
+    calibrate: Annotated[Optional[Path], typer.Option("--calibrate", metavar="FILE", help="Example inputs (.safetensors, .npy or tensors-only .pt): the pool is refit to the original's layer outputs on them, and a fifth is held out to measure fidelity.", show_default=False)] = None,
+    recover_steps: Annotated[int, typer.Option("--recover-steps", metavar="N", min=0, help="Distill the original into the converted model for N steps on the --calibrate inputs.")] = 0,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Convert and report, but write nothing.")] = False,
     json_output: JsonOutput = False,
     force: Force = False,
@@ -159,18 +171,28 @@ def convert_command(
         if ratio is not None:
             check_ratio(ratio)  # the cheap checks first, before reading a large model
         budget_bytes = parse_bytes(budget) if budget is not None else None
-        with _Stages(3, enabled=not quiet) as stage, warnings.catch_warnings(record=True) as caught:
+        if recover_steps and calibrate is None:
+            raise ValueError("--recover-steps needs --calibrate FILE: recovery distills the original on example inputs")
+        calibration, heldout = load_calibration(calibrate) if calibrate else (None, None)
+        with _Stages(3 + bool(recover_steps), enabled=not quiet) as stage, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", RPSWarning)
             with stage("read", f"reading {model}"):
                 source = read_model(model, arch=arch, trust_pickle=trust_pickle)
                 output = output or source.output
                 if output.exists() and not (force or dry_run):  # fail before the long part
                     raise FileExistsError(f"{output} already exists: pass --force to replace it, or -o another path")
-            with stage("convert", "converting"):
+            with stage("convert", "converting", own_bar=calibration is not None):
                 converted = rpsconvert.convert(
                     source.model, ratio, budget=budget_bytes, mapping=mapping, seed=seed, include=include or None,
                     exclude=exclude or None, min_numel=min_numel, dtype=_POOL_DTYPES.get(dtype), architecture=source.architecture,
+                    calibration=calibration,
                 )
+            quality = _quality(converted, source.model, heldout)
+            if recover_steps:
+                with stage("recover", "recovering", own_bar=True):
+                    history = recover(converted, source.model, calibration, steps=recover_steps, eval_data=heldout or None, quiet=quiet)
+                quality["after recovery"] = history.after
+            rep = report(converted)
             with stage("write", "writing" if not dry_run else "dry run: writing nothing"):
                 data = encode(converted)
                 written = None if dry_run else write_atomic(output, data, overwrite=force)
@@ -178,18 +200,47 @@ def convert_command(
             for w in caught:
                 if issubclass(w.category, RPSWarning):
                     typer.secho(f"warning: {w.message}", err=True, fg="yellow")
+            if calibration is None and rep.ratio < 1:
+                typer.secho(
+                    f"warning: no --calibrate data, so quality below ratio 1.0 is neither recovered nor measured; weight-space "
+                    f"relative error {quality['weight error']:.3f} (pass --calibrate FILE --recover-steps N to recover it)",
+                    err=True, fg="yellow",
+                )
             if source.architecture is None and written:
                 typer.secho(f"note: {model} is not a torchvision, timm or Hugging Face model, so its architecture is not "
                             f"recorded: load the output with rpsconvert.load(path, model=YourModel())", err=True)
-        rep = report(converted)
         if json_output:
             typer.echo(json.dumps({
                 "input": model, "output": str(written) if written else None, "file_bytes": len(data),
                 "budget_bytes": budget_bytes, "architecture": source.architecture, "seconds": stage.seconds,
                 "report": rep.to_dict(),
+                "quality": {k: asdict(v) if isinstance(v, Fidelity) else v for k, v in quality.items()},
             }))
         elif not quiet:
             _stdout.print(_conversion_table(rep, model, written, len(data), sum(stage.seconds.values())))
+            if heldout:
+                _stdout.print(_quality_table(quality, model))
+
+
+def _quality(converted: torch.nn.Module, original: torch.nn.Module, heldout: list | None) -> dict:
+    """How close the converted model is to the original: on held-out inputs when there are any
+    (never the ones it was calibrated or recovered on), else only in weight space."""
+    quality: dict = {"weight error": weight_errors(converted, original)["total"]}
+    if heldout:
+        quality["converted"] = fidelity(converted, original, heldout)
+    return quality
+
+
+def _quality_table(quality: dict, model: str) -> Table:
+    rows = {k: v for k, v in quality.items() if isinstance(v, Fidelity)}
+    samples = next(iter(rows.values())).samples
+    table = Table(title=f"fidelity to {model} on {samples} held-out inputs", title_justify="left")
+    for column in ("", "top-1 agreement", "output cosine", "relative error"):
+        table.add_column(column, justify="left" if not column else "right")
+    for name, f in rows.items():
+        top1 = f"{f.top1_agreement:.2%}" if f.top1_agreement is not None else "n/a"
+        table.add_row(name, top1, f"{f.cosine:.4f}", f"{f.relative_error:.4f}")
+    return table
 
 
 def _conversion_table(rep: ConversionReport, model: str, written: Path | None, file_bytes: int, seconds: float) -> Table:

@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Union
 import torch
 import torch.distributed
 import torch.nn.functional as F
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
@@ -157,6 +158,7 @@ def recover(
         TextColumn("{task.fields[status]}"),
         disable=quiet or rank != 0,
         transient=False,
+        console=Console(stderr=True),
     )
     try:
         with progress:
