@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny steps and three budgets (smoke test)")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "quality.png")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     settings = Settings.quick() if args.quick else Settings.full()

@@ -66,10 +66,10 @@ def build_seeded(task: Task, width: int) -> nn.Module:
 
 
 def digits_cnn(width: int) -> nn.Module:
-    """width=32: 283k weights (conv 1->32->64, max-pool, fc 1024->256->10)."""
+    """width=32: 283k weights (conv 1->32, max-pool, conv 32->64, fc 1024->256->10)."""
     return nn.Sequential(
-        nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.Flatten(),
         nn.Linear(2 * width * 16, 8 * width), nn.ReLU(),
         nn.Linear(8 * width, 10),
     )  # fmt: skip
