@@ -351,8 +351,8 @@ def section(results: list[TaskResult], command: str, seconds: float, settings: S
         "",
         "RPS projection is `convert(model, ratio=budget)`; RPS data-aware adds `calibration=` "
         f"({settings.calibration_batches} training batches); RPS + recovery is the projected model after "
-        "recovery (starting it from the data-aware projection instead was better at 1/20 but worse at 1/200 "
-        "in a check on digits, e.g. MLP 97.6 against 97.8 and 93.1 against 97.3). Recovery is the same for "
+        "recovery (starting it from the data-aware projection instead was no better in a check on the digits "
+        "MLP: 97.6 against 97.8 at 1/20, 93.1 against 97.3 at 1/200). Recovery is the same for "
         "every method that gets it: `rpsconvert.recovery.recover` "
         f"(distillation, KL against the dense model's logits; Adam at {RECOVERY_LR:g} with warmup and cosine "
         f"decay; early stopping off), {results[0].recovery_steps} steps on digits and "
