@@ -185,7 +185,7 @@ def convert_command(
                 converted = rpsconvert.convert(
                     source.model, ratio, budget=budget_bytes, mapping=mapping, seed=seed, include=include or None,
                     exclude=exclude or None, min_numel=min_numel, dtype=_POOL_DTYPES.get(dtype), architecture=source.architecture,
-                    calibration=calibration,
+                    calibration=calibration, quiet=quiet,
                 )
             quality = _quality(converted, source.model, heldout)
             if recover_steps:

@@ -82,6 +82,7 @@ def convert(
     dtype: torch.dtype | None = None,
     architecture: str | dict | None = None,
     inplace: bool = False,
+    quiet: bool = False,
     calibration: Iterable | None = None,
 ) -> nn.Module:
     """Return `model` with its weights generated from one shared pool (STABLE-RPS).
@@ -94,7 +95,8 @@ def convert(
     is recorded in the checkpoint so it can be loaded without a skeleton ("torchvision:resnet50").
     The pool is projected from the trained weights (least squares); below ratio 1.0 that alone
     loses accuracy, which recovery restores. With `calibration` (a list of example input batches)
-    the pool is then refit to each layer's outputs on them (rpsconvert.calibration).
+    the pool is then refit to each layer's outputs on them (rpsconvert.calibration); `quiet`
+    hides its progress bar.
     """
     if (ratio is None) == (budget is None):
         raise ValueError("pass exactly one of ratio=... (fraction of weight memory kept) or budget=... ('1MB')")
@@ -170,7 +172,7 @@ def convert(
     )
     install(result, pool)
     if calibration is not None:
-        calibrate(result, model, calibration)
+        calibrate(result, model, calibration, quiet=quiet)
     return result
 
 

@@ -55,3 +55,10 @@ def test_recover_steps_without_calibration_is_refused_before_any_work(files):
     assert result.exit_code == 1
     assert "--recover-steps needs --calibrate FILE" in result.stderr
     assert not (files / "mlp.rps.safetensors").exists()
+
+
+def test_quiet_prints_nothing_even_while_calibrating_and_recovering(files):
+    result = _run("mlp.pt", "--ratio", "0.25", "--calibrate", "calib.safetensors", "--recover-steps", "5", "--quiet")
+    assert result.exit_code == 0
+    assert result.stdout == "" and result.stderr == ""
+    assert (files / "mlp.rps.safetensors").exists()
