@@ -127,20 +127,20 @@ def rps_cells(ctx: Context, ratio: float) -> dict[str, Cell]:
     return cells
 
 
-def pruning_cell(ctx: Context, budget: int) -> Cell:
-    made = baselines.prune(ctx.teacher, ctx.names, budget)
+def _recovered_cell(ctx: Context, made: tuple | None, infeasible: str) -> Cell:
+    """A baseline (model, bytes) after the shared recovery, or why it cannot meet the budget."""
     if made is None:
-        return Cell(note="the budget does not pay for a single nonzero")
+        return Cell(note=infeasible)
     model, size = made
     return Cell(ctx.task.evaluate(recovered(ctx, model)), size)
+
+
+def pruning_cell(ctx: Context, budget: int) -> Cell:
+    return _recovered_cell(ctx, baselines.prune(ctx.teacher, ctx.names, budget), "the budget does not pay for a single nonzero")
 
 
 def svd_cell(ctx: Context, budget: int) -> Cell:
-    made = baselines.low_rank(ctx.teacher, ctx.names, budget)
-    if made is None:
-        return Cell(note="rank 1 of every weight does not fit")
-    model, size = made
-    return Cell(ctx.task.evaluate(recovered(ctx, model)), size)
+    return _recovered_cell(ctx, baselines.low_rank(ctx.teacher, ctx.names, budget), "rank 1 of every weight does not fit")
 
 
 def quantized_cell(ctx: Context, budget: int, method: str) -> Cell:
