@@ -67,6 +67,6 @@ def slots_for_budget(budget: int, fixed_bytes: int, slot_bytes: int, largest_den
         raise BudgetError(
             f"a budget of {format_bytes(budget)} is too small: the tensors kept dense and the file header "
             f"alone take {format_bytes(fixed_bytes)}, so the minimum budget is {fixed_bytes + slot_bytes} bytes"
-            + (f"; the largest dense tensors are {biggest} (compress them with include=... or a lower min_numel)" if biggest else "")
+            + (f"; the largest dense tensors are {biggest} (weights among them can be compressed with a lower min_numel or a wider include; 1-D tensors always stay dense)" if biggest else "")
         )
     return slots
