@@ -92,13 +92,24 @@ def digest(spec_text: str, tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def _tie_key(name: str, t: torch.Tensor) -> tuple:
+    """Tensors with equal keys are one tensor under several names (tied): stored once."""
+    return (t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride())) if t.numel() else (name,)
+
+
+def stored_bytes(state: dict[str, torch.Tensor]) -> int:
+    """The data bytes the tensors of `state` take in a checkpoint (tied tensors once)."""
+    unique = {_tie_key(name, t): t for name, t in state.items()}
+    return sum(t.numel() * t.element_size() for t in unique.values())
+
+
 def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors to store (tied tensors once, under their first name) and alias -> stored name."""
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     first_name: dict[tuple, str] = {}
     for name, t in state.items():
-        key = (t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride())) if t.numel() else (name,)
+        key = _tie_key(name, t)
         if key in first_name:
             aliases[name] = first_name[key]
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import warnings
+from itertools import accumulate
 from typing import Iterable, Sequence
 
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 
 from rpsconvert.budget import check_ratio, format_bytes, parse_bytes, slots_for_budget
 from rpsconvert.calibration import calibrate
-from rpsconvert.checkpoint import header_bound
+from rpsconvert.checkpoint import header_bound, stored_bytes
 from rpsconvert.discovery import Discovery, discover
 from rpsconvert.hashing import check_seed
 from rpsconvert.layers import POOL_ATTR, POOL_PARAM, RPSPool, WeightSpec, install
@@ -126,8 +127,7 @@ def convert(
     weights = [params[name] for name in chosen]
     pool_dtype = dtype or weights[0].dtype
     aliases = [tuple(n for n in found.aliases[name] if n != name) for name in chosen]
-    offsets = [sum(p.numel() for p in weights[:i]) for i in range(len(weights))]
-    total = sum(p.numel() for p in weights)
+    *offsets, total = accumulate((p.numel() for p in weights), initial=0)
 
     def weight_specs(scales: list[float]) -> list[WeightSpec]:
         return [
@@ -137,7 +137,6 @@ def convert(
 
     specs = weight_specs(layer_scales(weights))
 
-    result = model if inplace else _copy_without(model, weights)
     notes = []
     if ratio is not None:
         slots = max(1, round(ratio * total))
@@ -146,7 +145,7 @@ def convert(
         probe.info.update(architecture=architecture, discovery=found.method)
         chosen_set = {alias for s in specs for alias in (s.name, *s.aliases)}
         dense = {k: v for k, v in model.state_dict().items() if k not in chosen_set}
-        fixed = header_bound(probe, dense, budget_bytes) + _unique_bytes(dense.values())
+        fixed = header_bound(probe, dense, budget_bytes) + stored_bytes(dense)
         largest = sorted(((k, v.numel() * v.element_size()) for k, v in dense.items()), key=lambda kv: -kv[1])
         slots = slots_for_budget(budget_bytes, fixed, pool_dtype.itemsize, largest)
         if slots >= total:
@@ -162,25 +161,16 @@ def convert(
     theta = project([(w, s.offset, s.scale) for w, s in zip(weights, specs)], mapping_impl, slots, seed)
     pool = RPSPool(theta.to(pool_dtype).to(weights[0].dtype), mapping, seed, specs, storage_dtype=pool_dtype)
     pool.pool.requires_grad_(any(w.requires_grad for w in weights))
+    result = model if inplace else _copy_without(model, weights)
     pool.info.update(
         discovery=found.method,
         fallback_reason=found.fallback_reason,
         dense_reasons=reasons,
         architecture=architecture,
-        original_bytes=_unique_bytes(model.state_dict().values()),
+        original_bytes=stored_bytes(model.state_dict()),
         notes=notes,
     )
     install(result, pool)
     if calibration is not None:
         calibrate(result, model, calibration, quiet=quiet)
     return result
-
-
-def _unique_bytes(tensors) -> int:
-    seen, total = set(), 0
-    for t in tensors:
-        key = (t.data_ptr(), t.numel(), t.dtype) if t.numel() else id(t)
-        if key not in seen:
-            seen.add(key)
-            total += t.numel() * t.element_size()
-    return total

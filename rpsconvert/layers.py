@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rpsconvert.mapping import chunks, get_mapping
+from rpsconvert.mapping import CHUNK, chunks, get_mapping
 
 POOL_ATTR = "rps"  # the RPSPool object on the converted model's root (a plain attribute)
 POOL_PARAM = "rps_pool"  # the pool Parameter, registered on the root (so never called by Sequential)
@@ -130,10 +130,11 @@ def slot_grad_scale(pool: RPSPool) -> torch.Tensor:
     m, device = pool.size, pool.pool.device
     count = torch.zeros(m, dtype=torch.float64, device=device)
     total = torch.zeros(m, dtype=torch.float64, device=device)
+    ones = torch.ones(min(CHUNK, max(s.numel for s in pool.specs.values())), dtype=torch.float64, device=device)
     for spec in pool.specs.values():
         for lo, hi, slots, _ in chunks(pool.mapping, spec.offset, spec.numel, m, pool.seed, device):
-            count.index_add_(0, slots, torch.ones(hi - lo, dtype=torch.float64, device=device))
-            total.index_add_(0, slots, torch.full((hi - lo,), spec.scale, dtype=torch.float64, device=device))
+            count.index_add_(0, slots, ones[: hi - lo])
+            total.index_add_(0, slots, ones[: hi - lo], alpha=spec.scale)
     scale = torch.where(count > 0, total**2 / count.clamp(min=1), torch.ones_like(count))
     return scale.clamp(min=torch.finfo(torch.float32).tiny).float()
 
