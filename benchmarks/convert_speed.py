@@ -38,8 +38,8 @@ def run_case(kind: str) -> dict:
 
     from rpsconvert import convert
 
-    conv = importlib.import_module("rpsconvert.convert")  # the module, not the function of that name
-    from rpsconvert.discovery import discover
+    conv = importlib.import_module("rpsconvert.engine.convert")  # the module, not the function of that name
+    from rpsconvert.engine.discovery import discover
 
     torch.manual_seed(0)
     model = torchvision.models.resnet50()
@@ -128,8 +128,8 @@ def naive_slots_and_signs(n: int, m: int, seed: int) -> tuple[list[int], list[in
 
 
 def naive_vs_vectorised(n: int = 256 * 256 * 9, m: int = 6000, seed: int = 0) -> dict:
-    from rpsconvert.hashing import signs
-    from rpsconvert.mapping import RandomFold
+    from rpsconvert.engine.hashing import signs
+    from rpsconvert.engine.mapping import RandomFold
 
     t0 = time.perf_counter()
     slots, sign = naive_slots_and_signs(n, m, seed)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import baselines  # noqa: E402
 import tasks  # noqa: E402
 from rpsconvert import convert, report  # noqa: E402
-from rpsconvert.recovery import recover  # noqa: E402
+from rpsconvert.quality.recovery import recover  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BUDGETS = ("1/2", "1/4", "1/8", "1/20", "1/64", "1/200", "1/1000")
@@ -353,7 +353,7 @@ def section(results: list[TaskResult], command: str, seconds: float, settings: S
         f"({settings.calibration_batches} training batches); RPS + recovery is the projected model after "
         "recovery (starting it from the data-aware projection instead was no better in a check on the digits "
         "MLP: 97.6 against 97.8 at 1/20, 93.1 against 97.3 at 1/200). Recovery is the same for "
-        "every method that gets it: `rpsconvert.recovery.recover` "
+        "every method that gets it: `rpsconvert.quality.recovery.recover` "
         f"(distillation, KL against the dense model's logits; Adam at {RECOVERY_LR:g} with warmup and cosine "
         f"decay; early stopping off), {results[0].recovery_steps} steps on digits and "
         f"{results[-1].recovery_steps} on text, on the same training inputs. fp16 and int8 get no recovery.",

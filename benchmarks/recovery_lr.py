@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import tasks  # noqa: E402
 
 from rpsconvert import convert  # noqa: E402
-from rpsconvert.recovery import recover  # noqa: E402
+from rpsconvert.quality.recovery import recover  # noqa: E402
 
 RATIOS = (1 / 2, 1 / 8)
 RATES = (3e-3, 1e-2)

@@ -1,25 +1,97 @@
-"""rpsconvert: shrink a trained PyTorch model to a memory budget with randomized parameter sharing."""
+"""rpsconvert: shrink a trained PyTorch model to a memory budget with randomized parameter sharing.
+
+Everything a user needs is importable from here (`from rpsconvert import convert, recover`). The
+parts behind it (docs/architecture.md):
+
+- `rpsconvert.engine`: hashing, mappings, the pool operator, RPS weights inside modules,
+  discovery, projection, budgets, the conversion report;
+- `rpsconvert.format`: the checkpoint file (manifest, sizing, atomic writes, architectures);
+- `rpsconvert.quality`: calibration, recovery by distillation, fidelity measurement;
+- `rpsconvert.cli`: the `rpsconvert` command.
+"""
 
 __version__ = "0.1.0"
 
-from rpsconvert.budget import BudgetError, parse_bytes  # noqa: E402
-from rpsconvert.checkpoint import CheckpointError, decompress, load, save  # noqa: E402
-from rpsconvert.convert import RPSWarning, convert  # noqa: E402
-from rpsconvert.layers import RPSPool, clear_cache, materialize  # noqa: E402
-from rpsconvert.report import ConversionReport, report  # noqa: E402
+import importlib as _importlib
+import sys as _sys
+
+from rpsconvert.errors import (
+    ArchitectureError,
+    BudgetError,
+    CheckpointError,
+    InputError,
+    OutputExistsError,
+    RPSError,
+    RPSWarning,
+)
+from rpsconvert.engine.budget import parse_bytes
+from rpsconvert.engine.discovery import register_weight_function
+from rpsconvert.engine.kinds import LayerKind, register_layer_kind
+from rpsconvert.engine.mapping import HashedNet, RandomFold, RoastTile, register_mapping
+from rpsconvert.engine.modules import clear_cache, densify, is_converted, materialize
+from rpsconvert.engine.pool import RPSPool
+from rpsconvert.engine.report import ConversionReport, WeightReport, report
+from rpsconvert.format.checkpoint import decompress, load, save
+from rpsconvert.quality.calibration import LayerFit, calibrate
+from rpsconvert.quality.fidelity import Fidelity, fidelity, layer_errors, weight_errors
+from rpsconvert.quality.recovery import RecoveryHistory, recover
+from rpsconvert.conversion import convert
 
 __all__ = [
-    "BudgetError",
-    "CheckpointError",
-    "ConversionReport",
-    "RPSPool",
-    "RPSWarning",
-    "clear_cache",
+    # convert, run, save and load
     "convert",
-    "decompress",
-    "load",
-    "materialize",
-    "parse_bytes",
     "report",
     "save",
+    "load",
+    "decompress",
+    "is_converted",
+    "densify",
+    "materialize",
+    "clear_cache",
+    "parse_bytes",
+    # get the quality back, and measure it
+    "calibrate",
+    "recover",
+    "fidelity",
+    "layer_errors",
+    "weight_errors",
+    # result types
+    "ConversionReport",
+    "WeightReport",
+    "LayerFit",
+    "RecoveryHistory",
+    "Fidelity",
+    "RPSPool",
+    # extension points
+    "register_mapping",
+    "register_layer_kind",
+    "register_weight_function",
+    "LayerKind",
+    "RandomFold",
+    "HashedNet",
+    "RoastTile",
+    # errors and warnings
+    "RPSError",
+    "ArchitectureError",
+    "BudgetError",
+    "CheckpointError",
+    "InputError",
+    "OutputExistsError",
+    "RPSWarning",
 ]
+
+# Module paths of 0.1, before the engine/format/quality layout, stay importable
+# (`from rpsconvert.recovery import recover` keeps working).
+for _old, _new in {
+    "recovery": "quality.recovery",
+    "calibration": "quality.calibration",
+    "batches": "quality.batches",
+    "checkpoint": "format.checkpoint",
+    "architectures": "format.architectures",
+    "mapping": "engine.mapping",
+    "hashing": "engine.hashing",
+    "budget": "engine.budget",
+    "discovery": "engine.discovery",
+    "projection": "engine.projection",
+}.items():
+    _sys.modules[f"{__name__}.{_old}"] = _importlib.import_module(f"{__name__}.{_new}")

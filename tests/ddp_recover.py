@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from digits import batches, trained_mlp  # noqa: E402
 from rpsconvert import convert  # noqa: E402
-from rpsconvert.recovery import recover  # noqa: E402
+from rpsconvert.quality.recovery import recover  # noqa: E402
 
 STEPS = 12
 

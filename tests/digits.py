@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rpsconvert.batches import split
+from rpsconvert.quality.batches import split
 
 
 @lru_cache(maxsize=1)

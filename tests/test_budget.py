@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from rpsconvert import BudgetError, RPSWarning, convert, parse_bytes, report
-from rpsconvert.budget import check_ratio
+from rpsconvert.engine.budget import check_ratio
 
 
 @pytest.mark.parametrize(

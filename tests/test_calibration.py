@@ -8,10 +8,11 @@ from torch import nn
 
 from digits import batches, digits_data, trained_mlp
 from rpsconvert import convert
-from rpsconvert.batches import load_calibration
-from rpsconvert.calibration import _grouped, _patches, calibrate
-from rpsconvert.fidelity import fidelity
-from rpsconvert.layers import find_pool
+from rpsconvert.quality.batches import load_calibration
+from rpsconvert.engine.kinds import grouped, kind_of
+from rpsconvert.quality.calibration import calibrate
+from rpsconvert.quality.fidelity import fidelity
+from rpsconvert.engine.modules import find_pool
 
 
 def test_at_ratio_one_calibration_keeps_the_conversion_lossless():
@@ -61,8 +62,8 @@ def test_input_patches_times_the_weight_are_the_convolution(conv):
     x = torch.randn(2, 4, *([9] if isinstance(conv, nn.Conv1d) else [9, 7]))
     with torch.no_grad():
         expected = conv(x) - conv.bias.view(-1, *[1] * (x.ndim - 2))
-        p = _patches(conv, x)  # (rows, groups, d)
-        y = torch.einsum("ngd,god->ngo", p, _grouped(conv.weight, conv.groups)).reshape(-1, conv.out_channels)
+        p = kind_of(conv).patches(conv, x)  # (rows, groups, d)
+        y = torch.einsum("ngd,god->ngo", p, grouped(conv.weight, conv.groups)).reshape(-1, conv.out_channels)
     positions = expected.flatten(2).transpose(1, 2).reshape(-1, conv.out_channels)
     torch.testing.assert_close(y, positions, rtol=1e-5, atol=1e-5)
 

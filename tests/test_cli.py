@@ -119,7 +119,7 @@ def test_a_malicious_pickle_is_refused_by_the_command(tmp_path, monkeypatch):
 def test_conversion_options_reach_the_checkpoint(model_file):
     args = ["--ratio", "0.5", "--mapping", "hashednet", "--seed", "7", "--dtype", "fp16", "--exclude", "2.*", "-o", "out/m.rps.safetensors"]
     assert rpsconvert(model_file, *args, "-q").exit_code == 0
-    spec = json.loads(rpsconvert("info", "out/m.rps.safetensors", "--json").stdout)["spec"]
+    spec = json.loads(rpsconvert("info", "out/m.rps.safetensors", "--json").stdout)["manifest"]
     assert (spec["mapping"], spec["seed"], spec["pool"]["dtype"]) == ("hashednet", 7, "float16")
     assert [w["name"] for w in spec["weights"]] == ["0.weight"]
 

@@ -45,7 +45,7 @@ def test_ratio_one_is_lossless_on_a_hugging_face_bert_through_the_fallback():
 def test_functional_weights_are_compressed_and_positional_embedding_kept():
     model = FunctionalNet()
     converted = convert(model, ratio=1.0, min_numel=1)
-    assert sorted(converted.rps.specs) == ["w1", "w2"]
+    assert sorted(converted.rps.weights) == ["w1", "w2"]
     assert "pos" in dict(converted.named_parameters())
     x = torch.randn(5, 4, 32)
     assert _relative_error(converted(x), model(x)) < 1e-5
@@ -116,13 +116,13 @@ def test_the_original_model_is_untouched_unless_inplace():
 def test_selection_by_patterns_and_min_numel():
     model = nn.Sequential(nn.Linear(50, 80), nn.Linear(80, 10), nn.Linear(10, 2))
     converted = convert(model, ratio=0.5, min_numel=100, exclude=["1.*"])
-    assert list(converted.rps.specs) == ["0.weight"]
+    assert list(converted.rps.weights) == ["0.weight"]
     reasons = {w.name: w.reason for w in report(converted).weights if not w.compressed}
     assert reasons["1.weight"] == "excluded"
     assert reasons["2.weight"] == "fewer than min_numel=100 elements"
     assert reasons["0.bias"] == "1-D"
     only = convert(model, ratio=0.5, min_numel=1, include="2.*")
-    assert list(only.rps.specs) == ["2.weight"]
+    assert list(only.rps.weights) == ["2.weight"]
 
 
 def test_half_precision_pool_is_stored_in_half_and_trains_in_the_weights_dtype(tmp_path):
@@ -177,7 +177,7 @@ def test_ratio_one_is_lossless_on_every_layer_kind():
     torch.manual_seed(0)
     model = LayerZoo()
     converted = convert(model, ratio=1.0, min_numel=1)
-    assert len(converted.rps.specs) == 8
+    assert len(converted.rps.weights) == 8
     x = LayerZoo.inputs()
     assert _relative_error(converted(*x), model(*x)) < 1e-5
 
@@ -186,7 +186,7 @@ def test_ratio_one_reproduces_every_weight_bit_for_bit():
     torch.manual_seed(0)
     model = torchvision.models.resnet18()
     converted = convert(model, ratio=1.0)
-    for name in converted.rps.specs:
+    for name in converted.rps.weights:
         module_name, _, attr = name.rpartition(".")
         original = getattr(model.get_submodule(module_name), attr)
         assert torch.equal(getattr(converted.get_submodule(module_name), attr), original), name

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from models import FunctionalNet, LayerZoo, StdConv2d, TiedLM, Untraceable, tiny_bert
-from rpsconvert.discovery import discover
+from rpsconvert.engine.discovery import discover
 
 
 def test_functional_weights_are_found_and_added_parameters_are_not():

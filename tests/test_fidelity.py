@@ -9,7 +9,7 @@ from torch import nn
 
 from digits import batches, trained_mlp
 from rpsconvert import convert
-from rpsconvert.fidelity import fidelity, layer_errors
+from rpsconvert.quality.fidelity import fidelity, layer_errors
 
 
 class Scaled(nn.Module):
@@ -108,7 +108,7 @@ def test_isolated_layer_error_is_the_weight_error_seen_through_the_inputs():
 
 
 def test_weight_errors_are_zero_at_ratio_one_and_the_total_weighs_every_weight():
-    from rpsconvert.fidelity import weight_errors
+    from rpsconvert.quality.fidelity import weight_errors
 
     model = trained_mlp()
     assert max(weight_errors(convert(model, ratio=1.0), model).values()) < 1e-6

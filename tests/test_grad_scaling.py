@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from digits import digits_data, mlp
 from rpsconvert import convert
-from rpsconvert.layers import find_pool, slot_grad_scale
+from rpsconvert.engine.modules import find_pool
+from rpsconvert.engine.pool import slot_grad_scale
 
 STDS = (1e-3, 1e-1, 10.0)
 
@@ -27,7 +28,7 @@ def model_with_pool_std(std: float, grad_scaling: bool):
     z = torch.randn(pool.size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         pool.pool.copy_(z * std)
-    pool.specs = {name: dataclasses.replace(s, scale=s.scale * 0.1 / std) for name, s in pool.specs.items()}
+    pool.weights = {name: dataclasses.replace(w, scale=w.scale * 0.1 / std) for name, w in pool.weights.items()}
     pool.grad_scaling = grad_scaling
     return model
 

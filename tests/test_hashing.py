@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from rpsconvert.hashing import fmix32, hash32, signs, stream_key
-from rpsconvert.mapping import HashedNet, RandomFold, RoastTile
+from rpsconvert.engine.hashing import fmix32, hash32, signs, stream_key
+from rpsconvert.engine.mapping import HashedNet, RandomFold, RoastTile
 
 X = torch.tensor([0, 1, 2, 3, 2**32 - 1, 2**32, 2**40 + 7, 2**62 + 5])
 

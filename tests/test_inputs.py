@@ -11,8 +11,8 @@ from torch import nn
 
 from models import TiedLM, tiny_bert
 from rpsconvert import convert, load, save
-from rpsconvert.architectures import transformers_spec
-from rpsconvert.inputs import InputError, load_pickle, read_model
+from rpsconvert.format.architectures import transformers_architecture
+from rpsconvert.cli.inputs import InputError, load_pickle, read_model
 
 
 class Evil:
@@ -49,9 +49,11 @@ def test_a_pickled_timm_model_loads_safely_and_records_its_architecture(tmp_path
 def test_a_malicious_pickle_is_refused_without_running_it(tmp_path):
     target = tmp_path / "pwned"
     torch.save({"model": Evil(target)}, tmp_path / "evil.pt")
-    with pytest.raises(InputError, match=r"needs posix.system to unpickle.*can run any code.*--trust-pickle"):
+    with pytest.raises(InputError, match=r"needs posix.system to unpickle.*can run any code.*pass trust_pickle=True") as refused:
         read_model(str(tmp_path / "evil.pt"))
     assert not target.exists()
+    # the command line says the same with its own flags
+    assert "pass --trust-pickle, or save a state dict and pass its --arch SOURCE:NAME" in refused.value.for_cli()
 
 
 def test_a_plain_pickle_is_refused_because_it_cannot_be_inspected(tmp_path):
@@ -59,7 +61,7 @@ def test_a_plain_pickle_is_refused_because_it_cannot_be_inspected(tmp_path):
 
     target = tmp_path / "pwned"
     (tmp_path / "evil.pkl").write_bytes(pickle.dumps(Evil(target)))
-    with pytest.raises(InputError, match="cannot check .* for unsafe content.*--trust-pickle"):
+    with pytest.raises(InputError, match="cannot check .* for unsafe content.*trust_pickle=True"):
         load_pickle(tmp_path / "evil.pkl")
     assert not target.exists()
 
@@ -76,7 +78,7 @@ def test_a_state_dict_needs_arch_and_then_builds_that_model(tmp_path):
     torch.manual_seed(0)
     original = torchvision.models.resnet18()
     torch.save(original.state_dict(), tmp_path / "sd.pt")
-    with pytest.raises(InputError, match="is a state dict, not a model: pass its architecture with --arch"):
+    with pytest.raises(InputError, match="is a state dict, not a model: pass its architecture, for example arch='torchvision:resnet50'"):
         read_model(str(tmp_path / "sd.pt"))
     source = read_model(str(tmp_path / "sd.pt"), arch="torchvision:resnet18")
     assert source.architecture == {"source": "torchvision", "name": "resnet18", "kwargs": {}}
@@ -87,7 +89,7 @@ def test_a_state_dict_may_store_tied_weights_once(tmp_path):
     bert = tiny_bert()
     safetensors.torch.save_model(bert, tmp_path / "bert.safetensors")  # one name per tied tensor
     assert len(safetensors.torch.load_file(tmp_path / "bert.safetensors")) < len(bert.state_dict())
-    source = read_model(str(tmp_path / "bert.safetensors"), arch=transformers_spec(bert))
+    source = read_model(str(tmp_path / "bert.safetensors"), arch=transformers_architecture(bert))
     tokens = torch.randint(0, 500, (1, 9))
     with torch.no_grad():
         assert torch.equal(source.model.eval()(tokens).logits, bert(tokens).logits)
@@ -95,9 +97,9 @@ def test_a_state_dict_may_store_tied_weights_once(tmp_path):
 
 def test_a_state_dict_that_does_not_fit_arch_is_a_clear_error(tmp_path):
     safetensors.torch.save_file(torchvision.models.resnet18().state_dict(), tmp_path / "r18.safetensors")
-    with pytest.raises(InputError, match=r"does not fit --arch torchvision:resnet34 \(missing: layer1.2"):
+    with pytest.raises(InputError, match=r"does not fit arch='torchvision:resnet34' \(missing: layer1.2"):
         read_model(str(tmp_path / "r18.safetensors"), arch="torchvision:resnet34")
-    with pytest.raises(InputError, match=r"does not fit --arch torchvision:resnet50 \(size mismatch for layer1.0.conv1.weight"):
+    with pytest.raises(InputError, match=r"does not fit arch='torchvision:resnet50' \(size mismatch for layer1.0.conv1.weight"):
         read_model(str(tmp_path / "r18.safetensors"), arch="torchvision:resnet50")
 
 

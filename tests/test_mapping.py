@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rpsconvert.mapping import CHUNK, MAPPINGS, RandomFold, chunks
+from rpsconvert.engine.mapping import CHUNK, MAPPINGS, RandomFold, chunks, get_mapping
 
 N, M = 100_003, 997
 
@@ -22,14 +22,14 @@ def test_randomfold_is_a_bijection_when_the_pool_is_as_large_as_the_weights():
 
 
 def test_hashednet_is_unbalanced_where_randomfold_is_not():
-    spread = _counts(MAPPINGS["hashednet"], N, M).double().std() / (N / M)
+    spread = _counts(get_mapping("hashednet"), N, M).double().std() / (N / M)
     assert spread > 0.05  # Poisson-like spread, about 1/sqrt(100) = 0.1
     assert _counts(RandomFold(), N, M).double().std() / (N / M) < 0.01
 
 
 @pytest.mark.parametrize("name", sorted(MAPPINGS))
 def test_slots_do_not_depend_on_where_a_range_is_cut(name):
-    mapping = MAPPINGS[name]
+    mapping = get_mapping(name)
     whole = mapping.slots(5000, 9000, 333, 1)
     parts = torch.cat([mapping.slots(5000, 6789, 333, 1), mapping.slots(6789, 9000, 333, 1)])
     assert torch.equal(whole, parts)
@@ -38,7 +38,7 @@ def test_slots_do_not_depend_on_where_a_range_is_cut(name):
 
 @pytest.mark.parametrize("name", sorted(MAPPINGS))
 def test_indices_beyond_2_to_the_40_map_into_the_pool(name):
-    slots = MAPPINGS[name].slots(2**40, 2**40 + 10_000, 4096, 2)
+    slots = get_mapping(name).slots(2**40, 2**40 + 10_000, 4096, 2)
     assert int(slots.min()) >= 0 and int(slots.max()) < 4096
     assert slots.unique().numel() > 2000
 

@@ -5,12 +5,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rpsconvert.mapping import MAPPINGS, chunks
-from rpsconvert.projection import layer_scales, project
-
-
-def _reconstruct(theta, mapping, offset, numel, m, seed, scale):
-    return torch.cat([theta[s] * sg * scale for _, _, s, sg in chunks(mapping, offset, numel, m, seed)])
+from rpsconvert.engine.mapping import MAPPINGS, get_mapping
+from rpsconvert.engine.operator import CompressedWeight, PoolOperator
+from rpsconvert.engine.projection import layer_scales, project
 
 
 @settings(max_examples=30, deadline=None)
@@ -26,11 +23,10 @@ def test_least_squares_gradient_is_zero_at_the_projected_pool(sizes, m, seed, ma
     weights = [torch.randn(n, generator=g, dtype=torch.float64) * (i + 1) for i, n in enumerate(sizes)]
     scales = layer_scales(weights)
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-    theta = project(list(zip(weights, offsets, scales)), MAPPINGS[mapping], m, seed).requires_grad_()
-    loss = sum(
-        (w - _reconstruct(theta, MAPPINGS[mapping], o, w.numel(), m, seed, s)).square().sum()
-        for w, o, s in zip(weights, offsets, scales)
-    )
+    layout = [CompressedWeight(f"w{i}", tuple(w.shape), w.dtype, o, s) for i, (w, o, s) in enumerate(zip(weights, offsets, scales))]
+    operator = PoolOperator(get_mapping(mapping), m, seed)
+    theta = project(operator, list(zip(layout, weights))).requires_grad_()
+    loss = sum((w - operator.generate(theta, layer)).square().sum() for layer, w in zip(layout, weights))
     (grad,) = torch.autograd.grad(loss, theta)
     assert grad.abs().max().item() < 1e-9 * max(1.0, loss.item())
 

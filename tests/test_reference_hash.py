@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from rpsconvert.hashing import signs
-from rpsconvert.mapping import RandomFold
+from rpsconvert.engine.hashing import signs
+from rpsconvert.engine.mapping import RandomFold
 
 _spec = importlib.util.spec_from_file_location("convert_speed", Path(__file__).parents[1] / "benchmarks" / "convert_speed.py")
 convert_speed = importlib.util.module_from_spec(_spec)

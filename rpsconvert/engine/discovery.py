@@ -17,38 +17,40 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-# Function -> positions of its weight operands. None: any operand that does not depend on the input.
-_WEIGHT_FUNCTIONS: dict[object, tuple[int, ...] | None] = {
-    F.linear: (1,),
-    F.bilinear: (2,),
-    torch.conv1d: (1,),
-    torch.conv2d: (1,),
-    torch.conv3d: (1,),
-    torch.conv_transpose1d: (1,),
-    torch.conv_transpose2d: (1,),
-    torch.conv_transpose3d: (1,),
-    F.embedding: (1,),
-    torch.embedding: (0,),
-    F.embedding_bag: (1,),
-    torch.embedding_bag: (0,),
-    torch.matmul: None,
-    torch.mm: None,
-    torch.bmm: None,
-    torch.addmm: (1, 2),
-    torch.einsum: None,
-    operator.matmul: None,
-}
-_WEIGHT_METHODS = {"matmul", "mm", "bmm", "__matmul__", "__rmatmul__"}
+from rpsconvert.engine.kinds import weight_names
 
-# Module types whose listed parameters are weights (used for fx leaf modules and by the module scan).
-_MODULE_WEIGHTS: tuple[tuple[type[nn.Module], tuple[str, ...]], ...] = (
-    (nn.Linear, ("weight",)),
-    (nn.Bilinear, ("weight",)),
-    (nn.modules.conv._ConvNd, ("weight",)),
-    (nn.Embedding, ("weight",)),
-    (nn.EmbeddingBag, ("weight",)),
-    (nn.MultiheadAttention, ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")),
-)
+# Function -> positions of its weight operands. None: any operand that does not depend on the input.
+WEIGHT_FUNCTIONS: dict[object, tuple[int, ...] | None] = {}
+WEIGHT_METHODS: set[str] = {"matmul", "mm", "bmm", "__matmul__", "__rmatmul__"}
+
+
+def register_weight_function(function: object, positions: tuple[int, ...] | None) -> None:
+    """Declare that `function` takes weights at argument `positions` (None: at any argument that
+    does not depend on the input), so fx discovery finds weights used through it."""
+    WEIGHT_FUNCTIONS[function] = positions
+
+
+for _function, _positions in (
+    (F.linear, (1,)),
+    (F.bilinear, (2,)),
+    (torch.conv1d, (1,)),
+    (torch.conv2d, (1,)),
+    (torch.conv3d, (1,)),
+    (torch.conv_transpose1d, (1,)),
+    (torch.conv_transpose2d, (1,)),
+    (torch.conv_transpose3d, (1,)),
+    (F.embedding, (1,)),
+    (torch.embedding, (0,)),
+    (F.embedding_bag, (1,)),
+    (torch.embedding_bag, (0,)),
+    (torch.matmul, None),
+    (torch.mm, None),
+    (torch.bmm, None),
+    (torch.addmm, (1, 2)),
+    (torch.einsum, None),
+    (operator.matmul, None),
+):
+    register_weight_function(_function, _positions)
 
 
 @dataclass
@@ -67,17 +69,6 @@ def parameter_names(model: nn.Module) -> dict[int, list[str]]:
     for name, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(name)
     return names
-
-
-def _module_weights(module: nn.Module, prefix: str) -> list[str]:
-    found = []
-    for sub_name, sub in module.named_modules(prefix=prefix):
-        for cls, attrs in _MODULE_WEIGHTS:
-            if isinstance(sub, cls):
-                found += [f"{sub_name}.{a}" if sub_name else a for a in attrs if getattr(sub, a, None) is not None]
-        if isinstance(sub, nn.RNNBase):
-            found += [f"{sub_name}.{n}" if sub_name else n for n, _ in sub.named_parameters(recurse=False) if n.startswith("weight")]
-    return found
 
 
 def _param_sources(node: torch.fx.Node, params: dict[str, nn.Parameter], memo: dict) -> set[str] | None:
@@ -102,9 +93,9 @@ def _param_sources(node: torch.fx.Node, params: dict[str, nn.Parameter], memo: d
 
 def _weight_operands(node: torch.fx.Node) -> list[torch.fx.Node]:
     """The graph nodes in the weight slots of a linear/conv/embedding/matmul-like call."""
-    if node.op == "call_function" and node.target in _WEIGHT_FUNCTIONS:
-        positions = _WEIGHT_FUNCTIONS[node.target]
-    elif node.op == "call_method" and node.target in _WEIGHT_METHODS:
+    if node.op == "call_function" and node.target in WEIGHT_FUNCTIONS:
+        positions = WEIGHT_FUNCTIONS[node.target]
+    elif node.op == "call_method" and node.target in WEIGHT_METHODS:
         positions = None
     else:
         return []
@@ -124,7 +115,7 @@ def _fx_weights(model: nn.Module) -> list[str]:
     memo: dict = {}
     for node in graph.nodes:
         if node.op == "call_module":
-            found += _module_weights(model.get_submodule(node.target), node.target)
+            found += weight_names(model.get_submodule(node.target), node.target)
         for operand in _weight_operands(node):
             found += sorted(_param_sources(operand, params, memo) or ())
     return found
@@ -135,7 +126,7 @@ def discover(model: nn.Module) -> Discovery:
     try:
         found, method, reason = _fx_weights(model), "fx", None
     except Exception as exc:  # any tracing failure: the fallback below says why
-        found, method = _module_weights(model, ""), "module-scan"
+        found, method = weight_names(model, ""), "module-scan"
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
     names_of = parameter_names(model)
     canonical_of = {name: names[0] for names in names_of.values() for name in names}

@@ -17,8 +17,8 @@ import torch.distributed
 import torch.nn.functional as F
 from torch import nn
 
-from rpsconvert.batches import Batch, device_of, eval_mode, is_logits, outputs, process_group, run, shard, size, to_device
-from rpsconvert.layers import find_pool
+from rpsconvert.quality.batches import Batch, device_of, eval_mode, is_logits, outputs, process_group, run, shard, size, to_device
+from rpsconvert.engine.modules import find_pool
 
 
 @dataclass(frozen=True)
@@ -112,8 +112,8 @@ def layer_errors(
     Layers are listed in forward order.
     """
     names = []
-    for spec in find_pool(model).specs.values():
-        for name in (spec.name, *spec.aliases):
+    for weight in find_pool(model).weights.values():
+        for name in (weight.name, *weight.aliases):
             module = name.rpartition(".")[0]
             if module and module not in names:
                 names.append(module)
@@ -170,7 +170,7 @@ def weight_errors(model: nn.Module, reference: nn.Module) -> dict[str, float]:
     pool = find_pool(model)
     originals = dict(reference.named_parameters(remove_duplicate=False))
     errors, diff, norm = {}, 0.0, 0.0
-    for name in pool.specs:
+    for name in pool.weights:
         original = originals[name].detach().double()
         d = float((pool.weight(name).double() - original).square().sum())
         n = float(original.square().sum())

@@ -20,16 +20,13 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from rpsconvert.architectures import ArchitectureError, build, identify, matches, normalize
+from rpsconvert.errors import ArchitectureError, InputError
+from rpsconvert.format.architectures import build, identify, matches, normalize
 
 # Modules whose nn.Module and Enum classes may be unpickled: their constructors and __setstate__
 # only build layers. A class is imported (only from these packages) to check what it is.
 SAFE_PACKAGES = ("torch.nn.modules.", "torchvision.models.", "torchvision.ops.", "timm.models.", "timm.layers.")
 SAFE_GLOBALS = {"functools.partial": functools.partial}  # torchvision stores partial(nn.LayerNorm, eps=...)
-
-
-class InputError(ValueError):
-    """A model input that cannot be read (safely)."""
 
 
 @dataclass
@@ -61,21 +58,22 @@ def load_pickle(path: str | os.PathLike, *, trust: bool = False) -> object:
     """
     if trust:
         return torch.load(path, map_location="cpu", weights_only=False)
-    advice = "if you trust whoever made it, pass --trust-pickle (trust_pickle=True), or save a state dict and pass --arch"
+    advice = "if you trust whoever made it, pass {trust_pickle}, or save a state dict and pass its {arch}"
+    options = {"trust_pickle": True, "arch": "SOURCE:NAME"}
     try:
         needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception as exc:  # not a zip-format torch file: it cannot be inspected without unpickling
-        raise InputError(f"cannot check {path} for unsafe content ({_first_line(exc)}): {advice}") from None
+        raise InputError(f"cannot check {path} for unsafe content ({_first_line(exc)}): {advice}", **options) from None
     allowed = {name: _safe_global(name) for name in needed}
     refused = sorted(name for name, obj in allowed.items() if obj is None)
     if refused:
         shown = ", ".join(refused[:3]) + (f" and {len(refused) - 3} more" if len(refused) > 3 else "")
-        raise InputError(f"{path} needs {shown} to unpickle, and unpickling a class can run any code its author chose: {advice}")
+        raise InputError(f"{path} needs {shown} to unpickle, and unpickling a class can run any code its author chose: {advice}", **options)
     try:
         with torch.serialization.safe_globals(list(allowed.values())):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise InputError(f"cannot read {path} safely ({_first_line(exc)}): {advice}") from None
+        raise InputError(f"cannot read {path} safely ({_first_line(exc)}): {advice}", **options) from None
 
 
 def read_model(source: str, *, arch: str | dict | None = None, trust_pickle: bool = False) -> ModelInput:
@@ -103,7 +101,7 @@ def read_model(source: str, *, arch: str | dict | None = None, trust_pickle: boo
 def _read_file(path: Path, trust_pickle: bool) -> object:
     if path.suffix != ".safetensors":
         return load_pickle(path, trust=trust_pickle)
-    from rpsconvert.checkpoint import SPEC_KEY
+    from rpsconvert.format.manifest import MANIFEST_KEY
 
     try:
         with safetensors.safe_open(str(path), framework="pt") as f:
@@ -111,7 +109,7 @@ def _read_file(path: Path, trust_pickle: bool) -> object:
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except Exception as exc:  # safetensors raises its own error types for every kind of bad file
         raise InputError(f"{path} is not a readable safetensors file ({_first_line(exc)})") from None
-    if SPEC_KEY in metadata:
+    if MANIFEST_KEY in metadata:
         raise InputError(f"{path} is already an rpsconvert checkpoint: convert the original model instead")
     return tensors
 
@@ -120,7 +118,7 @@ def _module_architecture(model: nn.Module, arch: str | dict | None, path: Path) 
     if arch is None:
         return identify(model)
     if not matches(arch, model):
-        raise InputError(f"--arch {arch} does not build a model with the tensors of {path}: check the name and its options")
+        raise InputError(f"{{arch}} does not build a model with the tensors of {path}: check the name and its options", arch=arch)
     return normalize(arch)
 
 
@@ -128,20 +126,20 @@ def _from_state_dict(state: object, arch: str | dict | None, path: Path) -> nn.M
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
         raise InputError(f"{path} holds a {type(state).__name__}, neither a model nor a state dict of tensors")
     if arch is None:
-        raise InputError(f"{path} is a state dict, not a model: pass its architecture with --arch, for example --arch torchvision:resnet50")
+        raise InputError(f"{path} is a state dict, not a model: pass its architecture, for example {{arch}}", arch="torchvision:resnet50")
     model = _build(arch)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shapes differ; torch lists them one per line after a heading
         lines = str(exc).splitlines()
-        raise InputError(f"{path} does not fit --arch {arch} ({lines[min(1, len(lines) - 1)].strip()})") from None
+        raise InputError(f"{path} does not fit {{arch}} ({lines[min(1, len(lines) - 1)].strip()})", arch=arch) from None
     # Tied weights are often saved once (safetensors refuses shared tensors): a key missing from
     # the file is fine when the model ties it to a key that is there.
     tied = {name for names in _tied_names(model) if set(names) & state.keys() for name in names}
     missing = [name for name in missing if name not in tied]
     if missing or unexpected:
         detail = "; ".join(f"{what}: {', '.join(names[:3])}" for what, names in (("missing", missing), ("unexpected", unexpected)) if names)
-        raise InputError(f"{path} does not fit --arch {arch} ({detail})")
+        raise InputError(f"{path} does not fit {{arch}} ({detail})", arch=arch)
     return model
 
 
@@ -159,13 +157,13 @@ def _build(arch: str | dict, *, pretrained: bool = False) -> nn.Module:
         raise InputError(str(exc)) from None
 
 
-def _pretrained(spec: str, name: str) -> ModelInput:
+def _pretrained(architecture: str, name: str) -> ModelInput:
     try:
-        model = _build(spec, pretrained=True)
+        model = _build(architecture, pretrained=True)
     except OSError as exc:  # a download that failed
-        raise InputError(f"cannot get the pretrained weights of {spec} ({_first_line(exc)}): check the network, "
-                         "or pass a weights file with --arch") from None
-    return ModelInput(model, spec, Path(re.sub(r"[^\w.-]", "_", name) + ".rps.safetensors"))
+        raise InputError(f"cannot get the pretrained weights of {architecture} ({_first_line(exc)}): check the network, "
+                         "or pass a weights file and its {arch}", arch=architecture) from None
+    return ModelInput(model, architecture, Path(re.sub(r"[^\w.-]", "_", name) + ".rps.safetensors"))
 
 
 def _hugging_face(path: Path) -> ModelInput:

@@ -95,12 +95,12 @@ def size(batch: Batch) -> int:
     return batch.shape[0]
 
 
-def select(batch: Batch, index: torch.Tensor | slice) -> Batch:
+def take(batch: Batch, index: torch.Tensor | slice) -> Batch:
     """The samples `index` of every tensor in the batch."""
     if isinstance(batch, dict):
-        return {k: select(v, index) for k, v in batch.items()}
+        return {k: take(v, index) for k, v in batch.items()}
     if isinstance(batch, (tuple, list)):
-        return type(batch)(select(v, index) for v in batch)
+        return type(batch)(take(v, index) for v in batch)
     return batch[index] if isinstance(batch, torch.Tensor) else batch
 
 
@@ -121,13 +121,13 @@ def shard(batch: Batch, rank: int, world: int) -> Batch:
     """
     n = size(batch)
     lo, hi = n * rank // world, n * (rank + 1) // world
-    return select(batch, slice(lo, hi))
+    return take(batch, slice(lo, hi))
 
 
 def split(data: Batch, batch_size: int) -> list[Batch]:
     """A set of samples (a tensor, tuple or dict with the samples along dim 0) cut into batches."""
     n = size(data)
-    return [select(data, slice(lo, min(lo + batch_size, n))) for lo in range(0, n, batch_size)]
+    return [take(data, slice(lo, min(lo + batch_size, n))) for lo in range(0, n, batch_size)]
 
 
 def load_calibration(
@@ -162,8 +162,8 @@ def load_calibration(
         raise ValueError(f"holdout must be a fraction in [0, 1), got {holdout}")
     held = min(max(round(n * holdout), 1 if holdout > 0 and n >= 2 else 0), n - 1)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    data = select(data, order)
-    return split(select(data, slice(held, n)), batch_size), split(select(data, slice(0, held)), batch_size)
+    data = take(data, order)
+    return split(take(data, slice(held, n)), batch_size), split(take(data, slice(0, held)), batch_size)
 
 
 def _check_samples(data: Any, path: Path) -> None:

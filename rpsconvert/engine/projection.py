@@ -1,7 +1,8 @@
 """Weight-space projection: the least-squares pool for trained weights.
 
 theta[j] = sum_{h(i)=j} lambda_i g_i W_i / sum_{h(i)=j} lambda_i^2, accumulated in float64 chunk by
-chunk, so the temporary memory is two float64 vectors of the pool's size plus one chunk.
+chunk through the pool operator, so the temporary memory is two float64 vectors of the pool's size
+plus one chunk.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Iterable
 
 import torch
 
-from rpsconvert.mapping import CHUNK, Mapping, chunks
+from rpsconvert.engine.operator import CompressedWeight, PoolOperator
 
 
 def layer_scales(weights: Iterable[torch.Tensor], power_of_two: bool = False) -> list[float]:
@@ -32,20 +33,13 @@ def layer_scales(weights: Iterable[torch.Tensor], power_of_two: bool = False) ->
     return [2.0 ** round(math.log2(s)) for s in scales] if power_of_two else scales
 
 
-def project(
-    weights: list[tuple[torch.Tensor, int, float]], mapping: Mapping, m: int, seed: int
-) -> torch.Tensor:
-    """The float64 pool minimizing sum_i (W_i - lambda_i g_i theta[h(i)])^2.
-
-    `weights` holds (tensor, global offset, scale) for each compressed weight.
+def project(operator: PoolOperator, weights: list[tuple[CompressedWeight, torch.Tensor]]) -> torch.Tensor:
+    """The float64 pool minimizing sum_i (W_i - lambda_i g_i theta[h(i)])^2 over (layout, tensor) pairs:
+    A^T(W) / diag(A^T A), slot by slot. Slots no element reaches stay 0.
     """
-    device = weights[0][0].device if weights else "cpu"
-    num = torch.zeros(m, dtype=torch.float64, device=device)
-    den = torch.zeros(m, dtype=torch.float64, device=device)
-    ones = torch.ones(min(CHUNK, max((w.numel() for w, _, _ in weights), default=0)), dtype=torch.float64, device=device)
-    for tensor, offset, scale in weights:
-        flat = tensor.detach().reshape(-1)
-        for lo, hi, slots, sign in chunks(mapping, offset, flat.numel(), m, seed, device):
-            num.index_add_(0, slots, flat[lo:hi].double() * sign, alpha=scale)
-            den.index_add_(0, slots, ones[: hi - lo], alpha=scale * scale)
-    return num.div_(den.clamp_(min=1e-300))  # in place: slots no element reaches have num = 0
+    device = weights[0][1].device if weights else "cpu"
+    numerator = torch.zeros(operator.slots, dtype=torch.float64, device=device)
+    for weight, tensor in weights:
+        operator.adjoint(weight, tensor.detach().double(), out=numerator)
+    denominator = operator.diagonal([weight for weight, _ in weights], device)
+    return numerator.div_(denominator.clamp_(min=1e-300))  # in place: the temporaries are pool-sized

@@ -1,9 +1,9 @@
-"""Architecture specs: a few recorded words that rebuild a model's structure without pickle.
+"""Architectures: a few recorded words that rebuild a model's structure without pickle.
 
-A checkpoint records how to rebuild its model so that it loads without a skeleton. A spec is a
+A checkpoint records how to rebuild its model so that it loads without a skeleton. An architecture is a
 string `"SOURCE:NAME"` or a dict `{"source": ..., "name": ..., "kwargs": {...}}`; a Hugging Face
-spec carries the model's whole config instead of kwargs, because a local model has no name to look
-up. Every source is imported only when a spec needs it.
+architecture carries the model's whole config instead of kwargs, because a local model has no name to look
+up. Every source is imported only when an architecture needs it.
 """
 
 from __future__ import annotations
@@ -14,30 +14,28 @@ import sys
 import torch
 from torch import nn
 
+from rpsconvert.errors import ArchitectureError
+
 SOURCES = ("torchvision", "timm", "transformers")
 
 
-class ArchitectureError(ValueError):
-    """An architecture spec that cannot be built here."""
-
-
-def normalize(spec: str | dict) -> dict:
+def normalize(architecture: str | dict) -> dict:
     """`"torchvision:resnet50"` -> `{"source": "torchvision", "name": "resnet50", "kwargs": {}}`."""
-    if isinstance(spec, str):
-        source, _, name = spec.partition(":")
-        spec = {"source": source, "name": name}
-    if not isinstance(spec, dict) or spec.get("source") not in SOURCES or not spec.get("name"):
+    if isinstance(architecture, str):
+        source, _, name = architecture.partition(":")
+        architecture = {"source": source, "name": name}
+    if not isinstance(architecture, dict) or architecture.get("source") not in SOURCES or not architecture.get("name"):
         raise ArchitectureError(
-            f"cannot read the architecture {spec!r}: write SOURCE:NAME with SOURCE one of {', '.join(SOURCES)}, "
+            f"cannot read the architecture {architecture!r}: write SOURCE:NAME with SOURCE one of {', '.join(SOURCES)}, "
             "for example torchvision:resnet50"
         )
-    return {"kwargs": {}, **spec}
+    return {"kwargs": {}, **architecture}
 
 
-def build(spec: str | dict, *, pretrained: bool = False) -> nn.Module:
-    """The model a spec names, randomly initialized (or with its library's pretrained weights)."""
-    spec = normalize(spec)
-    source, name, kwargs = spec["source"], spec["name"], spec["kwargs"]
+def build(architecture: str | dict, *, pretrained: bool = False) -> nn.Module:
+    """The model an architecture names, randomly initialized (or with its library's pretrained weights)."""
+    architecture = normalize(architecture)
+    source, name, kwargs = architecture["source"], architecture["name"], architecture["kwargs"]
     try:
         if source == "torchvision":
             import torchvision
@@ -47,7 +45,7 @@ def build(spec: str | dict, *, pretrained: bool = False) -> nn.Module:
             import timm
 
             return timm.create_model(name, pretrained=pretrained, **kwargs)
-        return _build_transformers(name, spec.get("config", {}))
+        return _build_transformers(name, architecture.get("config", {}))
     except ArchitectureError:
         raise
     except ImportError as exc:
@@ -65,21 +63,21 @@ def _build_transformers(name: str, config: dict) -> nn.Module:
     return cls(cls.config_class.from_dict(config))
 
 
-def transformers_spec(model: nn.Module) -> dict:
-    """The spec of a Hugging Face model: its class and its full config (defaults change between
+def transformers_architecture(model: nn.Module) -> dict:
+    """The architecture of a Hugging Face model: its class and its full config (defaults change between
     transformers versions, so the whole config is recorded, not only its differences)."""
     return {"source": "transformers", "name": type(model).__name__, "config": json.loads(model.config.to_json_string())}
 
 
-def matches(spec: str | dict, model: nn.Module) -> bool:
-    """Whether `spec` builds a model with exactly `model`'s state-dict names and shapes.
+def matches(architecture: str | dict, model: nn.Module) -> bool:
+    """Whether `architecture` builds a model with exactly `model`'s state-dict names and shapes.
 
     The candidate is built on the meta device: no memory and no weight init, so checking a
     ResNet-152 costs milliseconds.
     """
     try:
         with torch.device("meta"):
-            candidate = build(spec)
+            candidate = build(architecture)
     except Exception:  # a candidate that cannot be built (on meta, or at all) simply does not match
         return False
     return _shapes(candidate) == _shapes(model)
@@ -90,15 +88,15 @@ def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def identify(model: nn.Module) -> str | dict | None:
-    """The spec that rebuilds `model`, for torchvision, timm and Hugging Face classes; else None.
+    """The architecture that rebuilds `model`, for torchvision, timm and Hugging Face classes; else None.
 
     Only libraries already imported are consulted: a model of a library that was never imported
     cannot be one of its classes.
     """
     transformers = sys.modules.get("transformers")
     if transformers is not None and isinstance(model, transformers.PreTrainedModel):
-        return transformers_spec(model)
-    return next((spec for spec in _candidates(model) if matches(spec, model)), None)
+        return transformers_architecture(model)
+    return next((architecture for architecture in _candidates(model) if matches(architecture, model)), None)
 
 
 def _candidates(model: nn.Module) -> list[str | dict]:

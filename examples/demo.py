@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from rpsconvert.checkpoint import load
+from rpsconvert.format.checkpoint import load
 from rpsconvert.cli import app
 from rpsconvert.digits import accuracy, digits_cnn, load_digits, train_digits_cnn
 

@@ -1,4 +1,8 @@
-"""convert(): the one verb that turns a model's weights into RPS weights."""
+"""convert(): the one verb that turns a model's weights into RPS weights.
+
+It composes the parts: discovery and the pool operator (engine), the file's size for a byte budget
+(format), and the optional data-aware refit (quality).
+"""
 
 from __future__ import annotations
 
@@ -11,18 +15,17 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from rpsconvert.budget import check_ratio, format_bytes, parse_bytes, slots_for_budget
-from rpsconvert.calibration import calibrate
-from rpsconvert.checkpoint import header_bound, stored_bytes
-from rpsconvert.discovery import Discovery, discover
-from rpsconvert.hashing import check_seed
-from rpsconvert.layers import POOL_ATTR, POOL_PARAM, RPSPool, WeightSpec, install
-from rpsconvert.mapping import MAX_SLOTS, get_mapping
-from rpsconvert.projection import layer_scales, project
-
-
-class RPSWarning(UserWarning):
-    """Something the user should know about a conversion (fallback discovery, budget above size)."""
+from rpsconvert.engine.budget import check_ratio, format_bytes, parse_bytes, slots_for_budget
+from rpsconvert.engine.discovery import Discovery, discover
+from rpsconvert.engine.hashing import check_seed
+from rpsconvert.engine.mapping import MAX_SLOTS, Mapping, get_mapping
+from rpsconvert.engine.modules import install, is_converted
+from rpsconvert.engine.operator import CompressedWeight, PoolOperator
+from rpsconvert.engine.pool import RPSPool
+from rpsconvert.engine.projection import layer_scales, project
+from rpsconvert.errors import RPSWarning
+from rpsconvert.format.sizing import header_bound, stored_bytes
+from rpsconvert.quality.calibration import calibrate
 
 
 def _matches(name: str, patterns: Sequence[str] | str | None) -> bool:
@@ -33,7 +36,7 @@ def _matches(name: str, patterns: Sequence[str] | str | None) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def select(
+def choose_weights(
     model: nn.Module,
     found: Discovery,
     include: Sequence[str] | str | None,
@@ -75,7 +78,7 @@ def convert(
     ratio: float | None = None,
     *,
     budget: str | int | None = None,
-    mapping: str = "randomfold",
+    mapping: str | Mapping = "randomfold",
     seed: int = 0,
     include: Sequence[str] | str | None = None,
     exclude: Sequence[str] | str | None = None,
@@ -88,16 +91,44 @@ def convert(
 ) -> nn.Module:
     """Return `model` with its weights generated from one shared pool (STABLE-RPS).
 
-    `ratio` is the fraction of the compressible weight memory kept, in (0, 1] (1.0 is lossless);
-    `budget` ("1MB", "500kB", bytes) sizes the pool so the saved checkpoint fits, after the tensors
-    kept dense and the header. `dtype` is the pool's storage dtype in the checkpoint (default: the
-    weights'; float16/bfloat16 halve the pool's bytes; in memory the pool keeps the weights' dtype
-    so it trains normally, holding values exact in the storage dtype). `architecture`
-    is recorded in the checkpoint so it can be loaded without a skeleton ("torchvision:resnet50").
-    The pool is projected from the trained weights (least squares); below ratio 1.0 that alone
-    loses accuracy, which recovery restores. With `calibration` (a list of example input batches)
-    the pool is then refit to each layer's outputs on them (rpsconvert.calibration); `quiet`
-    hides its progress bar.
+    Weights are found by a torch.fx pass (a module scan when the model does not trace, with an
+    RPSWarning saying why), projected onto the pool by least squares, and replaced by properties
+    that generate them; every module keeps its class and forward. Below ratio 1.0 the projection
+    alone loses accuracy: pass `calibration` here, then `recover`, to get it back.
+
+    Args:
+        model: the trained model. It is not modified unless `inplace`.
+        ratio: fraction of the compressible weight memory kept, in (0, 1]; 1.0 is lossless (the
+            generated weights equal the originals bit for bit).
+        budget: bytes the saved checkpoint may take ("1MB", "500kB", "1.5MiB" or an int), header
+            and tensors kept dense included. Pass exactly one of `ratio` and `budget`.
+        mapping: how elements are laid onto the pool: "randomfold" (default, balanced and lossless
+            at 1.0), "hashednet", "roast", or a registered mapping object such as RoastTile(tile=256).
+        seed: seed of the hash functions, an integer in [0, 2**32); the same seed gives the same file.
+        include: fnmatch patterns of parameter names; only matching weights are compressed.
+        exclude: fnmatch patterns of parameter names kept dense.
+        min_numel: weights with fewer elements stay dense (1-D tensors always do).
+        dtype: the pool's storage dtype in the checkpoint (default: the weights'); float16 and
+            bfloat16 halve the pool's bytes. In memory the pool keeps the weights' dtype so it
+            trains normally, holding values exact in the storage dtype.
+        architecture: recorded in the checkpoint so `load` can rebuild the model without a
+            skeleton, e.g. "torchvision:resnet50".
+        inplace: convert `model` itself instead of a copy (saves the copy's memory).
+        quiet: hide the calibration progress bar.
+        calibration: example input batches (a list); the pool is then refit to each layer's
+            outputs on them (see `calibrate`).
+
+    Returns:
+        The converted model (`model` itself with `inplace`). `report(model)` says what was done.
+
+    Raises:
+        BudgetError: the budget cannot hold even the tensors kept dense; the message names the
+            minimum budget.
+        ValueError: bad arguments, an already converted model, or no compressible weight.
+
+    Example:
+        >>> small = convert(torchvision.models.resnet50(), budget="1MB")
+        >>> save(small, "resnet50.rps.safetensors")
     """
     if (ratio is None) == (budget is None):
         raise ValueError("pass exactly one of ratio=... (fraction of weight memory kept) or budget=... ('1MB')")
@@ -106,8 +137,8 @@ def convert(
     budget_bytes = parse_bytes(budget) if budget is not None else None
     mapping_impl = get_mapping(mapping)
     check_seed(seed)
-    if hasattr(model, POOL_ATTR) or hasattr(model, POOL_PARAM):
-        raise ValueError(f"the model already has an attribute {POOL_ATTR!r}: it looks already converted")
+    if is_converted(model):
+        raise ValueError("the model is already converted (it has an RPS pool): pass the original model")
 
     found = discover(model)
     if found.fallback_reason:
@@ -117,7 +148,7 @@ def convert(
             RPSWarning,
             stacklevel=2,
         )
-    chosen, reasons = select(model, found, include, exclude, min_numel)
+    chosen, reasons = choose_weights(model, found, include, exclude, min_numel)
     if not chosen:
         raise ValueError(
             f"no weight of {type(model).__name__} can be compressed (need Linear/Conv/Embedding-like weights "
@@ -129,21 +160,21 @@ def convert(
     aliases = [tuple(n for n in found.aliases[name] if n != name) for name in chosen]
     *offsets, total = accumulate((p.numel() for p in weights), initial=0)
 
-    def weight_specs(scales: list[float]) -> list[WeightSpec]:
+    def layouts(scales: list[float]) -> list[CompressedWeight]:
         return [
-            WeightSpec(name, tuple(p.shape), p.dtype, offset, scale, alias)
+            CompressedWeight(name, tuple(p.shape), p.dtype, offset, scale, alias)
             for name, p, offset, scale, alias in zip(chosen, weights, offsets, scales, aliases)
         ]
 
-    specs = weight_specs(layer_scales(weights))
+    layout = layouts(layer_scales(weights))
 
     notes = []
     if ratio is not None:
         slots = max(1, round(ratio * total))
     else:
-        probe = RPSPool(torch.zeros(1, dtype=pool_dtype), mapping, seed, specs, grad_scaling=False, storage_dtype=pool_dtype)
+        probe = RPSPool(torch.zeros(1, dtype=pool_dtype), mapping_impl, seed, layout, grad_scaling=False, storage_dtype=pool_dtype)
         probe.info.update(architecture=architecture, discovery=found.method)
-        chosen_set = {alias for s in specs for alias in (s.name, *s.aliases)}
+        chosen_set = {alias for w in layout for alias in (w.name, *w.aliases)}
         dense = {k: v for k, v in model.state_dict().items() if k not in chosen_set}
         fixed = header_bound(probe, dense, budget_bytes) + stored_bytes(dense)
         largest = sorted(((k, v.numel() * v.element_size()) for k, v in dense.items()), key=lambda kv: -kv[1])
@@ -154,12 +185,13 @@ def convert(
             notes.append(note)
             warnings.warn(note, RPSWarning, stacklevel=2)
     if slots >= total:  # lossless: power-of-two scales make it bit-exact (the header only shrinks)
-        specs = weight_specs(layer_scales(weights, power_of_two=True))
+        layout = layouts(layer_scales(weights, power_of_two=True))
     if slots >= MAX_SLOTS:
         raise ValueError(f"a pool of {slots:,} slots exceeds the format's limit of 2**32: use a smaller ratio")
 
-    theta = project([(w, s.offset, s.scale) for w, s in zip(weights, specs)], mapping_impl, slots, seed)
-    pool = RPSPool(theta.to(pool_dtype).to(weights[0].dtype), mapping, seed, specs, storage_dtype=pool_dtype)
+    operator = PoolOperator(mapping_impl, slots, seed)
+    theta = project(operator, list(zip(layout, weights)))
+    pool = RPSPool(theta.to(pool_dtype).to(weights[0].dtype), mapping_impl, seed, layout, storage_dtype=pool_dtype)
     pool.pool.requires_grad_(any(w.requires_grad for w in weights))
     result = model if inplace else _copy_without(model, weights)
     pool.info.update(

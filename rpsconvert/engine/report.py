@@ -7,9 +7,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from rpsconvert.budget import format_bytes
-from rpsconvert.layers import find_pool
-from rpsconvert.mapping import chunks
+from rpsconvert.engine.budget import format_bytes
+from rpsconvert.engine.modules import find_pool
 
 
 @dataclass(frozen=True)
@@ -63,30 +62,21 @@ class ConversionReport:
         )
 
 
-def _slots_used(pool, spec) -> int:
-    if spec.numel >= pool.size and pool.mapping.name == "randomfold":
-        return pool.size  # a full fold covers every slot
-    used = torch.zeros(pool.size, dtype=torch.bool, device=pool.pool.device)
-    for _, _, slots, _ in chunks(pool.mapping, spec.offset, spec.numel, pool.size, pool.seed, pool.pool.device):
-        used[slots] = True
-    return int(used.sum())
-
-
 def report(model: nn.Module) -> ConversionReport:
     """Per-weight and total sizes of a converted model (stored bytes, not the generated weights)."""
     pool = find_pool(model)
     item = pool.storage_dtype.itemsize
     rows = [
         WeightReport(
-            name=spec.name,
-            shape=spec.shape,
-            elements=spec.numel,
+            name=weight.name,
+            shape=weight.shape,
+            elements=weight.numel,
             compressed=True,
-            bytes_before=spec.numel * spec.dtype.itemsize,
+            bytes_before=weight.numel * weight.dtype.itemsize,
             bytes_after=0,
-            slots_used=_slots_used(pool, spec),
+            slots_used=int((pool.operator.counts([weight], pool.pool.device) > 0).sum()),
         )
-        for spec in pool.specs.values()
+        for weight in pool.weights.values()
     ]
     reasons = pool.info.get("dense_reasons", {})
     seen: set[int] = set()
@@ -98,7 +88,7 @@ def report(model: nn.Module) -> ConversionReport:
         size = tensor.numel() * tensor.element_size()
         dense_bytes += size
         rows.append(WeightReport(name, tuple(tensor.shape), tensor.numel(), False, size, size, 0, reasons.get(name, "kept dense")))
-    compressible = sum(spec.numel for spec in pool.specs.values())
+    compressible = sum(weight.numel for weight in pool.weights.values())
     return ConversionReport(
         weights=rows,
         mapping=pool.mapping.name,

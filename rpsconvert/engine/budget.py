@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from rpsconvert.errors import BudgetError
+
 _UNITS = {
     "": 1, "b": 1,
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -11,10 +13,6 @@ _UNITS = {
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }
 _BUDGET = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
-
-
-class BudgetError(ValueError):
-    """The requested budget cannot hold the model: it names the smallest budget that can."""
 
 
 def parse_bytes(budget: str | int | float) -> int:

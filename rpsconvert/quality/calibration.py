@@ -60,9 +60,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
-from rpsconvert.batches import Batch, device_of, eval_mode, run, to_device
-from rpsconvert.layers import POOL_ATTR, RPSPool, WeightSpec, find_pool
-from rpsconvert.mapping import chunks
+from rpsconvert.quality.batches import Batch, device_of, eval_mode, run, to_device
+from rpsconvert.engine.kinds import grouped, kind_of
+from rpsconvert.engine.modules import find_pool, is_converted
+from rpsconvert.engine.operator import CompressedWeight
+from rpsconvert.engine.pool import RPSPool
 
 ROWS = 1 << 22  # patch matrix elements processed at once (16 MB in float32)
 
@@ -99,7 +101,7 @@ def calibrate(
     input out of a batch that also holds labels. Returns one LayerFit per layer solved, in forward
     order. The pool is updated in place.
     """
-    if POOL_ATTR in reference.__dict__:
+    if is_converted(reference):
         raise ValueError("the reference must be the original model (convert without inplace=True to calibrate)")
     pool = find_pool(model)
     batches = [inputs(b) if inputs else b for b in batches]
@@ -110,14 +112,15 @@ def calibrate(
     originals = dict(reference.named_parameters(remove_duplicate=False))
     layers = _forward_order(model, pool, batches[0])
     solvable = {name for name, _ in layers}
-    norms = {name: _squared_norm(originals[name]) for name in pool.specs}
+    norms = {name: _squared_norm(originals[name]) for name in pool.weights}
     shared = {name: proximal / norms[name] for name in solvable}
-    fixed = {name: 1.0 / norms[name] for name in pool.specs.keys() - solvable}
+    fixed = {name: 1.0 / norms[name] for name in pool.weights.keys() - solvable}
+    operator = pool.operator
     proximal_diagonal = _penalty_diagonal(pool, shared)
     anchor_diagonal = _penalty_diagonal(pool, fixed)
-    anchor_linear = sum(
-        (fixed[n] * _adjoint(pool, pool.specs[n], originals[n].detach().double()) for n in fixed), torch.zeros_like(anchor_diagonal)
-    )
+    anchor_linear = torch.zeros_like(anchor_diagonal)
+    for n in fixed:
+        operator.adjoint(pool.weights[n], fixed[n] * originals[n].detach().double(), out=anchor_linear)
     fits = []
     progress = Progress(
         TextColumn("[bold]calibrating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -126,38 +129,37 @@ def calibrate(
     with eval_mode(model, reference), torch.no_grad(), progress:
         task = progress.add_task("calibrate", total=len(layers), layer="")
         for name, calls in layers:
-            spec = pool.specs[name]
+            weight = pool.weights[name]
             progress.update(task, layer=name)
             stats = _statistics(model, reference, name, calls, batches, originals[name])
-            others = proximal_diagonal - shared[name] * _diagonal(pool, spec)  # kept near where they are now
+            others = proximal_diagonal - shared[name] * operator.diagonal([weight], device)  # kept near where they are now
             theta = pool.pool.detach().double()
             fits.append(
                 _solve(
-                    pool, spec, stats, anchor_diagonal + others, anchor_linear + others * theta, damping, iterations, tolerance
+                    pool, weight, stats, anchor_diagonal + others, anchor_linear + others * theta, damping, iterations, tolerance
                 )
             )
             progress.advance(task)
     return fits
 
 
-def _module_name(spec_name: str) -> str:
-    return spec_name.rpartition(".")[0]
+def _module_name(weight_name: str) -> str:
+    return weight_name.rpartition(".")[0]
 
 
-def _solvable(model: nn.Module, spec: WeightSpec) -> bool:
-    module_name, _, attr = spec.name.rpartition(".")
-    module = model.get_submodule(module_name) if module_name else model
-    return (
-        not spec.aliases
-        and bool(module_name)
-        and attr == "weight"
-        and isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d))
-    )
+def _solvable(model: nn.Module, weight: CompressedWeight) -> bool:
+    """A weight calibration can solve from its layer's inputs: the `weight` of a registered layer
+    kind with a `patches` function, not tied to another tensor."""
+    module_name, _, attr = weight.name.rpartition(".")
+    if weight.aliases or not module_name or attr != "weight":
+        return False
+    kind = kind_of(model.get_submodule(module_name))
+    return kind is not None and kind.patches is not None
 
 
 def _forward_order(model: nn.Module, pool: RPSPool, batch: Batch) -> list[tuple[str, int]]:
-    """(spec name, calls per forward) of the solvable layers, in the order a forward first calls them."""
-    solvable = {_module_name(s.name): s.name for s in pool.specs.values() if _solvable(model, s)}
+    """(weight name, calls per forward) of the solvable layers, in the order a forward first calls them."""
+    solvable = {_module_name(w.name): w.name for w in pool.weights.values() if _solvable(model, w)}
     calls: dict[str, int] = {}
 
     def count(module_name):
@@ -195,26 +197,6 @@ def _capture(model: nn.Module, module_name: str, calls: int, batch: Batch) -> li
     return seen
 
 
-def _patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A layer's input as rows of what multiplies its weight: (rows, groups, d)."""
-    if isinstance(module, nn.Linear):
-        return x.reshape(-1, 1, x.shape[-1])
-    pad_mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-    x = F.pad(x, module._reversed_padding_repeated_twice, mode=pad_mode)
-    if isinstance(module, nn.Conv1d):  # a Conv1d is a Conv2d of height 1
-        x = x.unsqueeze(2)
-        kernel, dilation, stride = (1, *module.kernel_size), (1, *module.dilation), (1, *module.stride)
-    else:
-        kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
-    cols = F.unfold(x, kernel, dilation=dilation, stride=stride)  # (n, C*k, L), channel-major columns
-    return cols.transpose(1, 2).reshape(-1, module.groups, cols.shape[1] // module.groups)
-
-
-def _grouped(weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """A weight as (groups, out per group, d), matching _patches."""
-    return weight.reshape(groups, weight.shape[0] // groups, -1)
-
-
 @dataclass
 class _Stats:
     H: torch.Tensor  # (G, d, d): sum of X^T X
@@ -226,7 +208,8 @@ def _statistics(model, reference, name, calls, batches, original) -> _Stats:
     module_name = _module_name(name)
     module = model.get_submodule(module_name)
     groups = getattr(module, "groups", 1)
-    target = _grouped(original.detach(), groups).double()
+    patches = kind_of(module).patches
+    target = grouped(original.detach(), groups).double()
     per_sample = math.prod(getattr(module, "kernel_size", (1,)))  # patch elements per input element, at most
     H = B = None
     yy = 0.0
@@ -236,7 +219,7 @@ def _statistics(model, reference, name, calls, batches, original) -> _Stats:
         for x, x_ref in zip(ours, theirs):
             step = max(1, ROWS // max(x[0].numel() * per_sample, 1))
             for xs, xr in zip(x.split(step), x_ref.split(step)):
-                p, p_ref = _patches(module, xs).double(), _patches(module, xr).double()
+                p, p_ref = patches(module, xs).double(), patches(module, xr).double()
                 y = torch.einsum("ngd,god->ngo", p_ref, target)
                 h, b = torch.einsum("ngd,nge->gde", p, p), torch.einsum("ngo,ngd->god", y, p)
                 H, B = (h, b) if H is None else (H + h, B + b)
@@ -246,44 +229,17 @@ def _statistics(model, reference, name, calls, batches, original) -> _Stats:
     return _Stats(H, B, yy)
 
 
-def _weight(pool: RPSPool, spec: WeightSpec, v: torch.Tensor) -> torch.Tensor:
-    """W(v): the weight the pool vector v generates (linear in v)."""
-    pieces = [v[slots] * (sign.to(v.dtype) * spec.scale) for _, _, slots, sign in _chunks(pool, spec, v.device)]
-    return torch.cat(pieces).view(spec.shape)
-
-
-def _adjoint(pool: RPSPool, spec: WeightSpec, u: torch.Tensor) -> torch.Tensor:
-    """W^T(u): the pool vector whose inner product with v equals <u, W(v)> (a scatter-add)."""
-    out = torch.zeros(pool.size, dtype=u.dtype, device=u.device)
-    flat = u.reshape(-1)
-    for lo, hi, slots, sign in _chunks(pool, spec, u.device):
-        out.index_add_(0, slots, flat[lo:hi] * (sign.to(u.dtype) * spec.scale))
-    return out
-
-
-def _chunks(pool: RPSPool, spec: WeightSpec, device):
-    return chunks(pool.mapping, spec.offset, spec.numel, pool.size, pool.seed, device)
-
-
 def _squared_norm(t: torch.Tensor) -> float:
     return max(float(t.detach().double().square().sum()), 1e-30)
 
 
-def _diagonal(pool: RPSPool, spec: WeightSpec) -> torch.Tensor:
-    """The diagonal of W^T W over the pool: the sum of scale^2 over the weight's elements in a slot."""
-    ones = torch.ones(pool.size, dtype=torch.float64, device=pool.pool.device)
-    return _adjoint(pool, spec, _weight(pool, spec, ones))
+def _penalty_diagonal(pool: RPSPool, factors: dict[str, float]) -> torch.Tensor:
+    """sum_k factors[k] * diag(W_k^T W_k): the Hessian of the penalties, one vector of the pool's size."""
+    weights = [pool.weights[name] for name in factors]
+    return pool.operator.counts(weights, pool.pool.device, lambda weight: factors[weight.name] * weight.scale**2)
 
 
-def _penalty_diagonal(pool: RPSPool, weights: dict[str, float]) -> torch.Tensor:
-    """sum_k weights[k] * diag(W_k^T W_k): the Hessian of the penalties, one vector of the pool's size."""
-    diagonal = torch.zeros(pool.size, dtype=torch.float64, device=pool.pool.device)
-    for name, weight in weights.items():
-        diagonal += weight * _diagonal(pool, pool.specs[name])
-    return diagonal
-
-
-def _solve(pool, spec, stats, anchor_diagonal, anchor_linear, damping, iterations, tolerance) -> LayerFit:
+def _solve(pool, weight, stats, anchor_diagonal, anchor_linear, damping, iterations, tolerance) -> LayerFit:
     """Preconditioned conjugate gradients on layer l's problem (see the module docstring).
 
     The other layers' anchors enter as their diagonal Hessian and linear term, without layer l's own.
@@ -295,29 +251,30 @@ def _solve(pool, spec, stats, anchor_diagonal, anchor_linear, damping, iteration
     B = (stats.B / stats.yy).to(dtype)
     ridge = damping * float(torch.diagonal(H, dim1=1, dim2=2).mean())
     ones = torch.ones(pool.size, dtype=dtype, device=theta.device)
-    signs = _weight(pool, spec, ones)  # scale * sign of every element: J^T (signs * c) sums scale^2 * c per slot
+    A = pool.operator
+    signs = A.generate(ones, weight)  # scale * sign of every element: A^T (signs * c) sums scale^2 * c per slot
     anchor_diagonal = anchor_diagonal.clamp(min=0)
-    diagonal = (anchor_diagonal + ridge * _diagonal(pool, spec)).to(dtype)
+    diagonal = (anchor_diagonal + ridge * A.diagonal([weight], theta.device)).to(dtype)
 
-    def grouped(w):
-        return _grouped(w, groups)
+    def by_group(w):
+        return grouped(w, groups)
 
     def data_term(w):  # gradient of the data term / 2, as a weight
-        return torch.bmm(grouped(w), H).reshape(spec.shape)
+        return torch.bmm(by_group(w), H).reshape(weight.shape)
 
-    def operator(v):
-        return _adjoint(pool, spec, data_term(_weight(pool, spec, v))) + diagonal * v
+    def normal(v):  # the normal operator of layer l's problem
+        return A.adjoint(weight, data_term(A.generate(v, weight))) + diagonal * v
 
     def error(w):  # relative output error on the calibration data
-        g = grouped(w)
+        g = by_group(w)
         value = float((torch.bmm(g, H) * g).sum() - 2 * (g * B).sum()) + 1.0
         return max(value, 0.0) ** 0.5
 
-    w0 = _weight(pool, spec, theta.to(dtype))
+    w0 = A.generate(theta.to(dtype), weight)
     before = error(w0)
-    rhs = _adjoint(pool, spec, B.reshape(spec.shape) - data_term(w0)) + (anchor_linear - anchor_diagonal * theta).to(dtype)
+    rhs = A.adjoint(weight, B.reshape(weight.shape) - data_term(w0)) + (anchor_linear - anchor_diagonal * theta).to(dtype)
     h_diag = torch.diagonal(H, dim1=1, dim2=2)  # (G, d): the data term's diagonal, per weight element
-    precondition = _adjoint(pool, spec, signs * h_diag.unsqueeze(1).expand(grouped(w0).shape).reshape(spec.shape))
+    precondition = A.adjoint(weight, signs * h_diag.unsqueeze(1).expand(by_group(w0).shape).reshape(weight.shape))
     precondition = 1.0 / (precondition + diagonal).clamp(min=1e-30)
 
     delta = torch.zeros_like(theta, dtype=dtype)
@@ -328,14 +285,14 @@ def _solve(pool, spec, stats, anchor_diagonal, anchor_linear, damping, iteration
     # Converged when the residual is small against the whole problem's right-hand side (the one of
     # an empty pool), not against the start: at ratio 1.0 the start is already exact, and rounding
     # noise must not be "solved".
-    whole = _adjoint(pool, spec, B.reshape(spec.shape))
+    whole = A.adjoint(weight, B.reshape(weight.shape))
     scale = float(whole @ (precondition * whole))
     done = 0
     for done in range(1, iterations + 1):
         if rz <= tolerance**2 * scale:
             done -= 1
             break
-        q = operator(p)
+        q = normal(p)
         alpha = rz / float(p @ q)
         delta += alpha * p
         r -= alpha * q
@@ -343,4 +300,4 @@ def _solve(pool, spec, stats, anchor_diagonal, anchor_linear, damping, iteration
         rz, previous = float(r @ z), rz
         p = z + (rz / previous) * p
     theta.add_(delta.to(theta.dtype))
-    return LayerFit(spec.name, before, error(_weight(pool, spec, theta.to(dtype))), done)
+    return LayerFit(weight.name, before, error(A.generate(theta.to(dtype), weight)), done)

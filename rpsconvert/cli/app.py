@@ -26,15 +26,16 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 import rpsconvert
-from rpsconvert.budget import check_ratio, format_bytes, parse_bytes
-from rpsconvert.checkpoint import Checkpoint, decompress, encode, read, save_dense, write_atomic
-from rpsconvert.convert import RPSWarning
-from rpsconvert.inputs import read_model
-from rpsconvert.mapping import MAPPINGS
-from rpsconvert.batches import load_calibration
-from rpsconvert.fidelity import Fidelity, fidelity, weight_errors
-from rpsconvert.recovery import recover
-from rpsconvert.report import ConversionReport, report
+from rpsconvert.engine.budget import check_ratio, format_bytes, parse_bytes
+from rpsconvert.format.checkpoint import Checkpoint, decompress, encode, read
+from rpsconvert.format.files import save_dense, write_atomic
+from rpsconvert.errors import OutputExistsError, RPSError, RPSWarning
+from rpsconvert.cli.inputs import read_model
+from rpsconvert.engine.mapping import MAPPINGS
+from rpsconvert.quality.batches import load_calibration
+from rpsconvert.quality.fidelity import Fidelity, fidelity, weight_errors
+from rpsconvert.quality.recovery import recover
+from rpsconvert.engine.report import ConversionReport, report
 
 _DEFAULTS = inspect.signature(rpsconvert.convert).parameters  # one source for the defaults
 _POOL_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -99,8 +100,8 @@ def _reported(debug: bool) -> Iterator[None]:
     except Exception as exc:
         if debug:
             raise
-        text = " ".join(str(exc).split()) or type(exc).__name__
-        if not isinstance(exc, (ValueError, OSError)):  # not a user error we expected: say what broke
+        text = " ".join((exc.for_cli() if isinstance(exc, RPSError) else str(exc)).split()) or type(exc).__name__
+        if not isinstance(exc, (RPSError, ValueError, OSError)):  # not a user error we expected: say what broke
             text = f"{type(exc).__name__}: {text} (rerun with --debug for the traceback)"
         typer.secho(f"error: {text}", err=True, fg="red")
         raise typer.Exit(1) from None
@@ -180,7 +181,7 @@ def convert_command(
                 source = read_model(model, arch=arch, trust_pickle=trust_pickle)
                 output = output or source.output
                 if output.exists() and not (force or dry_run):  # fail before the long part
-                    raise FileExistsError(f"{output} already exists: pass --force to replace it, or -o another path")
+                    raise OutputExistsError(f"{output} already exists: pass {{overwrite}} to replace it, or -o another path", overwrite=True)
             with stage("convert", "converting", own_bar=calibration is not None):
                 converted = rpsconvert.convert(
                     source.model, ratio, budget=budget_bytes, mapping=mapping, seed=seed, include=include or None,
@@ -270,38 +271,39 @@ def info(
         ckpt = read(file)
         if json_output:
             dense = {name: {"shape": list(t.shape), "dtype": _dtype(t.dtype)} for name, t in ckpt.tensors.items()}
-            typer.echo(json.dumps({"file": str(file), "file_bytes": file.stat().st_size, "spec": ckpt.spec, "dense": dense}))
+            typer.echo(json.dumps({"file": str(file), "file_bytes": file.stat().st_size, "manifest": ckpt.manifest, "dense": dense}))
         else:
             _stdout.print(_metadata_table(ckpt, file))
             _stdout.print(_layer_table(ckpt))
 
 
 def _metadata_table(ckpt: Checkpoint, file: Path) -> Table:
-    spec, pool = ckpt.spec, ckpt.pool
-    elements = sum(s.numel for s in pool.specs.values())
+    manifest, pool = ckpt.manifest, ckpt.pool
+    elements = sum(w.numel for w in pool.weights.values())
     size = file.stat().st_size
     table = Table(title=str(file), title_justify="left", show_header=False)
     for key, value in (
-        ("format", f"{spec['format']} v{spec['format_version']} (hash {spec['hash']}), sha256 verified"),
-        ("written by", f"rpsconvert {spec.get('rpsconvert_version', '?')}"),
-        ("architecture", _architecture(spec.get("architecture"))),
-        ("mapping, seed", f"{spec['mapping']}, {spec['seed']}"),
-        ("pool", f"{pool.size:,} {spec['pool']['dtype']} slots, {format_bytes(pool.size * pool.storage_dtype.itemsize)}"),
-        ("compressed", f"{len(pool.specs)} weights, {elements:,} elements (ratio {pool.size / max(elements, 1):.4g})"),
+        ("format", f"{manifest['format']} v{manifest['format_version']} (hash {manifest['hash']}), sha256 verified"),
+        ("written by", f"rpsconvert {manifest.get('rpsconvert_version', '?')}"),
+        ("architecture", _architecture(manifest.get("architecture"))),
+        ("mapping, seed", f"{manifest['mapping']}, {manifest['seed']}"),
+        ("pool", f"{pool.size:,} {manifest['pool']['dtype']} slots, {format_bytes(pool.size * pool.storage_dtype.itemsize)}"),
+        ("compressed", f"{len(pool.weights)} weights, {elements:,} elements (ratio {pool.size / max(elements, 1):.4g})"),
         ("kept dense", f"{len(ckpt.dense_state())} tensors, {format_bytes(sum(t.numel() * t.element_size() for t in ckpt.tensors.values()))}"),
-        ("size", f"{format_bytes(spec['original_bytes'])} -> {format_bytes(size)} file ({spec['original_bytes'] / size:.1f}x smaller)"),
+        ("size", f"{format_bytes(manifest['original_bytes'])} -> {format_bytes(size)} file ({manifest['original_bytes'] / size:.1f}x smaller)"),
     ):
         table.add_row(key, value)
     return table
 
 
-def _architecture(spec: str | dict | None) -> str:
-    if not spec:
+def _architecture(architecture: str | dict | None) -> str:
+    if not architecture:
         return "not recorded: load with a skeleton"
-    if isinstance(spec, str):
-        return spec
-    options = ", ".join(f"{k}={v!r}" for k, v in spec.get("kwargs", {}).items())
-    return f"{spec['source']}:{spec['name']}" + (f"({options})" if options else "") + (" from its recorded config" if "config" in spec else "")
+    if isinstance(architecture, str):
+        return architecture
+    options = ", ".join(f"{k}={v!r}" for k, v in architecture.get("kwargs", {}).items())
+    named = f"{architecture['source']}:{architecture['name']}" + (f"({options})" if options else "")
+    return named + (" from its recorded config" if "config" in architecture else "")
 
 
 def _layer_table(ckpt: Checkpoint) -> Table:
@@ -310,10 +312,10 @@ def _layer_table(ckpt: Checkpoint) -> Table:
     table.add_column("name", overflow="fold")  # long names fold; the short columns never do
     for column in ("shape", "dtype", "stored", "scale"):
         table.add_column(column, justify="right" if column == "scale" else "left", no_wrap=True)
-    for s in ckpt.pool.specs.values():
+    for s in ckpt.pool.weights.values():
         for name in (s.name, *s.aliases):
             table.add_row(name, _shape(s.shape), _dtype(s.dtype), "pool" if name == s.name else f"= {s.name}", f"{s.scale:.4g}")
-    aliases = ckpt.spec["dense_aliases"]
+    aliases = ckpt.manifest["dense_aliases"]
     for name, t in ckpt.dense_state().items():
         stored = f"= {aliases[name]}" if name in aliases else f"dense {format_bytes(t.numel() * t.element_size())}"
         table.add_row(name, _shape(t.shape), _dtype(t.dtype), stored, "")
@@ -343,7 +345,7 @@ def decompress_command(
     with _reported(debug):
         output = output or file.with_name(file.name.removesuffix(".safetensors").removesuffix(".rps") + ".dense.safetensors")
         if output.exists() and not force:
-            raise FileExistsError(f"{output} already exists: pass --force to replace it, or -o another path")
+            raise OutputExistsError(f"{output} already exists: pass {{overwrite}} to replace it, or -o another path", overwrite=True)
         state = decompress(file)
         save_dense(state, output, overwrite=force)
         if not quiet:

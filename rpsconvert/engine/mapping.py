@@ -1,19 +1,23 @@
-"""Mappings h: global element index -> pool slot.
+"""Mappings h: global element index -> pool slot, and the registry that names them.
 
 Every element of every compressed weight has a global index in one virtual vector (a weight's
 elements start at its `offset`). A mapping turns any range of global indices into slots, so a weight
 can be generated, projected or counted chunk by chunk with bounded temporary memory.
+
+A mapping is a frozen dataclass registered under its `name`: the name and the dataclass fields
+(ROAST's tile size) are written into every checkpoint, so a file regenerates its weights with the
+very mapping that made it. `register_mapping` is all a new mapping needs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import lru_cache
-from typing import Iterator, Protocol
+from typing import Any, ClassVar, Iterator, Protocol
 
 import torch
 
-from rpsconvert.hashing import (
+from rpsconvert.engine.hashing import (
     STREAM_ROTATION,
     STREAM_SLOT,
     STREAM_TILE,
@@ -28,11 +32,41 @@ _MAX_SEGMENTS = 64  # RandomFold: above this many folds in one range, arithmetic
 
 
 class Mapping(Protocol):
-    name: str
+    name: ClassVar[str]
 
     def slots(self, start: int, stop: int, m: int, seed: int, device: torch.device | str) -> torch.Tensor:
         """h(i) for the global indices [start, stop), int64 in [0, m)."""
         ...
+
+
+MAPPINGS: dict[str, type[Mapping]] = {}
+
+
+def register_mapping(cls: type[Mapping]) -> type[Mapping]:
+    """Class decorator: make a mapping known to `convert(mapping=...)`, the CLI and the file reader."""
+    if cls.name in MAPPINGS:
+        raise ValueError(f"a mapping named {cls.name!r} is already registered")
+    MAPPINGS[cls.name] = cls
+    return cls
+
+
+def get_mapping(mapping: str | Mapping, params: dict[str, Any] | None = None) -> Mapping:
+    """The mapping named `mapping` with `params` (its dataclass fields), or `mapping` itself."""
+    if not isinstance(mapping, str):
+        if type(mapping) not in MAPPINGS.values():
+            raise ValueError(f"{type(mapping).__name__} is not a registered mapping: decorate it with register_mapping")
+        return mapping
+    if mapping not in MAPPINGS:
+        raise ValueError(f"unknown mapping {mapping!r}: choose one of {', '.join(MAPPINGS)}")
+    try:
+        return MAPPINGS[mapping](**(params or {}))
+    except TypeError as exc:
+        raise ValueError(f"invalid parameters {params} for mapping {mapping!r} ({exc})") from None
+
+
+def mapping_params(mapping: Mapping) -> dict[str, Any]:
+    """The parameters that, with its name, rebuild `mapping` (recorded in checkpoints)."""
+    return {f.name: getattr(mapping, f.name) for f in fields(mapping)}
 
 
 @lru_cache(maxsize=64)
@@ -40,6 +74,7 @@ def _key(seed: int, stream: int) -> int:
     return stream_key(seed, stream)
 
 
+@register_mapping
 @dataclass(frozen=True)
 class RandomFold:
     """STABLE-RPS: fold c = i // m lies on the pool rotated by H(c).
@@ -48,7 +83,7 @@ class RandomFold:
     conversion at ratio 1.0 is lossless.
     """
 
-    name: str = "randomfold"
+    name: ClassVar[str] = "randomfold"
 
     def slots(self, start, stop, m, seed, device="cpu"):
         first, last = start // m, (stop - 1) // m
@@ -68,22 +103,28 @@ class RandomFold:
         return torch.cat(runs) if len(runs) > 1 else runs[0]
 
 
+@register_mapping
 @dataclass(frozen=True)
 class HashedNet:
     """Chen et al. 2015: an independent hash per element (unbalanced, lossy even at m = N)."""
 
-    name: str = "hashednet"
+    name: ClassVar[str] = "hashednet"
 
     def slots(self, start, stop, m, seed, device="cpu"):
         return hash32(torch.arange(start, stop, device=device), _key(seed, STREAM_SLOT)) % m
 
 
+@register_mapping
 @dataclass(frozen=True)
 class RoastTile:
     """ROAST: contiguous tiles of `tile` elements are hashed as a whole onto the pool."""
 
-    name: str = "roast"
+    name: ClassVar[str] = "roast"
     tile: int = 1024
+
+    def __post_init__(self):
+        if not isinstance(self.tile, int) or self.tile < 1:
+            raise ValueError(f"ROAST's tile must be a positive integer, got {self.tile!r}")
 
     def slots(self, start, stop, m, seed, device="cpu"):
         i = torch.arange(start, stop, device=device)
@@ -91,16 +132,6 @@ class RoastTile:
         first = start // self.tile
         offsets = hash32(torch.arange(first, (stop - 1) // self.tile + 1, device=device), _key(seed, STREAM_TILE))
         return (offsets[tile - first] + i % self.tile) % m
-
-
-MAPPINGS: dict[str, Mapping] = {m.name: m for m in (RandomFold(), HashedNet(), RoastTile())}
-
-
-def get_mapping(name: str) -> Mapping:
-    try:
-        return MAPPINGS[name]
-    except KeyError:
-        raise ValueError(f"unknown mapping {name!r}: choose one of {', '.join(MAPPINGS)}") from None
 
 
 def chunks(

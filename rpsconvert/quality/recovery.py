@@ -24,8 +24,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
-from rpsconvert.batches import Batch, cycle, device_of, eval_mode, is_logits, outputs, process_group, run, shard, size, to_device
-from rpsconvert.fidelity import Fidelity, fidelity, paired_outputs
+from rpsconvert.quality.batches import Batch, cycle, device_of, eval_mode, is_logits, outputs, process_group, run, shard, size, to_device
+from rpsconvert.quality.fidelity import Fidelity, fidelity, paired_outputs
 
 Loss = Union[str, Callable[[object, object], torch.Tensor]]
 LOSSES = ("auto", "kl", "mse", "cosine")
@@ -125,7 +125,7 @@ def recover(
     grad: the pool and the dense tensors).
     """
     if isinstance(data, (torch.Tensor, dict)):
-        raise TypeError("data must be a list or DataLoader of batches: cut a tensor with rpsconvert.batches.split(x, 32)")
+        raise TypeError("data must be a list or DataLoader of batches: cut a tensor with rpsconvert.quality.batches.split(x, 32)")
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     lr = DEFAULT_LR if lr is None else lr

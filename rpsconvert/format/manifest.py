@@ -1,0 +1,115 @@
+"""The manifest of a checkpoint: the JSON that, with the pool, regenerates every compressed weight.
+
+Its fields are specified in docs/format.md, part 2; `digest` is the sha256 that covers it and the
+tensors, so a flipped bit anywhere is caught rather than loaded as slightly wrong weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+
+from rpsconvert import __version__
+from rpsconvert.engine.hashing import check_seed
+from rpsconvert.engine.mapping import MAX_SLOTS, get_mapping, mapping_params
+from rpsconvert.engine.operator import CompressedWeight
+from rpsconvert.engine.pool import POOL_PARAM, RPSPool
+
+FORMAT = "rpsconvert"
+FORMAT_VERSION = 2  # the newest version this code reads; it writes 1 whenever 1 says everything
+HASH_SPEC = "fmix32-v1"
+MANIFEST_KEY = "rpsconvert"  # safetensors metadata key of the JSON manifest
+DIGEST_KEY = "rpsconvert.sha256"  # safetensors metadata key of the digest
+POOL_TENSOR = POOL_PARAM  # the pool's state-dict name
+# The parameters every mapping had, unwritten, in version 1 files.
+_V1_MAPPING_PARAMS = {"randomfold": {}, "hashednet": {}, "roast": {"tile": 1024}}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dtype
+
+
+def manifest_json(pool: RPSPool, dense_aliases: dict[str, str], original_bytes: int) -> dict:
+    """The manifest of a checkpoint: everything but the tensor data and the digest."""
+    params = mapping_params(pool.mapping)
+    return {
+        "format": FORMAT,
+        # version 2 added mapping_params; a file whose mapping has its version-1 parameters stays
+        # version 1, so that every reader of version 1 still reads it
+        "format_version": 1 if params == _V1_MAPPING_PARAMS.get(pool.mapping.name) else 2,
+        "hash": HASH_SPEC,
+        "mapping": pool.mapping.name,
+        "mapping_params": params,
+        "seed": pool.seed,
+        "pool": {"tensor": POOL_TENSOR, "slots": pool.size, "dtype": dtype_name(pool.storage_dtype)},
+        "weights": [
+            {
+                "name": w.name,
+                "aliases": list(w.aliases),
+                "shape": list(w.shape),
+                "dtype": dtype_name(w.dtype),
+                "offset": w.offset,
+                "scale": w.scale,
+            }
+            for w in pool.weights.values()
+        ],
+        "dense_aliases": dense_aliases,
+        "original_bytes": original_bytes,
+        "architecture": pool.info.get("architecture"),
+        "discovery": pool.info.get("discovery"),
+        "rpsconvert_version": __version__,
+    }
+
+
+def digest(manifest_text: str, tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of the manifest text, then of every tensor in name order: name, a zero byte, raw bytes.
+
+    It covers everything a loader trusts (a scale or an offset in the manifest as much as the pool).
+    """
+    h = hashlib.sha256(manifest_text.encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(name.encode() + b"\0")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def parse(manifest: dict, tensors: dict[str, torch.Tensor]) -> RPSPool:
+    """The pool a (digest-checked) manifest describes, validated; its tensor is taken out of `tensors`.
+
+    Raises KeyError, TypeError or ValueError on a manifest that does not follow the format.
+    """
+    if manifest["format"] != FORMAT or manifest["hash"] != HASH_SPEC or not 1 <= manifest["format_version"] <= FORMAT_VERSION:
+        raise ValueError(f"unknown format {manifest['format']!r} version {manifest['format_version']!r} hash {manifest['hash']!r}")
+    weights = [
+        CompressedWeight(w["name"], tuple(int(d) for d in w["shape"]), _dtype(w["dtype"]), int(w["offset"]), float(w["scale"]), tuple(w["aliases"]))
+        for w in manifest["weights"]
+    ]
+    if any(w.offset < 0 or min(w.shape, default=1) < 0 or not math.isfinite(w.scale) for w in weights):
+        raise ValueError("a weight has a negative offset or dimension, or a scale that is not finite")
+    check_seed(manifest["seed"])
+    params = manifest["mapping_params"] if manifest["format_version"] >= 2 else _V1_MAPPING_PARAMS.get(manifest["mapping"])
+    mapping = get_mapping(manifest["mapping"], params)
+    pool_entry = manifest["pool"]
+    pool_tensor = tensors.pop(pool_entry["tensor"])
+    if pool_tensor.ndim != 1 or not 0 < pool_tensor.numel() < MAX_SLOTS or pool_tensor.numel() != pool_entry["slots"]:
+        raise ValueError(f"the pool must be a 1-D tensor of {pool_entry['slots']} slots, got shape {tuple(pool_tensor.shape)}")
+    if dtype_name(pool_tensor.dtype) != pool_entry["dtype"]:
+        raise ValueError(f"the pool is {dtype_name(pool_tensor.dtype)}, the manifest says {pool_entry['dtype']}")
+    if not set(manifest["dense_aliases"].values()) <= set(tensors):
+        raise ValueError("a dense alias names a tensor the file does not hold")
+    compute_dtype = weights[0].dtype if weights else pool_tensor.dtype  # the pool works in the weights' dtype
+    pool = RPSPool(pool_tensor.to(compute_dtype), mapping, manifest["seed"], weights, storage_dtype=pool_tensor.dtype)
+    pool.info.update(
+        architecture=manifest.get("architecture"), discovery=manifest.get("discovery"), original_bytes=manifest.get("original_bytes", 0)
+    )
+    return pool
