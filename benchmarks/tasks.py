@@ -1,6 +1,7 @@
 """The quality benchmark's tasks: real data that ships offline, the models, training and metrics.
 
-- digits: scikit-learn's 8x8 handwritten digits, a CNN and an MLP, test accuracy on a held-out split;
+- digits: scikit-learn's 8x8 handwritten digits, a CNN and an MLP, test accuracy on a held-out split
+  (data, models and metric from examples/digits.py, shared with the demo and the tests);
 - text: a byte-level transformer language model on the docstrings of Python's standard library,
   bits per byte on held-out modules.
 """
@@ -15,11 +16,16 @@ import math
 import sys
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for examples.digits
+
+from examples.digits import accuracy, digits_cnn, digits_mlp, digits_split  # noqa: E402
 
 SEED = 0
 
@@ -65,57 +71,30 @@ def build_seeded(task: Task, width: int) -> nn.Module:
 # ---------------------------------------------------------------- digits
 
 
-def digits_cnn(width: int) -> nn.Module:
-    """width=32: 283k weights (conv 1->32, max-pool, conv 32->64, fc 1024->256->10)."""
-    return nn.Sequential(
-        nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.Flatten(),
-        nn.Linear(2 * width * 16, 8 * width), nn.ReLU(),
-        nn.Linear(8 * width, 10),
-    )  # fmt: skip
-
-
-def digits_mlp(width: int) -> nn.Module:
-    """width=384: 176k weights (64->384->384->10)."""
-    return nn.Sequential(
-        nn.Flatten(), nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10)
-    )
-
-
-def _digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """1,347 training and 450 held-out test images, stratified, fixed seed; pixels scaled to [0, 1]."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(digits.target)
-    idx_train, idx_test = train_test_split(range(len(y)), test_size=0.25, random_state=SEED, stratify=digits.target)
-    return x[idx_train], y[idx_train], x[idx_test], y[idx_test]
-
-
-def _accuracy(x: torch.Tensor, y: torch.Tensor) -> Callable[[nn.Module], float]:
-    def evaluate(model: nn.Module) -> float:
-        with torch.no_grad():
-            return 100.0 * float((model.eval()(x).argmax(-1) == y).float().mean())
-
-    return evaluate
-
-
 def digits_tasks(train_steps: int, batch: int = 64) -> list[Task]:
-    x_train, y_train, x_test, y_test = _digits_split()
-    order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(SEED))
-    inputs = list(x_train[order].split(batch))
+    """The digits CNN (width 32, on images) and MLP (width 384, on flattened images), trained on the
+    train and calib parts of examples.digits (1,400 images) and tested on its heldout part (397)."""
+    parts = digits_split()
+    y_train = torch.cat([parts["train"].labels, parts["calib"].labels])
+    images = torch.cat([parts["train"].images, parts["calib"].images])
+    heldout = parts["heldout"]
+    order = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(SEED))
 
-    def sample(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        i = torch.randint(len(x_train), (batch,), generator=gen)
-        return x_train[i], y_train[i]
+    def task(name: str, build: Callable[[int], nn.Module], width: int, x_train: torch.Tensor, x_test: torch.Tensor) -> Task:
+        def sample(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+            i = torch.randint(len(x_train), (batch,), generator=gen)
+            return x_train[i], y_train[i]
 
-    common = dict(metric="test accuracy (%)", higher_is_better=True, train_steps=train_steps, lr=1e-3,
-                  sample=sample, loss=F.cross_entropy, evaluate=_accuracy(x_test, y_test), inputs=inputs)  # fmt: skip
+        def evaluate(model: nn.Module) -> float:
+            return 100.0 * accuracy(model.eval(), x_test, heldout.labels)
+
+        return Task(name=name, metric="test accuracy (%)", higher_is_better=True, build=build, width=width,
+                    train_steps=train_steps, lr=1e-3, sample=sample, loss=F.cross_entropy, evaluate=evaluate,
+                    inputs=list(x_train[order].split(batch)))  # fmt: skip
+
     return [
-        Task(name="digits CNN", build=digits_cnn, width=32, **common),
-        Task(name="digits MLP", build=digits_mlp, width=384, **common),
+        task("digits CNN", digits_cnn, 32, images, heldout.images),
+        task("digits MLP", digits_mlp, 384, images.flatten(1), heldout.flat),
     ]
 
 

@@ -1,52 +1,97 @@
-"""The built-in example: a small CNN trained on scikit-learn's digits in a few seconds, offline.
+"""scikit-learn's handwritten digits, offline: the data, models, training and metric shared by the
+demo (examples/demo.py), the tests (tests/digits.py) and the quality benchmark (benchmarks/tasks.py).
 
-The model is an nn.Sequential of torch.nn layers only, so its pickle loads through the safe
-allowlist (no --trust-pickle), like a user's torchvision model. Everything is seeded: the same
-seed gives the same weights and accuracy on the same machine.
+Import it as `examples.digits` with the repository root on sys.path (tests/conftest.py,
+benchmarks/tasks.py and examples/demo.py put it there). It is not part of the rpsconvert package:
+scikit-learn is a dev dependency only.
+
+The models are nn.Sequential of torch.nn layers only, so their pickles load through the safe
+allowlist (no --trust-pickle), like a user's torchvision model. Everything is seeded: the same seed
+gives the same split, weights and accuracy on the same machine.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@dataclass
-class Digits:
-    """scikit-learn's 1,797 8x8 digit images, scaled to [0, 1], in a fixed train/test split."""
-
-    x_train: torch.Tensor  # (1397, 1, 8, 8)
-    y_train: torch.Tensor
-    x_test: torch.Tensor  # (400, 1, 8, 8)
-    y_test: torch.Tensor
+SEED = 0
+SIZES = {"train": 1000, "calib": 400}  # and the remaining 397 images are "heldout"
 
 
-def load_digits(test_size: int = 400, seed: int = 0) -> Digits:
-    from sklearn.datasets import load_digits as sklearn_digits
+@dataclass(frozen=True)
+class Part:
+    """Some of the digits: images scaled to [0, 1] and their labels."""
 
-    data = sklearn_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16
-    y = torch.tensor(data.target)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    test, train = order[:test_size], order[test_size:]
-    return Digits(x[train], y[train], x[test], y[test])
+    images: torch.Tensor  # (n, 1, 8, 8) float32, for CNNs
+    labels: torch.Tensor  # (n,) int64
+
+    @property
+    def flat(self) -> torch.Tensor:
+        """The images as (n, 64) rows, for MLPs (a view: no copy)."""
+        return self.images.flatten(1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
 
 
-def digits_cnn() -> nn.Sequential:
-    """Two 3x3 convolutions and two linear layers: 71,754 parameters (287 kB in fp32)."""
+@lru_cache(maxsize=1)
+def digits_split() -> dict[str, Part]:
+    """The 1,797 images in one fixed random order, split into "train" (1,000: fit the dense model),
+    "calib" (400: calibrate and recover the converted one) and "heldout" (397: score both).
+
+    Users take the parts they need: the benchmark trains on train + calib and scores on heldout.
+    The tensors are shared between callers (cached): do not modify them in place.
+    """
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16
+    labels = torch.tensor(data.target)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(SEED))
+    images, labels = images[order], labels[order]
+    parts, start = {}, 0
+    for name, size in (*SIZES.items(), ("heldout", len(labels) - sum(SIZES.values()))):
+        parts[name] = Part(images[start : start + size], labels[start : start + size])
+        start += size
+    return parts
+
+
+def digits_cnn(width: int = 16) -> nn.Sequential:
+    """Conv 1->width, max-pool to 4x4, conv width->2*width, fc (32*width)->(8*width)->10.
+
+    width=16 (the demo's): 71,754 parameters, 287 kB in fp32; width=32 (the benchmark's): 283,786.
+    """
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(32 * 4 * 4, 128), nn.ReLU(),
-        nn.Linear(128, 10),
-    )
+        nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.Flatten(),
+        nn.Linear(2 * width * 16, 8 * width), nn.ReLU(),
+        nn.Linear(8 * width, 10),
+    )  # fmt: skip
 
 
-def train_digits_cnn(data: Digits, steps: int = 300, seed: int = 0) -> nn.Sequential:
-    """A digits_cnn trained with Adam on minibatches of 128 (about 98 % test accuracy).
+def digits_mlp(width: int = 128) -> nn.Sequential:
+    """64->width->width->10 on flattened images (Part.flat). width=128 (the tests'): 26,122
+    parameters; width=384 (the benchmark's): 176,650."""
+    return nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
+
+
+def train(
+    build: Callable[[], nn.Module],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    steps: int = 300,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    seed: int = 0,
+) -> nn.Module:
+    """A model from `build()`, initialized and trained from `seed`: Adam on random minibatches of
+    (x, y) with cross-entropy. It comes back in eval mode.
 
     Training runs on one thread: a model this small gains nothing from more, and on a busy machine
     their synchronization made it 70 times slower.
@@ -55,12 +100,12 @@ def train_digits_cnn(data: Digits, steps: int = 300, seed: int = 0) -> nn.Sequen
     torch.set_num_threads(1)
     try:
         torch.manual_seed(seed)
-        model = digits_cnn()
-        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+        model = build()
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
         batches = torch.Generator().manual_seed(seed)
         for _ in range(steps):
-            idx = torch.randint(0, len(data.y_train), (128,), generator=batches)
-            loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+            i = torch.randint(0, len(y), (batch_size,), generator=batches)
+            loss = F.cross_entropy(model(x[i]), y[i])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -71,4 +116,5 @@ def train_digits_cnn(data: Digits, steps: int = 300, seed: int = 0) -> nn.Sequen
 
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """The fraction of `x` that `model` labels as `y` (in [0, 1])."""
     return (model(x).argmax(dim=1) == y).float().mean().item()

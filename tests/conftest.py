@@ -1,4 +1,7 @@
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+# tests/ for the test helpers (`from digits import trained_mlp`), the repository root for the
+# shared examples (`from examples.digits import digits_split`)
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]

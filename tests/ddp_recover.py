@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # as tests/conftest.py: the test helpers, then examples.digits
 
 from digits import batches, trained_mlp  # noqa: E402
 from rpsconvert import convert  # noqa: E402

@@ -62,12 +62,15 @@ def find_pool(model: nn.Module) -> RPSPool:
 
 def install(model: nn.Module, pool: RPSPool) -> None:
     """Replace every name of every compressed weight by a pool-backed property; attach the pool."""
-    if is_converted(model) or hasattr(model, POOL_ATTR):
+    if is_converted(model):
         raise ValueError("the model is already converted (it has an RPS pool): pass the original model")
+    if hasattr(model, POOL_ATTR):
+        raise ValueError(f"the model has an attribute {POOL_ATTR!r} of its own, where rpsconvert keeps its pool: rename it")
     model.register_parameter(POOL_PARAM, pool.pool)
     pool._owner, pool._detached = model, None
     object.__setattr__(model, POOL_ATTR, pool)
     for module, names in _by_module(model, pool).items():
+        order = module.__dict__.get("_rps_order") or list(module._parameters)  # for densify
         for attr in names:
             delattr(module, attr)
         base = getattr(type(module), "_rps_original_class", type(module))
@@ -75,6 +78,7 @@ def install(model: nn.Module, pool: RPSPool) -> None:
         module.__class__ = _rps_class(base, tuple(sorted(merged)))
         object.__setattr__(module, "_rps_pool", pool)
         object.__setattr__(module, "_rps_names", merged)
+        object.__setattr__(module, "_rps_order", order)
 
 
 def _by_module(model: nn.Module, pool: RPSPool) -> dict[nn.Module, dict[str, str]]:
@@ -102,9 +106,12 @@ def densify(model: nn.Module) -> nn.Module:
         }
     for module, names in _by_module(model, pool).items():
         module.__class__ = module._rps_original_class
+        order = module.__dict__.pop("_rps_order")
         del module.__dict__["_rps_pool"], module.__dict__["_rps_names"]
         for attr, name in names.items():
             module.register_parameter(attr, dense[name])
+        params = module._parameters  # back in the original order, so state dicts list the same keys
+        module._parameters = {**{k: params[k] for k in order if k in params}, **params}
     del model._parameters[POOL_PARAM]
     del model.__dict__[POOL_ATTR]
     return model

@@ -55,7 +55,6 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn

@@ -113,19 +113,44 @@ def recover(
 ) -> RecoveryHistory:
     """Fine-tune `model` in place to reproduce `teacher` (the original) on the inputs of `data`.
 
-    `data` is a list or DataLoader of batches (tensor, tuple or dict), cycled for `steps` steps.
-    Adam with `lr` (default DEFAULT_LR) after a linear warmup over the first `warmup` fraction of
-    the steps, then cosine decay to zero. With `eval_data` (held-out batches, never the training
-    ones) fidelity and the distillation loss are measured every `eval_every` steps; training stops
-    early after `patience` evaluations without a 0.1 % gain in that held-out loss, and the best
-    evaluated parameters are kept, so recovery never returns a model worse than it got. Without `eval_data` the stop watches the
-    training loss. `inputs` picks the model's input out of a batch that also holds labels;
-    `labels` picks hard labels to add a cross-entropy term on the first logits (optional);
-    `trainable(name, parameter)` chooses what is trained (default: every parameter that requires
-    grad: the pool and the dense tensors).
+    Distillation needs no labels: the converted model learns the original's outputs. Adam after a
+    linear warmup, then cosine decay to zero; with `eval_data`, training stops early once the
+    held-out loss stops improving and the best evaluated parameters are kept, so recovery never
+    returns a model worse than it got. Works under torchrun (DistributedDataParallel): every
+    process passes the same global batches and takes its share of each.
+
+    Args:
+        model: the converted model (trained in place).
+        teacher: the original model, unchanged.
+        data: a list or DataLoader of batches (tensor, tuple or dict), cycled for `steps` steps.
+        steps: optimizer steps.
+        lr: Adam's learning rate (default DEFAULT_LR, measured: docs/recovery.md).
+        loss: "auto" (KL on logits, relative MSE elsewhere), "kl", "mse" or "cosine".
+        eval_data: held-out batches, never the training ones: fidelity and the distillation loss
+            are measured on them every `eval_every` steps (default: a tenth of the steps).
+        inputs: picks the model's input out of a batch that also holds labels.
+        labels: picks hard labels, adding a cross-entropy term on the first logits (optional).
+        trainable: `trainable(name, parameter)` chooses what is trained (default: every parameter
+            that requires grad: the pool and the dense tensors).
+        eval_every: steps between evaluations.
+        patience: evaluations without a 0.1 % gain in the held-out loss before stopping (without
+            `eval_data` the stop watches the training loss).
+        warmup: fraction of the steps spent warming the learning rate up.
+        quiet: hide the progress bar (shown on stderr).
+
+    Returns:
+        A RecoveryHistory: the loss per step, fidelity before and after, the steps taken.
+
+    Raises:
+        TypeError: `data` is one tensor or dict rather than a sequence of batches.
+        ValueError: `steps` < 1, an unknown `loss`, or nothing to train.
+
+    Example:
+        >>> history = recover(small, model, train_batches, steps=1000, eval_data=heldout_batches)
+        >>> print(history.before.summary(), "->", history.after.summary())
     """
     if isinstance(data, (torch.Tensor, dict)):
-        raise TypeError("data must be a list or DataLoader of batches: cut a tensor with rpsconvert.quality.batches.split(x, 32)")
+        raise TypeError("data must be a list or DataLoader of batches: split a tensor into a list first, e.g. list(x.split(32))")
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     lr = DEFAULT_LR if lr is None else lr
