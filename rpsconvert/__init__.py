@@ -10,7 +10,7 @@ parts behind it (docs/architecture.md):
 - `rpsconvert.cli`: the `rpsconvert` command.
 """
 
-__version__ = "0.1.0"
+from rpsconvert.version import __version__  # noqa: F401  (rpsconvert.__version__)
 
 import importlib as _importlib
 import sys as _sys
@@ -32,6 +32,7 @@ from rpsconvert.engine.modules import clear_cache, densify, is_converted, materi
 from rpsconvert.engine.pool import RPSPool
 from rpsconvert.engine.report import ConversionReport, WeightReport, report
 from rpsconvert.format.checkpoint import decompress, load, save
+from rpsconvert.quality.batches import load_calibration
 from rpsconvert.quality.calibration import LayerFit, calibrate
 from rpsconvert.quality.fidelity import Fidelity, fidelity, layer_errors, weight_errors
 from rpsconvert.quality.recovery import RecoveryHistory, recover
@@ -50,6 +51,7 @@ __all__ = [
     "clear_cache",
     "parse_bytes",
     # get the quality back, and measure it
+    "load_calibration",
     "calibrate",
     "recover",
     "fidelity",

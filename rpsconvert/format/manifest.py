@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from rpsconvert import __version__
+from rpsconvert.version import __version__
 from rpsconvert.engine.hashing import check_seed
 from rpsconvert.engine.mapping import MAX_SLOTS, get_mapping, mapping_params
 from rpsconvert.engine.operator import CompressedWeight

@@ -1,0 +1,52 @@
+"""The architecture of docs/architecture.md, checked: which part may import which."""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).parent.parent / "rpsconvert"
+
+# part -> the parts it may import (besides itself); docs/architecture.md draws the same picture
+ALLOWED = {
+    "version": set(),
+    "errors": set(),
+    "engine": {"errors"},
+    "format": {"engine", "errors", "version"},
+    "quality": {"engine", "errors"},
+    "conversion": {"engine", "format", "quality", "errors"},
+    "cli": {"engine", "format", "quality", "conversion", "errors", "version", "__init__"},
+    "__init__": {"engine", "format", "quality", "conversion", "errors", "version"},
+}
+
+
+def _part(path: Path) -> str:
+    relative = path.relative_to(PACKAGE)
+    return relative.parts[0] if len(relative.parts) > 1 else relative.stem
+
+
+def _imported_parts(path: Path) -> set[str]:
+    parts = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+        names += [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+        for name in names:
+            if name == "rpsconvert":
+                parts.add("__init__")
+            elif name.startswith("rpsconvert."):
+                parts.add(name.split(".")[1])
+    return parts
+
+
+def test_every_part_imports_only_the_parts_below_it():
+    files = sorted(PACKAGE.rglob("*.py"))
+    assert len(files) > 20
+    for path in files:
+        part = _part(path)
+        assert part in ALLOWED, f"{path} is in no part of the architecture"
+        wrong = _imported_parts(path) - ALLOWED[part] - {part}
+        assert not wrong, f"{path.relative_to(PACKAGE)} ({part}) imports {sorted(wrong)}"
+
+
+def test_the_package_does_not_need_the_dev_extras():
+    for path in PACKAGE.rglob("*.py"):
+        text = path.read_text()
+        assert "sklearn" not in text and "import examples" not in text, path
