@@ -22,7 +22,9 @@ from rpsconvert.engine.mapping import MAX_SLOTS, Mapping, get_mapping
 from rpsconvert.engine.modules import install, is_converted
 from rpsconvert.engine.operator import CompressedWeight, PoolOperator
 from rpsconvert.engine.pool import RPSPool
+from rpsconvert.engine import plan
 from rpsconvert.engine.projection import layer_scales, project
+from rpsconvert.engine.storage import PoolStorage
 from rpsconvert.errors import RPSWarning
 from rpsconvert.format.sizing import header_bound, stored_bytes
 from rpsconvert.quality.calibration import calibrate
@@ -67,6 +69,21 @@ def choose_weights(
     return chosen, reasons
 
 
+def _storage(dtype: torch.dtype | None, bits: int | None) -> PoolStorage:
+    """The pool storage asked for by hand: a float `dtype`, or `bits` (2, 4, 8: integer codes with
+    float16 scales per block; 16 and 32: float16 and float32)."""
+    if dtype is not None and bits is not None:
+        raise ValueError("pass either dtype= (a float pool) or bits= (2, 4, 8, 16 or 32), not both")
+    if bits is None:
+        return PoolStorage(dtype)
+    if bits in (16, 32):
+        return PoolStorage(torch.float16 if bits == 16 else torch.float32)
+    match = next((c for c in plan.CANDIDATES if c.bits == bits), None)
+    if match is None:
+        raise ValueError(f"bits must be 2, 4, 8, 16 or 32, got {bits!r}")
+    return match
+
+
 def _copy_without(model: nn.Module, params: list[nn.Parameter]) -> nn.Module:
     """A deep copy that does not copy the weights about to be replaced (they are dropped anyway)."""
     memo = {id(p): nn.Parameter(torch.empty(0, dtype=p.dtype), requires_grad=p.requires_grad) for p in params}
@@ -84,6 +101,7 @@ def convert(
     exclude: Sequence[str] | str | None = None,
     min_numel: int = 1000,
     dtype: torch.dtype | None = None,
+    bits: int | None = None,
     architecture: str | dict | None = None,
     inplace: bool = False,
     quiet: bool = False,
@@ -101,16 +119,23 @@ def convert(
         ratio: fraction of the compressible weight memory kept, in (0, 1]; 1.0 is lossless (the
             generated weights equal the originals bit for bit).
         budget: bytes the saved checkpoint may take ("1MB", "500kB", "1.5MiB" or an int), header
-            and tensors kept dense included. Pass exactly one of `ratio` and `budget`.
+            and tensors kept dense included; the bytes buy precision first (see `bits`). Pass
+            exactly one of `ratio` and `budget`.
         mapping: how elements are laid onto the pool: "randomfold" (default, balanced and lossless
             at 1.0), "hashednet", "roast", or a registered mapping object such as RoastTile(tile=256).
         seed: seed of the hash functions, an integer in [0, 2**32); the same seed gives the same file.
         include: fnmatch patterns of parameter names; only matching weights are compressed.
         exclude: fnmatch patterns of parameter names kept dense.
         min_numel: weights with fewer elements stay dense (1-D tensors always do).
-        dtype: the pool's storage dtype in the checkpoint (default: the weights'); float16 and
-            bfloat16 halve the pool's bytes. In memory the pool keeps the weights' dtype so it
-            trains normally, holding values exact in the storage dtype.
+        dtype: a float storage dtype for the pool in the checkpoint; float16 and bfloat16 halve
+            the pool's bytes. In memory the pool keeps the weights' dtype so it trains normally,
+            holding values exact in the storage dtype.
+        bits: the pool's bits per slot: 8, 4 or 2 (integer codes with a float16 scale per
+            block of slots), or 16 and 32 (float16, float32). With a `budget` and neither `bits`
+            nor `dtype`, the plan chooses: it scores each storage at the slots the budget buys and
+            keeps the one whose weights are closest to the originals (`report(model).notes` and
+            `model.rps.info["plan"]` say what it weighed). With a `ratio`, the default is the
+            weights' dtype.
         architecture: recorded in the checkpoint so `load` can rebuild the model without a
             skeleton, e.g. "torchvision:resnet50".
         inplace: convert `model` itself instead of a copy (saves the copy's memory).
@@ -156,7 +181,6 @@ def convert(
         )
     params = dict(model.named_parameters())
     weights = [params[name] for name in chosen]
-    pool_dtype = dtype or weights[0].dtype
     aliases = [tuple(n for n in found.aliases[name] if n != name) for name in chosen]
     *offsets, total = accumulate((p.numel() for p in weights), initial=0)
 
@@ -167,31 +191,48 @@ def convert(
         ]
 
     layout = layouts(layer_scales(weights))
+    def layout_for(slots: int) -> list[CompressedWeight]:  # lossless: power-of-two scales make it bit-exact
+        return layouts(layer_scales(weights, power_of_two=slots >= total))
 
     notes = []
+    storages = [_storage(dtype, bits)] if dtype is not None or bits is not None else None
     if ratio is not None:
-        slots = max(1, round(ratio * total))
+        storage, slots = (storages or [PoolStorage(weights[0].dtype)])[0], max(1, round(ratio * total))
     else:
-        probe = RPSPool(torch.zeros(1, dtype=pool_dtype), mapping_impl, seed, layout, grad_scaling=False, storage_dtype=pool_dtype)
-        probe.info.update(architecture=architecture, discovery=found.method)
         chosen_set = {alias for w in layout for alias in (w.name, *w.aliases)}
         dense = {k: v for k, v in model.state_dict().items() if k not in chosen_set}
-        fixed = header_bound(probe, dense, budget_bytes) + stored_bytes(dense)
         largest = sorted(((k, v.numel() * v.element_size()) for k, v in dense.items()), key=lambda kv: -kv[1])
-        slots = slots_for_budget(budget_bytes, fixed, pool_dtype.itemsize, largest)
-        if slots >= total:
-            slots = total
+        fixed = {}  # storage -> the file's bytes outside the pool (the header depends on the storage)
+        for candidate in storages or plan.CANDIDATES:
+            probe = RPSPool(torch.zeros(1, dtype=weights[0].dtype), mapping_impl, seed, layout, grad_scaling=False, storage=candidate)
+            probe.info.update(architecture=architecture, discovery=found.method)
+            fixed[candidate] = header_bound(probe, dense, budget_bytes) + stored_bytes(dense)
+        fitting = [c for c in fixed if fixed[c] + c.bytes(1) <= budget_bytes]
+        if not fitting:  # the cheapest storage names the minimum budget
+            cheapest = min(fixed, key=lambda c: fixed[c] + c.bytes(1))
+            slots_for_budget(budget_bytes, fixed[cheapest], cheapest.bytes, largest)
+        candidates = []
+        for candidate in fitting:
+            count = min(slots_for_budget(budget_bytes, fixed[candidate], candidate.bytes, largest), total)
+            candidates.append((candidate, count, fixed[candidate] + candidate.bytes(count)))
+        lossless = next(((s, n) for s, n, _ in candidates if n == total and not s.quantized and s.dtype == weights[0].dtype), None)
+        if lossless:
+            (storage, slots), scored = lossless, []
             note = f"the budget {format_bytes(budget_bytes)} holds the whole model: converted at ratio 1.0 (lossless)"
             notes.append(note)
             warnings.warn(note, RPSWarning, stacklevel=2)
-    if slots >= total:  # lossless: power-of-two scales make it bit-exact (the header only shrinks)
-        layout = layouts(layer_scales(weights, power_of_two=True))
+        else:
+            best, scored = plan.choose(candidates, mapping_impl, seed, weights, layout_for)
+            storage, slots = best.storage, best.slots
+        if len(candidates) > 1:
+            notes.append(f"plan: {storage} pool of {slots:,} slots (ratio {slots / total:.4g}), the least weight error of {len(candidates)} candidates")
     if slots >= MAX_SLOTS:
         raise ValueError(f"a pool of {slots:,} slots exceeds the format's limit of 2**32: use a smaller ratio")
 
+    layout = layout_for(slots)
     operator = PoolOperator(mapping_impl, slots, seed)
-    theta = project(operator, list(zip(layout, weights)))
-    pool = RPSPool(theta.to(pool_dtype).to(weights[0].dtype), mapping_impl, seed, layout, storage_dtype=pool_dtype)
+    theta = storage.snap(project(operator, list(zip(layout, weights))).to(weights[0].dtype))
+    pool = RPSPool(theta, mapping_impl, seed, layout, storage=storage)
     pool.pool.requires_grad_(any(w.requires_grad for w in weights))
     result = model if inplace else _copy_without(model, weights)
     pool.info.update(
@@ -201,6 +242,7 @@ def convert(
         architecture=architecture,
         original_bytes=stored_bytes(model.state_dict()),
         notes=notes,
+        plan=[c.row() for c in scored] if budget is not None else [],
     )
     install(result, pool)
     if calibration is not None:

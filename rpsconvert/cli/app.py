@@ -31,10 +31,12 @@ from rpsconvert.format.checkpoint import Checkpoint, decompress, encode, read
 from rpsconvert.format.files import save_dense, write_atomic
 from rpsconvert.errors import OutputExistsError, RPSError, RPSWarning
 from rpsconvert.cli.inputs import read_model
+from rpsconvert.cli.verify import gate_message, verification_table, verify_file
 from rpsconvert.engine.mapping import MAPPINGS
 from rpsconvert.quality.batches import load_calibration
 from rpsconvert.quality.fidelity import Fidelity, fidelity, weight_errors
 from rpsconvert.quality.recovery import recover
+from rpsconvert.quality.resume import parse_interval
 from rpsconvert.engine.report import ConversionReport, report
 
 _DEFAULTS = inspect.signature(rpsconvert.convert).parameters  # one source for the defaults
@@ -65,6 +67,9 @@ app = typer.Typer(
 Debug = Annotated[bool, typer.Option("--debug", help="Show the full traceback of an error.")]
 Force = Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output file.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
+MaxDrop = Annotated[Optional[float], typer.Option("--max-drop", metavar="D", min=0, max=1, help="Fail (exit 2) when more than this share of inputs changes its top-1 prediction, such as 0.02.", show_default=False)]
+Atol = Annotated[Optional[float], typer.Option("--atol", metavar="X", min=0, help="Fail (exit 2) when any output element is off by more than X.", show_default=False)]
+GATE_MISSED = 2  # the exit status of a run whose result misses --max-drop or --atol (errors exit 1)
 JsonOutput = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON report on stdout instead of tables.")]
 
 
@@ -159,6 +164,11 @@ def convert_command(
     dtype: Annotated[Optional[Literal[tuple(_POOL_DTYPES)]], typer.Option(help="Pool dtype (default: the weights' dtype).")] = None,  # type: ignore[valid-type]
     calibrate: Annotated[Optional[Path], typer.Option("--calibrate", metavar="FILE", help="Example inputs (.safetensors, .npy or tensors-only .pt): the pool is refit to the original's layer outputs on them, and a fifth is held out to measure fidelity.", show_default=False)] = None,
     recover_steps: Annotated[int, typer.Option("--recover-steps", metavar="N", min=0, help="Distill the original into the converted model for N steps on the --calibrate inputs.")] = 0,
+    checkpoint_every: Annotated[Optional[str], typer.Option("--checkpoint-every", metavar="INTERVAL", help="Save the recovery state every INTERVAL (50 steps, or 90s, 5min, 1h) to OUTPUT.recovery.pt, so that --resume continues an interrupted run.", show_default=False)] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the recovery saved in OUTPUT.recovery.pt by an interrupted run of the same command.")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Load the written file afresh and compare it with MODEL on the held-out inputs (random ones without --calibrate).")] = False,
+    max_drop: MaxDrop = None,
+    atol: Atol = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Convert and report, but write nothing.")] = False,
     json_output: JsonOutput = False,
     force: Force = False,
@@ -174,6 +184,9 @@ def convert_command(
         budget_bytes = parse_bytes(budget) if budget is not None else None
         if recover_steps and calibrate is None:
             raise ValueError("--recover-steps needs --calibrate FILE: recovery distills the original on example inputs")
+        if (checkpoint_every or resume) and not recover_steps:
+            raise ValueError("--checkpoint-every and --resume save and continue a recovery: pass --recover-steps N too")
+        every_steps, every_seconds = parse_interval(checkpoint_every) if checkpoint_every else (None, None)
         calibration, heldout = load_calibration(calibrate) if calibrate else (None, None)
         with _Stages(3 + bool(recover_steps), enabled=not quiet) as stage, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", RPSWarning)
@@ -182,6 +195,9 @@ def convert_command(
                 output = output or source.output
                 if output.exists() and not (force or dry_run):  # fail before the long part
                     raise OutputExistsError(f"{output} already exists: pass {{overwrite}} to replace it, or -o another path", overwrite=True)
+                state_file = output.with_name(output.name + ".recovery.pt")
+                if resume and not state_file.is_file():
+                    raise FileNotFoundError(f"nothing to resume: {state_file} does not exist (--checkpoint-every writes it while recovery runs)")
             with stage("convert", "converting", own_bar=calibration is not None):
                 converted = rpsconvert.convert(
                     source.model, ratio, budget=budget_bytes, mapping=mapping, seed=seed, include=include or None,
@@ -190,13 +206,27 @@ def convert_command(
                 )
             quality = _quality(converted, source.model, heldout)
             if recover_steps:
+                saving = checkpoint_every or resume
                 with stage("recover", "recovering", own_bar=True):
-                    history = recover(converted, source.model, calibration, steps=recover_steps, eval_data=heldout or None, quiet=quiet)
+                    try:
+                        history = recover(
+                            converted, source.model, calibration, steps=recover_steps, eval_data=heldout or None, quiet=quiet,
+                            checkpoint=state_file if saving else None, checkpoint_every=every_steps, checkpoint_seconds=every_seconds, resume=resume,
+                        )
+                    except KeyboardInterrupt:
+                        if saving and state_file.is_file():
+                            typer.secho(f"recovery state kept in {state_file}: rerun the same command with --resume to continue", err=True)
+                        raise
                 quality["after recovery"] = history.after
             rep = report(converted)
+            verify = (verify or max_drop is not None or atol is not None) and not dry_run  # a gate is checked on the file
             with stage("write", "writing" if not dry_run else "dry run: writing nothing"):
                 data = encode(converted)
                 written = None if dry_run else write_atomic(output, data, overwrite=force)
+                if written and recover_steps:
+                    state_file.unlink(missing_ok=True)  # the result is written: nothing is left to resume
+            if verify:
+                checked, checked_on = verify_file(written, source.model, heldout)
         if not quiet:
             for w in caught:
                 if issubclass(w.category, RPSWarning):
@@ -216,11 +246,46 @@ def convert_command(
                 "budget_bytes": budget_bytes, "architecture": source.architecture, "seconds": stage.seconds,
                 "report": rep.to_dict(),
                 "quality": {k: asdict(v) if isinstance(v, Fidelity) else v for k, v in quality.items()},
+                **({"verification": checked.to_dict()} if verify else {}),
             }))
         elif not quiet:
             _stdout.print(_conversion_table(rep, model, written, len(data), sum(stage.seconds.values())))
+            if budget_bytes is not None:  # the budget as read: 1MB and 1MiB differ by 5 %
+                _stdout.print(f"budget {budget} = {budget_bytes:,} bytes; the file takes {len(data):,}")
             if heldout:
                 _stdout.print(_quality_table(quality, model))
+            if verify:
+                _stdout.print(verification_table(checked, written, model, checked_on, budget_bytes))
+        if verify and checked.failures(max_drop, atol):
+            typer.secho(f"error: {gate_message(checked.failures(max_drop, atol), written)}", err=True, fg="red")
+            raise typer.Exit(GATE_MISSED)
+
+
+@app.command("verify")
+def verify_command(
+    file: Annotated[Path, typer.Argument(help="A .rps.safetensors checkpoint.", metavar="FILE", show_default=False)],
+    against: Annotated[str, typer.Option("--against", metavar="MODEL", help="The original model, as convert reads it.", show_default=False)],
+    data: Annotated[Optional[Path], typer.Option("--data", metavar="FILE", help="Inputs to compare on (as --calibrate reads them; all of them are used). Default: random inputs of the shape MODEL's first layer takes.", show_default=False)] = None,
+    arch: Annotated[Optional[str], typer.Option("--arch", metavar="SPEC", help="Architecture of a state-dict MODEL.")] = None,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Unpickle MODEL even if it needs classes outside the safe list.")] = False,
+    max_drop: MaxDrop = None,
+    atol: Atol = None,
+    json_output: JsonOutput = False,
+    debug: Debug = False,
+) -> None:
+    """Compare a checkpoint, loaded afresh, with its original: errors, cosine, top-1 agreement, size."""
+    with _reported(debug):
+        inputs = load_calibration(data, holdout=0)[0] if data else None
+        original = read_model(against, arch=arch, trust_pickle=trust_pickle).model
+        checked, checked_on = verify_file(file, original, inputs)
+        failures = checked.failures(max_drop, atol)
+        if json_output:
+            typer.echo(json.dumps({"file": str(file), "file_bytes": file.stat().st_size, "inputs": checked_on, **checked.to_dict(), "failures": failures}))
+        else:
+            _stdout.print(verification_table(checked, file, against, checked_on, None))
+    if failures:
+        typer.secho(f"error: quality gate missed: {'; '.join(failures)}", err=True, fg="red")
+        raise typer.Exit(GATE_MISSED)
 
 
 def _quality(converted: torch.nn.Module, original: torch.nn.Module, heldout: list | None) -> dict:
@@ -287,7 +352,7 @@ def _metadata_table(ckpt: Checkpoint, file: Path) -> Table:
         ("written by", f"rpsconvert {manifest.get('rpsconvert_version', '?')}"),
         ("architecture", _architecture(manifest.get("architecture"))),
         ("mapping, seed", f"{manifest['mapping']}, {manifest['seed']}"),
-        ("pool", f"{pool.size:,} {manifest['pool']['dtype']} slots, {format_bytes(pool.size * pool.storage_dtype.itemsize)}"),
+        ("pool", f"{pool.size:,} {pool.storage} slots, {format_bytes(pool.storage.bytes(pool.size))}"),
         ("compressed", f"{len(pool.weights)} weights, {elements:,} elements (ratio {pool.size / max(elements, 1):.4g})"),
         ("kept dense", f"{len(ckpt.dense_state())} tensors, {format_bytes(sum(t.numel() * t.element_size() for t in ckpt.tensors.values()))}"),
         ("size", f"{format_bytes(manifest['original_bytes'])} -> {format_bytes(size)} file ({manifest['original_bytes'] / size:.1f}x smaller)"),

@@ -24,9 +24,19 @@ def _rps_class(cls: type, attrs: tuple[str, ...]) -> type:
     if key not in _CLASSES:
         props = {attr: property(lambda self, a=attr: self._rps_pool.weight(self._rps_names[a])) for attr in attrs}
         _CLASSES[key] = type(
-            f"RPS{cls.__name__}", (cls,), {**props, "_rps_original_class": cls, "__reduce_ex__": _reduce_converted}
+            f"RPS{cls.__name__}",
+            (cls,),
+            {**props, "_rps_original_class": cls, "__reduce_ex__": _reduce_converted, "train": _train_without_cache},
         )
     return _CLASSES[key]
+
+
+def _train_without_cache(module: nn.Module, mode: bool = True) -> nn.Module:
+    """nn.Module.train, which also drops the pool's cache: training changes the pool at every step,
+    so cached weights would only hold memory (eval() keeps it)."""
+    if mode:
+        module._rps_pool.clear_cache()
+    return module._rps_original_class.train(module, mode)
 
 
 def _reduce_converted(module: nn.Module, protocol: int):
@@ -101,8 +111,7 @@ def densify(model: nn.Module) -> nn.Module:
     pool = find_pool(model)
     with torch.no_grad():
         dense = {
-            name: nn.Parameter(pool.operator.generate(pool.pool.detach(), weight).clone(), requires_grad=pool.pool.requires_grad)
-            for name, weight in pool.weights.items()
+            name: nn.Parameter(pool.weight(name).clone(), requires_grad=pool.pool.requires_grad) for name in pool.weights
         }
     for module, names in _by_module(model, pool).items():
         module.__class__ = module._rps_original_class
@@ -117,14 +126,31 @@ def densify(model: nn.Module) -> nn.Module:
     return model
 
 
-def materialize(model: nn.Module) -> None:
-    """Compute every RPS weight once for fast inference; use under torch.no_grad()/inference_mode.
+def set_mode(model: nn.Module, mode: str) -> nn.Module:
+    """Choose how a converted model gets its weights, and return it.
 
-    The cache is ignored while gradients are needed and refreshed when the pool changes.
+    "lean" (what `convert` and `load` return): each compressed weight is generated from the pool
+    when its layer runs, so the resident tensors are the pool, the dense tensors and the weight in
+    use: the memory the budget promised, at the cost of generation in every forward.
+    "cached": every weight is generated now and served from a cache while no gradient is needed
+    (under torch.no_grad() or inference_mode): the dense model's speed for the dense model's
+    memory. The cache is dropped by `model.train()`, rebuilt when the pool changes, and ignored
+    while gradients are needed (training generates as in lean mode).
+
+    Raises:
+        ValueError: an unknown mode, or a model that is not converted.
     """
+    find_pool(model).set_mode(mode)
+    return model
+
+
+def materialize(model: nn.Module) -> None:
+    """set_mode(model, "cached"): compute every RPS weight now for fast inference (use under
+    torch.no_grad() or inference_mode; the cache is ignored while gradients are needed)."""
     find_pool(model).materialize()
 
 
 def clear_cache(model: nn.Module) -> None:
-    """Drop the weights `materialize` cached (the memory goes back to pool + dense tensors)."""
+    """Drop the cached weights now. In cached mode the next forward without gradients rebuilds
+    them; `set_mode(model, "lean")` drops them for good."""
     find_pool(model).clear_cache()

@@ -1,7 +1,8 @@
 """RPSPool: the shared pool Parameter, the operator that generates weights from it, and its cache.
 
-The pool trains and generates in the weights' dtype; a checkpoint stores it in `storage_dtype`
-(fp16/bf16 halve the file), and convert keeps its values representable in that dtype.
+The pool trains and generates in the weights' dtype; a checkpoint stores it as `storage` says (a
+float dtype, or integer codes with block scales: engine/storage.py), and generation reads it
+through the stored grid, so the model that runs is the model that is saved.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from torch import nn
 
 from rpsconvert.engine.mapping import Mapping, get_mapping
 from rpsconvert.engine.operator import CompressedWeight, PoolOperator
+from rpsconvert.engine.storage import PoolStorage
 
 POOL_ATTR = "rps"  # the RPSPool object on the converted model's root (a plain attribute)
 POOL_PARAM = "rps_pool"  # the pool Parameter, registered on the root (so never called by Sequential)
+MODES = ("lean", "cached")  # RPSPool.set_mode
 
 
 class RPSPool:
@@ -31,10 +34,10 @@ class RPSPool:
         seed: int,
         weights: list[CompressedWeight],
         grad_scaling: bool = True,
-        storage_dtype: torch.dtype | None = None,
+        storage: PoolStorage | None = None,
     ):
         self._detached: nn.Parameter | None = nn.Parameter(pool)
-        self.storage_dtype = storage_dtype or pool.dtype
+        self.storage = storage or PoolStorage(pool.dtype)
         self._owner: nn.Module | None = None
         self.operator = PoolOperator(get_mapping(mapping), pool.numel(), seed)
         self.weights = {weight.name: weight for weight in weights}
@@ -43,7 +46,9 @@ class RPSPool:
         self.info: dict = {}  # what convert() decided (discovery method, weights kept dense and why)
         self._cache: dict[str, torch.Tensor] | None = None
         self._cache_key: tuple | None = None
+        self.mode = "lean"  # set_mode: generate each weight when used, or serve a cache of all of them
         self._hooked: int | None = None
+        self._snapped: tuple[tuple, torch.Tensor] | None = None  # (pool key, the pool on its grid)
 
     @property
     def pool(self) -> nn.Parameter:
@@ -66,15 +71,24 @@ class RPSPool:
 
     def __getstate__(self) -> dict:
         # The hook bookkeeping and the cache refer to objects of this process: a copy starts fresh.
-        return {**self.__dict__, "_cache": None, "_cache_key": None, "_hooked": None}
+        return {**self.__dict__, "_cache": None, "_cache_key": None, "_hooked": None, "_snapped": None}
 
     def _pool_for_autograd(self) -> torch.Tensor:
-        """The pool, with the STABLE-RPS gradient hook attached once per Parameter object."""
+        """The pool weights are generated from: the Parameter, with the STABLE-RPS gradient hook
+        attached once per Parameter object, read on the stored grid when the pool is quantized
+        (straight-through while training, so the latent values can move by less than a step)."""
         pool = self.pool
         if self._hooked != id(pool) and pool.requires_grad:
             pool.register_hook(self._scale_gradient)
             self._hooked = id(pool)
-        return pool
+        if not self.storage.quantized:
+            return pool
+        if torch.is_grad_enabled() and pool.requires_grad:
+            return self.storage.fake_quantize(pool)
+        key = self._current_key()
+        if self._snapped is None or self._snapped[0] != key:
+            self._snapped = (key, self.storage.snap(pool.detach()))
+        return self._snapped[1]
 
     def _scale_gradient(self, grad: torch.Tensor) -> torch.Tensor:
         if not self.grad_scaling:
@@ -88,21 +102,44 @@ class RPSPool:
         return (id(pool), pool._version, pool.device, pool.dtype)
 
     def weight(self, name: str) -> torch.Tensor:
-        """The weight `name` as the pool generates it now (from the cache when it is valid)."""
-        if self._cache is not None and self._cache_key == self._current_key():
-            if not (torch.is_grad_enabled() and self.pool.requires_grad):
-                return self._cache[name]
+        """The weight `name` as the pool generates it now.
+
+        In cached mode, while no gradient is needed, it comes from the cache, which is rebuilt
+        first when the pool changed (another Parameter, an in-place update, device or dtype);
+        otherwise, and always in lean mode, it is generated now (differentiable in the pool).
+        """
+        if self.mode == "cached" and not (torch.is_grad_enabled() and self.pool.requires_grad):
+            if self._cache is None or self._cache_key != self._current_key():
+                self.materialize()
+            return self._cache[name]
         return self.operator.generate(self._pool_for_autograd(), self.weights[name])
 
+    def set_mode(self, mode: str) -> None:
+        """"lean": every weight is generated when it is used, so the resident tensors are the pool,
+        the dense tensors and the weights in use (the memory the budget promised). "cached": every
+        weight is generated now and served from a cache, dense-model speed for dense-model memory."""
+        self.mode = check_mode(mode)
+        self.materialize() if mode == "cached" else self.clear_cache()
+
     def materialize(self) -> None:
-        """Generate every weight once and reuse it until the pool changes (fast inference)."""
+        """Switch to cached mode and generate every weight now (fast inference)."""
+        self.mode, self._cache = "cached", None  # the old cache's memory goes before the new one is made
         with torch.no_grad():
-            self._cache = None
-            self._cache = {name: self.weight(name) for name in self.weights}
+            pool = self._pool_for_autograd()
+            self._cache = {name: self.operator.generate(pool, weight) for name, weight in self.weights.items()}
         self._cache_key = self._current_key()
 
     def clear_cache(self) -> None:
-        self._cache = None
+        """Drop the cached weights (train(), or on demand); cached mode rebuilds them at the next
+        use without gradients, lean mode never does."""
+        self._cache = self._cache_key = None
+
+
+def check_mode(mode: str) -> str:
+    """`mode` if it is one of MODES (load checks it before touching the model)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
+    return mode
 
 
 def slot_grad_scale(pool: RPSPool) -> torch.Tensor:

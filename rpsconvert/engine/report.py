@@ -64,7 +64,6 @@ class ConversionReport:
 def report(model: nn.Module) -> ConversionReport:
     """Per-weight and total sizes of a converted model (stored bytes, not the generated weights)."""
     pool = find_pool(model)
-    item = pool.storage_dtype.itemsize
     rows = [
         WeightReport(
             name=weight.name,
@@ -93,8 +92,8 @@ def report(model: nn.Module) -> ConversionReport:
         mapping=pool.mapping.name,
         seed=pool.seed,
         pool_slots=pool.size,
-        pool_dtype=str(pool.storage_dtype).removeprefix("torch."),
-        pool_bytes=pool.size * item,
+        pool_dtype=str(pool.storage),
+        pool_bytes=pool.storage.bytes(pool.size),
         dense_bytes=dense_bytes,
         original_bytes=sum(r.bytes_before for r in rows),
         compressible_elements=compressible,

@@ -18,8 +18,8 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from rpsconvert.engine.modules import find_pool, install, is_converted
-from rpsconvert.engine.pool import RPSPool
+from rpsconvert.engine.modules import find_pool, install, is_converted, set_mode
+from rpsconvert.engine.pool import RPSPool, check_mode
 from rpsconvert.errors import ArchitectureError, CheckpointError
 from rpsconvert.format.architectures import build
 from rpsconvert.format.files import write_atomic
@@ -36,7 +36,7 @@ def encode(model: nn.Module) -> bytes:
     """The bytes of a converted model's checkpoint file (what `save` writes)."""
     pool = find_pool(model)
     tensors, aliases = dedupe(model.state_dict())
-    tensors[POOL_TENSOR] = tensors[POOL_TENSOR].to(pool.storage_dtype)
+    tensors.update({POOL_TENSOR + suffix: t for suffix, t in pool.storage.encode(tensors[POOL_TENSOR]).items()})
     manifest = manifest_json(pool, aliases, pool.info.get("original_bytes", 0))
     return safetensors.torch.save(tensors, metadata=_metadata(manifest, tensors))
 
@@ -134,7 +134,14 @@ def _check_skeleton(model: nn.Module, ckpt: Checkpoint, path: Path, strict: bool
         raise CheckpointError(f"{mismatch}: {detail} (pass strict=False to ignore)")
 
 
-def load(path: str | os.PathLike, model: nn.Module | None = None, *, device: str | torch.device = "cpu", strict: bool = True) -> nn.Module:
+def load(
+    path: str | os.PathLike,
+    model: nn.Module | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    strict: bool = True,
+    mode: str = "lean",
+) -> nn.Module:
     """Load a checkpoint as a converted model, ready to run, train or save again.
 
     The file is verified first (sha256 over manifest and tensors; nothing is unpickled), and
@@ -147,17 +154,22 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, device: str
             records (torchvision, timm or Hugging Face).
         device: where the model goes.
         strict: the dense tensors of the file and the model's must match name for name.
+        mode: "lean" (the default: weights generated when used, so the model takes the memory
+            the file was budgeted for) or "cached" (every weight generated once now, for the
+            fastest inference under torch.no_grad(), at the dense model's memory); see `set_mode`.
 
     Returns:
-        The converted model (`model` itself when given).
+        The converted model (`model` itself when given), in `mode`.
 
     Raises:
         CheckpointError: a missing, corrupt, foreign or newer-format file, a model that does not
             match it, or no recorded architecture to rebuild.
+        ValueError: an unknown mode.
 
     Example:
         >>> small = load("resnet50.rps.safetensors", torchvision.models.resnet50())
     """
+    check_mode(mode)
     path = Path(path)
     ckpt = read(path)
     if model is None:
@@ -165,7 +177,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, device: str
     _check_skeleton(model, ckpt, path, strict)
     install(model, ckpt.pool)
     model.load_state_dict({**ckpt.dense_state(), POOL_TENSOR: ckpt.pool.pool.data}, strict=strict)
-    return model.to(device)
+    return set_mode(model.to(device), mode)  # after the move, so a cache is made where it is used
 
 
 def _rebuild(architecture: str | dict | None, path: Path) -> nn.Module:

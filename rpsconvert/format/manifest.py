@@ -16,9 +16,10 @@ from rpsconvert.engine.hashing import check_seed
 from rpsconvert.engine.mapping import MAX_SLOTS, get_mapping, mapping_params
 from rpsconvert.engine.operator import CompressedWeight
 from rpsconvert.engine.pool import POOL_PARAM, RPSPool
+from rpsconvert.engine.storage import PoolStorage, dtype_name, parse_dtype
 
 FORMAT = "rpsconvert"
-FORMAT_VERSION = 2  # the newest version this code reads; it writes 1 whenever 1 says everything
+FORMAT_VERSION = 3  # the newest version this code reads; it writes the oldest that says everything
 HASH_SPEC = "fmix32-v1"
 MANIFEST_KEY = "rpsconvert"  # safetensors metadata key of the JSON manifest
 DIGEST_KEY = "rpsconvert.sha256"  # safetensors metadata key of the digest
@@ -27,30 +28,19 @@ POOL_TENSOR = POOL_PARAM  # the pool's state-dict name
 _V1_MAPPING_PARAMS = {"randomfold": {}, "hashednet": {}, "roast": {"tile": 1024}}
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, str(name), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r}")
-    return dtype
-
-
 def manifest_json(pool: RPSPool, dense_aliases: dict[str, str], original_bytes: int) -> dict:
     """The manifest of a checkpoint: everything but the tensor data and the digest."""
     params = mapping_params(pool.mapping)
     return {
         "format": FORMAT,
-        # version 2 added mapping_params; a file whose mapping has its version-1 parameters stays
-        # version 1, so that every reader of version 1 still reads it
-        "format_version": 1 if params == _V1_MAPPING_PARAMS.get(pool.mapping.name) else 2,
+        # The oldest version that says everything, so that older readers read every file they
+        # can: 2 added mapping_params, 3 quantized pools.
+        "format_version": 3 if pool.storage.quantized else 1 if params == _V1_MAPPING_PARAMS.get(pool.mapping.name) else 2,
         "hash": HASH_SPEC,
         "mapping": pool.mapping.name,
         "mapping_params": params,
         "seed": pool.seed,
-        "pool": {"tensor": POOL_TENSOR, "slots": pool.size, "dtype": dtype_name(pool.storage_dtype)},
+        "pool": {"tensor": POOL_TENSOR, "slots": pool.size, **pool.storage.to_json()},
         "weights": [
             {
                 "name": w.name,
@@ -91,7 +81,7 @@ def parse(manifest: dict, tensors: dict[str, torch.Tensor]) -> RPSPool:
     if manifest["format"] != FORMAT or manifest["hash"] != HASH_SPEC or not 1 <= manifest["format_version"] <= FORMAT_VERSION:
         raise ValueError(f"unknown format {manifest['format']!r} version {manifest['format_version']!r} hash {manifest['hash']!r}")
     weights = [
-        CompressedWeight(w["name"], tuple(int(d) for d in w["shape"]), _dtype(w["dtype"]), int(w["offset"]), float(w["scale"]), tuple(w["aliases"]))
+        CompressedWeight(w["name"], tuple(int(d) for d in w["shape"]), parse_dtype(w["dtype"]), int(w["offset"]), float(w["scale"]), tuple(w["aliases"]))
         for w in manifest["weights"]
     ]
     if any(w.offset < 0 or min(w.shape, default=1) < 0 or not math.isfinite(w.scale) for w in weights):
@@ -100,15 +90,18 @@ def parse(manifest: dict, tensors: dict[str, torch.Tensor]) -> RPSPool:
     params = manifest["mapping_params"] if manifest["format_version"] >= 2 else _V1_MAPPING_PARAMS.get(manifest["mapping"])
     mapping = get_mapping(manifest["mapping"], params)
     pool_entry = manifest["pool"]
-    pool_tensor = tensors.pop(pool_entry["tensor"])
-    if pool_tensor.ndim != 1 or not 0 < pool_tensor.numel() < MAX_SLOTS or pool_tensor.numel() != pool_entry["slots"]:
-        raise ValueError(f"the pool must be a 1-D tensor of {pool_entry['slots']} slots, got shape {tuple(pool_tensor.shape)}")
-    if dtype_name(pool_tensor.dtype) != pool_entry["dtype"]:
-        raise ValueError(f"the pool is {dtype_name(pool_tensor.dtype)}, the manifest says {pool_entry['dtype']}")
+    slots = pool_entry["slots"]
+    if not isinstance(slots, int) or not 0 < slots < MAX_SLOTS:
+        raise ValueError(f"the pool must have between 1 and 2**32 - 1 slots, the manifest says {slots!r}")
+    storage = PoolStorage.from_json(pool_entry)
+    if storage.quantized and manifest["format_version"] < 3:
+        raise ValueError("a quantized pool needs format version 3")
+    names = {suffix: pool_entry["tensor"] + suffix for suffix, _, _ in storage.tensors(slots)}
+    values = storage.decode({suffix: tensors.pop(name) for suffix, name in names.items()}, slots)
     if not set(manifest["dense_aliases"].values()) <= set(tensors):
         raise ValueError("a dense alias names a tensor the file does not hold")
-    compute_dtype = weights[0].dtype if weights else pool_tensor.dtype  # the pool works in the weights' dtype
-    pool = RPSPool(pool_tensor.to(compute_dtype), mapping, manifest["seed"], weights, storage_dtype=pool_tensor.dtype)
+    compute_dtype = weights[0].dtype if weights else values.dtype  # the pool works in the weights' dtype
+    pool = RPSPool(values.to(compute_dtype), mapping, manifest["seed"], weights, storage=storage)
     pool.info.update(
         architecture=manifest.get("architecture"), discovery=manifest.get("discovery"), original_bytes=manifest.get("original_bytes", 0)
     )

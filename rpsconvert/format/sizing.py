@@ -60,11 +60,11 @@ def header_bound(pool: RPSPool, dense: dict[str, torch.Tensor], max_file_bytes: 
         big = 10**digits - 1
         manifest["pool"]["slots"] = big
         entries: dict = {name: _entry(t.dtype, list(t.shape), big) for name, t in tensors.items()}
-        entries[POOL_TENSOR] = _entry(pool.storage_dtype, [big], big)
+        entries.update({POOL_TENSOR + suffix: _entry(dtype, [big], big) for suffix, dtype, _ in pool.storage.tensors(big)})
         entries["__metadata__"] = {MANIFEST_KEY: json.dumps(manifest, separators=(",", ":")), DIGEST_KEY: "0" * 64}
         header = json.dumps(entries, separators=(",", ":"))  # ASCII-escaped: never shorter than UTF-8
         bound = 8 + len(header.encode()) + 7  # length prefix, JSON, padding to a multiple of 8
-        if len(str(bound + dense_bytes + pool.storage_dtype.itemsize)) <= digits:
+        if len(str(bound + dense_bytes + pool.storage.bytes(1))) <= digits:
             return bound
         digits += 1
 

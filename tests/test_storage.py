@@ -1,0 +1,118 @@
+"""Quantized pools: codes and block scales on disk, the same values in memory, budgets kept."""
+
+import json
+
+import pytest
+import safetensors
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from rpsconvert import convert, decompress, load, report, save
+from rpsconvert.engine.storage import PoolStorage
+from rpsconvert.format.manifest import MANIFEST_KEY
+
+QUANTIZED = [PoolStorage(torch.float16, bits, block) for bits, block in ((8, 64), (4, 32), (2, 32), (4, 7))]
+
+
+@pytest.mark.parametrize("storage", QUANTIZED, ids=str)
+@pytest.mark.parametrize("slots", [1, 5, 63, 1000])
+def test_codes_round_trip_to_exactly_the_snapped_values(storage, slots):
+    values = torch.randn(slots, generator=torch.Generator().manual_seed(slots)) * 0.05
+    stored = storage.encode(values)
+    assert {k: (v.dtype, tuple(v.shape)) for k, v in stored.items()} == {k: (d, s) for k, d, s in storage.tensors(slots)}
+    assert sum(t.numel() * t.element_size() for t in stored.values()) == storage.bytes(slots)
+    snapped = storage.snap(values)
+    # codes times float16 scales are exact in float32: decode and snap agree bit for bit
+    assert torch.equal(storage.decode(stored, slots), snapped)
+    assert torch.equal(storage.snap(snapped), snapped)  # idempotent: a loaded pool stays on its grid
+
+
+@pytest.mark.parametrize("storage", QUANTIZED, ids=str)
+def test_rounding_error_is_at_most_half_a_step_of_the_block(storage):
+    values = torch.randn(4096, generator=torch.Generator().manual_seed(0))
+    error = (storage.snap(values) - values).abs()
+    blocks = torch.nn.functional.pad(values, (0, -len(values) % storage.block)).view(-1, storage.block)
+    step = (blocks.abs().amax(dim=1) / storage.levels).repeat_interleave(storage.block)[: len(values)]
+    assert (error <= 0.5 * step * (1 + 2**-10) + 1e-12).all()  # float16 scale rounding: 2**-11 relative
+
+
+def test_bad_storage_parameters_are_refused():
+    for bad in (dict(bits=3), dict(bits=8, block=0), dict(bits=8, dtype=torch.bfloat16), dict(dtype=torch.int8)):
+        with pytest.raises(ValueError):
+            PoolStorage(**{"dtype": torch.float16, **bad})
+
+
+def _mlp(seed=0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)).eval()
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_a_quantized_pool_saves_loads_and_decompresses_to_the_weights_that_ran(tmp_path, bits):
+    converted = convert(_mlp(), ratio=0.5, bits=bits)
+    path = save(converted, tmp_path / f"int{bits}.rps.safetensors")
+    manifest = json.loads(safetensors.safe_open(str(path), "pt").metadata()[MANIFEST_KEY])
+    assert manifest["format_version"] == 3 and manifest["pool"]["bits"] == bits
+    header = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+    assert path.stat().st_size == header + report(converted).total_bytes  # the report counts the stored codes and scales
+    loaded, dense = load(path, _mlp(1)), decompress(path)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        for name in converted.rps.weights:
+            assert torch.equal(loaded.rps.weight(name), converted.rps.weight(name))
+            assert torch.equal(dense[name], converted.rps.weight(name))
+        assert torch.equal(loaded(x), converted(x))
+
+
+def test_recovery_keeps_a_quantized_pool_on_its_grid():
+    converted = convert(_mlp(), ratio=0.5, bits=4).train()
+    storage = converted.rps.storage
+    optimizer = torch.optim.Adam(converted.parameters(), lr=1e-3)
+    for _ in range(3):
+        loss = converted(torch.randn(8, 64)).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert converted.rps_pool.grad is not None and converted.rps_pool.grad.abs().sum() > 0  # straight-through
+    with torch.no_grad():
+        pool_values = converted.rps._pool_for_autograd()
+        assert torch.equal(pool_values, storage.snap(converted.rps_pool))
+
+
+def test_the_plan_spends_a_third_of_the_bytes_on_int8_at_ratio_one(tmp_path):
+    model = _mlp()
+    dense_bytes = save(convert(model, ratio=1.0), tmp_path / "full.rps.safetensors").stat().st_size
+    converted = convert(model, budget=int(0.3 * dense_bytes))
+    rep = report(converted)
+    assert converted.rps.storage.bits == 8 and rep.ratio == 1.0
+    assert save(converted, tmp_path / "plan.rps.safetensors").stat().st_size <= int(0.3 * dense_bytes)
+    scored = converted.rps.info["plan"]
+    assert len(scored) == 5 and min(c["weight_error"] for c in scored) < 1e-4  # int8 rounding: ~1e-5
+
+
+def test_the_plan_keeps_float32_and_losslessness_when_the_budget_holds_the_model(tmp_path):
+    model = _mlp()
+    with pytest.warns(UserWarning, match="lossless"):
+        converted = convert(model, budget="10MB")
+    assert not converted.rps.storage.quantized and report(converted).ratio == 1.0
+    for name, weight in model.named_parameters():
+        if name in converted.rps.weights:
+            assert torch.equal(converted.rps.weight(name), weight)
+
+
+@settings(max_examples=12, deadline=None)
+@given(width=st.integers(8, 96), fraction=st.floats(0.02, 0.6), bits=st.sampled_from([None, 2, 4, 8, 16]))
+def test_a_budget_is_never_exceeded_whatever_the_storage(tmp_path_factory, width, fraction, bits):
+    torch.manual_seed(width)
+    model = nn.Sequential(nn.Linear(width, 3 * width), nn.ReLU(), nn.Linear(3 * width, width))
+    full = sum(p.numel() * 4 for p in model.parameters())
+    budget = max(int(fraction * full), 3000)
+    try:
+        converted = convert(model, budget=budget, bits=bits, min_numel=1)
+    except ValueError as exc:  # too small for the header and the dense tensors: said, not exceeded
+        assert "too small" in str(exc)
+        return
+    path = save(converted, tmp_path_factory.mktemp("b") / "m.rps.safetensors")
+    assert path.stat().st_size <= budget
