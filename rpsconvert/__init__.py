@@ -28,8 +28,9 @@ from rpsconvert.engine.budget import parse_bytes
 from rpsconvert.engine.discovery import register_weight_function
 from rpsconvert.engine.kinds import LayerKind, register_layer_kind
 from rpsconvert.engine.mapping import HashedNet, RandomFold, RoastTile, register_mapping
-from rpsconvert.engine.modules import clear_cache, densify, is_converted, materialize
+from rpsconvert.engine.modules import clear_cache, densify, is_converted, materialize, set_mode
 from rpsconvert.engine.pool import RPSPool
+from rpsconvert.engine.storage import PoolStorage
 from rpsconvert.engine.report import ConversionReport, WeightReport, report
 from rpsconvert.format.checkpoint import decompress, load, save
 from rpsconvert.quality.batches import load_calibration
@@ -49,6 +50,7 @@ __all__ = [
     "densify",
     "materialize",
     "clear_cache",
+    "set_mode",
     "parse_bytes",
     # get the quality back, and measure it
     "load_calibration",
@@ -64,6 +66,7 @@ __all__ = [
     "RecoveryHistory",
     "Fidelity",
     "RPSPool",
+    "PoolStorage",
     # extension points
     "register_mapping",
     "register_layer_kind",

@@ -69,13 +69,15 @@ def choose_weights(
     return chosen, reasons
 
 
-def _storage(dtype: torch.dtype | None, bits: int | None) -> PoolStorage:
+def _storage(dtype: torch.dtype | None, bits: int | PoolStorage | None) -> PoolStorage:
     """The pool storage asked for by hand: a float `dtype`, or `bits` (2, 4, 8: integer codes with
     float16 scales per block; 16 and 32: float16 and float32)."""
     if dtype is not None and bits is not None:
         raise ValueError("pass either dtype= (a float pool) or bits= (2, 4, 8, 16 or 32), not both")
     if bits is None:
         return PoolStorage(dtype)
+    if isinstance(bits, PoolStorage):
+        return bits
     if bits in (16, 32):
         return PoolStorage(torch.float16 if bits == 16 else torch.float32)
     match = next((c for c in plan.CANDIDATES if c.bits == bits), None)
@@ -101,7 +103,7 @@ def convert(
     exclude: Sequence[str] | str | None = None,
     min_numel: int = 1000,
     dtype: torch.dtype | None = None,
-    bits: int | None = None,
+    bits: int | PoolStorage | None = None,
     architecture: str | dict | None = None,
     inplace: bool = False,
     quiet: bool = False,
@@ -135,7 +137,7 @@ def convert(
             nor `dtype`, the plan chooses: it scores each storage at the slots the budget buys and
             keeps the one whose weights are closest to the originals (`report(model).notes` and
             `model.rps.info["plan"]` say what it weighed). With a `ratio`, the default is the
-            weights' dtype.
+            weights' dtype. A PoolStorage sets every detail (block size, scale dtype).
         architecture: recorded in the checkpoint so `load` can rebuild the model without a
             skeleton, e.g. "torchvision:resnet50".
         inplace: convert `model` itself instead of a copy (saves the copy's memory).

@@ -1,6 +1,6 @@
 """The golden checkpoints in tests/data: their model, and the script that wrote them.
 
-    .venv/bin/python tests/golden.py    # writes tests/data/golden-*; only ever for a new format version
+    .venv/bin/python tests/golden.py    # writes the tests/data/golden-* files that do not exist yet
 
 test_checkpoint.py loads the committed bytes with today's code and compares the outputs and the
 decompressed weights with those recorded when the files were written. A file is never rewritten
@@ -13,12 +13,19 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from rpsconvert import RoastTile
+
 DATA = Path(__file__).parent / "data"
-# name -> (mapping, pool dtype, ratio): every mapping and pool dtype of format v1
+# name -> (mapping, pool storage: a float dtype or bits, ratio): every mapping and pool dtype of
+# format v1, a mapping parameter of v2, every quantized width of v3
 GOLDEN = {
     "golden-v1-randomfold-fp32": ("randomfold", torch.float32, 0.3),
     "golden-v1-hashednet-fp16": ("hashednet", torch.float16, 0.5),
     "golden-v1-roast-bf16": ("roast", torch.bfloat16, 0.25),
+    "golden-v2-roast256-fp32": (RoastTile(tile=256), torch.float32, 0.4),
+    "golden-v3-randomfold-int8": ("randomfold", 8, 0.5),
+    "golden-v3-hashednet-int4": ("hashednet", 4, 0.6),
+    "golden-v3-randomfold-int2": ("randomfold", 2, 1.0),
 }
 
 
@@ -65,9 +72,12 @@ def write() -> None:
 
     DATA.mkdir(exist_ok=True)
     tokens = torch.randint(0, 60, (2, 5), generator=torch.Generator().manual_seed(1))
-    for name, (mapping, dtype, ratio) in GOLDEN.items():
-        converted = convert(trained_like(), ratio, mapping=mapping, dtype=dtype, seed=1234)
-        path = save(converted, DATA / f"{name}.rps.safetensors", overwrite=True)
+    for name, (mapping, storage, ratio) in GOLDEN.items():
+        if (DATA / f"{name}.rps.safetensors").exists():
+            continue  # a shipped golden file is never rewritten
+        bits, dtype = (storage, None) if isinstance(storage, int) else (None, storage)
+        converted = convert(trained_like(), ratio, mapping=mapping, dtype=dtype, bits=bits, seed=1234)
+        path = save(converted, DATA / f"{name}.rps.safetensors")
         with torch.no_grad():
             output = converted(tokens)
         state = {f"state.{k}": v.clone() for k, v in decompress(path).items()}

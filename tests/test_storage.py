@@ -116,3 +116,20 @@ def test_a_budget_is_never_exceeded_whatever_the_storage(tmp_path_factory, width
         return
     path = save(converted, tmp_path_factory.mktemp("b") / "m.rps.safetensors")
     assert path.stat().st_size <= budget
+
+
+def test_the_command_line_takes_bits_and_info_shows_the_storage(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from rpsconvert.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    torch.save(_mlp(), "mlp.pt")
+    runner = CliRunner()
+    result = runner.invoke(app, ["mlp.pt", "--ratio", "0.5", "--bits", "4"])
+    assert result.exit_code == 0, result.output
+    assert load("mlp.rps.safetensors", _mlp(1)).rps.storage == PoolStorage(torch.float16, 4, 32)
+    shown = runner.invoke(app, ["info", "mlp.rps.safetensors"]).stdout
+    assert "int4 (blocks of 32, float16 scales)" in " ".join(shown.split())
+    refused = runner.invoke(app, ["mlp.pt", "--ratio", "0.5", "--bits", "3", "-o", "x.rps.safetensors"])
+    assert refused.exit_code != 0 and not (tmp_path / "x.rps.safetensors").exists()
