@@ -10,7 +10,7 @@ import copy
 import fnmatch
 import warnings
 from itertools import accumulate
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ from rpsconvert.engine.operator import CompressedWeight, PoolOperator
 from rpsconvert.engine.pool import RPSPool
 from rpsconvert.engine import plan
 from rpsconvert.engine.projection import layer_scales, project
-from rpsconvert.engine.storage import PoolStorage
+from rpsconvert.engine.storage import MixedStorage, PoolStorage
 from rpsconvert.errors import RPSWarning
 from rpsconvert.format.sizing import header_bound, stored_bytes
 from rpsconvert.quality.calibration import calibrate
@@ -67,6 +67,51 @@ def choose_weights(
     for buffer_name, _ in model.named_buffers():
         reasons[buffer_name] = "buffer"
     return chosen, reasons
+
+
+def _spend(
+    budget: int,
+    fixed_bytes: Callable[[PoolStorage | MixedStorage], int],
+    storages: list[PoolStorage] | None,
+    dense: dict[str, torch.Tensor],
+    weights: list[torch.Tensor],
+    layout_for: Callable[[int], list[CompressedWeight]],
+    mapping: Mapping,
+    seed: int,
+) -> tuple[PoolStorage | MixedStorage, int, list[plan.Candidate]]:
+    """The storage and slot count a byte budget buys, and every candidate the plan scored.
+
+    Each candidate storage gets the most slots that fit (never more than the weights' elements);
+    a float pool of the weights' own dtype that holds every element is lossless and wins outright.
+    Otherwise, where one width cannot hold every element and the next narrower one can, a mix of
+    the two per layer is a candidate too, and the least weight error wins.
+    """
+    total = sum(w.numel() for w in weights)
+    fixed = {storage: fixed_bytes(storage) for storage in storages or plan.CANDIDATES}
+    fitting = [c for c in fixed if fixed[c] + c.bytes(1) <= budget]
+    if not fitting:  # the cheapest storage names the minimum budget
+        cheapest = min(fixed, key=lambda c: fixed[c] + c.bytes(1))
+        largest = sorted(((k, v.numel() * v.element_size()) for k, v in dense.items()), key=lambda kv: -kv[1])
+        slots_for_budget(budget, fixed[cheapest], cheapest.bytes, largest)
+    candidates = []
+    for storage in fitting:
+        count = min(slots_for_budget(budget, fixed[storage], storage.bytes, []), total)
+        candidates.append((storage, count, fixed[storage] + storage.bytes(count)))
+    lossless = [(s, n) for s, n, _ in candidates if n == total and not s.quantized and s.dtype == weights[0].dtype]
+    if lossless:
+        return *lossless[0], []
+    counts = {storage: n for storage, n, _ in candidates}
+    if storages is None:
+        operator = PoolOperator(mapping, total, seed)
+        for high, low in plan.MIXES:
+            if counts.get(high, total) < total and counts.get(low) == total:
+                mix = plan.mixed(operator, layout_for(total), weights, high, low, lambda storage: budget - fixed_bytes(storage))
+                if mix is not None:
+                    candidates.append((mix, total, fixed_bytes(mix) + mix.bytes(total)))
+    if len(candidates) == 1:
+        return *candidates[0][:2], []
+    best, scored = plan.choose(candidates, mapping, seed, weights, layout_for)
+    return best.storage, best.slots, scored
 
 
 def _storage(dtype: torch.dtype | None, bits: int | PoolStorage | None) -> PoolStorage:
@@ -193,6 +238,7 @@ def convert(
         ]
 
     layout = layouts(layer_scales(weights))
+
     def layout_for(slots: int) -> list[CompressedWeight]:  # lossless: power-of-two scales make it bit-exact
         return layouts(layer_scales(weights, power_of_two=slots >= total))
 
@@ -203,31 +249,18 @@ def convert(
     else:
         chosen_set = {alias for w in layout for alias in (w.name, *w.aliases)}
         dense = {k: v for k, v in model.state_dict().items() if k not in chosen_set}
-        largest = sorted(((k, v.numel() * v.element_size()) for k, v in dense.items()), key=lambda kv: -kv[1])
-        fixed = {}  # storage -> the file's bytes outside the pool (the header depends on the storage)
-        for candidate in storages or plan.CANDIDATES:
-            probe = RPSPool(torch.zeros(1, dtype=weights[0].dtype), mapping_impl, seed, layout, grad_scaling=False, storage=candidate)
+
+        def fixed_bytes(storage) -> int:  # the file's bytes outside the pool (the header depends on the storage)
+            probe = RPSPool(torch.zeros(1, dtype=weights[0].dtype), mapping_impl, seed, layout, grad_scaling=False, storage=storage)
             probe.info.update(architecture=architecture, discovery=found.method)
-            fixed[candidate] = header_bound(probe, dense, budget_bytes) + stored_bytes(dense)
-        fitting = [c for c in fixed if fixed[c] + c.bytes(1) <= budget_bytes]
-        if not fitting:  # the cheapest storage names the minimum budget
-            cheapest = min(fixed, key=lambda c: fixed[c] + c.bytes(1))
-            slots_for_budget(budget_bytes, fixed[cheapest], cheapest.bytes, largest)
-        candidates = []
-        for candidate in fitting:
-            count = min(slots_for_budget(budget_bytes, fixed[candidate], candidate.bytes, largest), total)
-            candidates.append((candidate, count, fixed[candidate] + candidate.bytes(count)))
-        lossless = next(((s, n) for s, n, _ in candidates if n == total and not s.quantized and s.dtype == weights[0].dtype), None)
-        if lossless:
-            (storage, slots), scored = lossless, []
-            note = f"the budget {format_bytes(budget_bytes)} holds the whole model: converted at ratio 1.0 (lossless)"
-            notes.append(note)
-            warnings.warn(note, RPSWarning, stacklevel=2)
-        else:
-            best, scored = plan.choose(candidates, mapping_impl, seed, weights, layout_for)
-            storage, slots = best.storage, best.slots
-        if len(candidates) > 1:
-            notes.append(f"plan: {storage} pool of {slots:,} slots (ratio {slots / total:.4g}), the least weight error of {len(candidates)} candidates")
+            return header_bound(probe, dense, budget_bytes) + stored_bytes(dense)
+
+        storage, slots, scored = _spend(budget_bytes, fixed_bytes, storages, dense, weights, layout_for, mapping_impl, seed)
+        if len(scored) > 1:
+            notes.append(f"plan: {storage} pool of {slots:,} slots (ratio {slots / total:.4g}), the least weight error of {len(scored)} candidates")
+        elif slots == total and not storage.quantized and storage.dtype == weights[0].dtype:
+            notes.append(f"the budget {format_bytes(budget_bytes)} holds the whole model: converted at ratio 1.0 (lossless)")
+            warnings.warn(notes[-1], RPSWarning, stacklevel=2)
     if slots >= MAX_SLOTS:
         raise ValueError(f"a pool of {slots:,} slots exceeds the format's limit of 2**32: use a smaller ratio")
 

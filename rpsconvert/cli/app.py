@@ -162,6 +162,7 @@ def convert_command(
     exclude: Annotated[Optional[list[str]], typer.Option(metavar="PATTERN", help="Keep parameters matching this pattern dense (fnmatch, repeatable).")] = None,
     min_numel: Annotated[int, typer.Option(help="Keep tensors with fewer elements dense.")] = _DEFAULTS["min_numel"].default,
     dtype: Annotated[Optional[Literal[tuple(_POOL_DTYPES)]], typer.Option(help="Pool dtype (default: the weights' dtype).")] = None,  # type: ignore[valid-type]
+    bits: Annotated[Optional[Literal[2, 4, 8, 16, 32]], typer.Option(help="Bits per pool slot: 8, 4, 2 (integer codes, a scale per block) or 16, 32 (float). Default: with --budget the plan chooses; with --ratio the weights' dtype.", show_default=False)] = None,  # type: ignore[valid-type]
     calibrate: Annotated[Optional[Path], typer.Option("--calibrate", metavar="FILE", help="Example inputs (.safetensors, .npy or tensors-only .pt): the pool is refit to the original's layer outputs on them, and a fifth is held out to measure fidelity.", show_default=False)] = None,
     recover_steps: Annotated[int, typer.Option("--recover-steps", metavar="N", min=0, help="Distill the original into the converted model for N steps on the --calibrate inputs.")] = 0,
     checkpoint_every: Annotated[Optional[str], typer.Option("--checkpoint-every", metavar="INTERVAL", help="Save the recovery state every INTERVAL (50 steps, or 90s, 5min, 1h) to OUTPUT.recovery.pt, so that --resume continues an interrupted run.", show_default=False)] = None,
@@ -201,7 +202,7 @@ def convert_command(
             with stage("convert", "converting", own_bar=calibration is not None):
                 converted = rpsconvert.convert(
                     source.model, ratio, budget=budget_bytes, mapping=mapping, seed=seed, include=include or None,
-                    exclude=exclude or None, min_numel=min_numel, dtype=_POOL_DTYPES.get(dtype), architecture=source.architecture,
+                    exclude=exclude or None, min_numel=min_numel, dtype=_POOL_DTYPES.get(dtype), bits=bits, architecture=source.architecture,
                     calibration=calibration, quiet=quiet,
                 )
             quality = _quality(converted, source.model, heldout)

@@ -21,7 +21,11 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from rpsconvert.engine.mapping import CHUNK, Mapping, chunks
+from rpsconvert.engine.hashing import STREAM_ROTATION, STREAM_SIGN, hash32, stream_key
+from rpsconvert.engine.mapping import CHUNK, Mapping, RandomFold, chunks
+
+FOLD_CHUNK = 1 << 18  # RandomFold elements generated at once: about 1 MB of sign factors and bytes
+_MIN_RUN = 1 << 12  # RandomFold pools smaller than this are gathered: a slice per fold would cost more
 
 
 @dataclass(frozen=True)
@@ -48,21 +52,87 @@ class PoolOperator:
     slots: int
     seed: int
 
+    def __post_init__(self):
+        # Hash keys as plain ints, computed once: generation then runs no tensor code to find them,
+        # which keeps it traceable by torch.compile and torch.export (no .item() while tracing).
+        object.__setattr__(self, "_sign_key", stream_key(self.seed, STREAM_SIGN))
+        object.__setattr__(self, "_rotation_key", stream_key(self.seed, STREAM_ROTATION))
+
     def _chunks(self, weight: CompressedWeight, device) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
         return chunks(self.mapping, weight.offset, weight.numel, self.slots, self.seed, device)
 
+    def _folded(self) -> bool:
+        """Whether weights are generated fold by fold: RandomFold with folds long enough to slice,
+        or any RandomFold while torch.compile or torch.export traces (the element-wise slots read
+        fold rotations back with .tolist(), which a trace cannot follow)."""
+        return isinstance(self.mapping, RandomFold) and (self.slots >= _MIN_RUN or torch.compiler.is_compiling())
+
     def generate(self, theta: torch.Tensor, weight: CompressedWeight) -> torch.Tensor:
-        """A_w(theta): the weight `theta` generates, in theta's dtype (differentiable in theta)."""
+        """A_w(theta): the weight `theta` generates, in theta's dtype (differentiable in theta).
+
+        RandomFold (the default) reads each fold as one or two slices of the pool and applies the
+        signs eight at a time from a byte table; other mappings gather one slot per element. Both
+        give the same bits (`generate_elementwise` is the reference the tests compare with).
+        """
+        if not self._folded():
+            return self.generate_elementwise(theta, weight)
+        pieces = self._fold_pieces(theta, weight)
+        if torch.is_grad_enabled() and theta.requires_grad:
+            return torch.cat([values * factors for _, _, values, factors in pieces]).view(weight.shape)
+        out = torch.empty(weight.numel, dtype=theta.dtype, device=theta.device)
+        for lo, hi, values, factors in pieces:
+            torch.mul(values, factors, out=out[lo:hi])
+        return out.view(weight.shape)
+
+    def generate_elementwise(self, theta: torch.Tensor, weight: CompressedWeight) -> torch.Tensor:
+        """A_w(theta) by gathering `theta[h(i)] * g(i) * scale` element by element, for any mapping."""
         pieces = [theta[slots] * (sign.to(theta.dtype) * weight.scale) for _, _, slots, sign in self._chunks(weight, theta.device)]
         return (torch.cat(pieces) if len(pieces) > 1 else pieces[0]).view(weight.shape)
+
+    def _fold_pieces(self, theta: torch.Tensor, weight: CompressedWeight, scale: float | None = None) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        """(local start, local stop, pool slice, sign factors) for every run of every RandomFold fold.
+
+        Fold c covers the global indices [c m, (c + 1) m) and reads the pool rotated by
+        H(c) mod m: the part of a fold inside one chunk is at most two ascending runs of slots, so
+        its pool values are slices (views, no index tensor). The factors are g(i) * scale in theta's
+        dtype, rounded exactly as `generate_elementwise` rounds them.
+        """
+        m, device = self.slots, theta.device
+        signed = torch.tensor([1, -1], dtype=theta.dtype, device=device) * (weight.scale if scale is None else scale)
+        bits = (torch.arange(256, device=device).unsqueeze(1) >> torch.arange(8, device=device)) & 1
+        table = signed[bits]  # (256, 8): the factors of the 8 elements whose sign bits are one byte
+        for lo in range(0, weight.numel, FOLD_CHUNK):
+            hi = min(lo + FOLD_CHUNK, weight.numel)
+            start, stop = weight.offset + lo, weight.offset + hi
+            factors = self._sign_factors(start, stop, table)
+            for fold in range(start // m, (stop - 1) // m + 1):
+                first, last = max(start, fold * m), min(stop, (fold + 1) * m)  # global indices in this chunk
+                begin = (hash32(fold, self._rotation_key) % m + first - fold * m) % m
+                split = min(last, first + m - begin)  # where the run wraps to slot 0
+                yield first - weight.offset, split - weight.offset, theta[begin : begin + split - first], factors[first - start : split - start]
+                if split < last:
+                    yield split - weight.offset, last - weight.offset, theta[: last - split], factors[split - start : last - start]
+
+    def _sign_factors(self, start: int, stop: int, table: torch.Tensor) -> torch.Tensor:
+        """table's factors for the global indices [start, stop): bit i mod 32 of H(i // 32) picks
+        +scale or -scale (docs/format.md), looked up a byte (8 elements) at a time."""
+        first = start >> 5
+        words = hash32(torch.arange(first, ((stop - 1) >> 5) + 1, device=table.device), self._sign_key)
+        octets = (words.unsqueeze(1) >> torch.arange(0, 32, 8, device=table.device)) & 0xFF  # low byte first
+        return table.index_select(0, octets.reshape(-1)).reshape(-1)[start - 32 * first : stop - 32 * first]
 
     def adjoint(self, weight: CompressedWeight, u: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """A_w^T(u), added into `out` (a fresh zero vector of the pool's size by default).
 
-        <A_w^T(u), v> = <u, A_w(v)> for every pool vector v.
+        <A_w^T(u), v> = <u, A_w(v)> for every pool vector v. RandomFold adds each fold's run into
+        a slice of `out`; other mappings scatter element by element.
         """
         out = torch.zeros(self.slots, dtype=u.dtype, device=u.device) if out is None else out
         flat = u.reshape(-1)
+        if self._folded():
+            for lo, hi, target, factors in self._fold_pieces(out, weight, scale=1.0):
+                target.add_(flat[lo:hi].to(out.dtype) * factors, alpha=weight.scale)
+            return out
         for lo, hi, slots, sign in self._chunks(weight, u.device):
             out.index_add_(0, slots, flat[lo:hi].to(out.dtype) * sign, alpha=weight.scale)
         return out

@@ -19,25 +19,27 @@ import torch
 from rpsconvert.engine.mapping import Mapping
 from rpsconvert.engine.operator import CompressedWeight, PoolOperator
 from rpsconvert.engine.projection import project
-from rpsconvert.engine.storage import PoolStorage
+from rpsconvert.engine.storage import MixedStorage, PoolStorage
 
-# What the plan weighs against each other. Scales are float16 (half the bytes of float32 for the
-# same measured quality: docs/quality.md); int4 in blocks of 32 and int8 in blocks of 64 are the
-# block sizes measured best at their bytes, int2 (ternary) only pays at extreme budgets.
+# What the plan weighs against each other. Scales are float16: half the bytes of float32 scales,
+# the same agreement on a pretrained MobileNetV2 (docs/quality.md, "Pool storage"), where blocks of
+# 32 kept int8 at 100 % top-1 agreement and blocks of 64 and 128 lost 3 and 6 points.
 CANDIDATES = (
     PoolStorage(torch.float32),
     PoolStorage(torch.float16),
-    PoolStorage(torch.float16, bits=8, block=64),
+    PoolStorage(torch.float16, bits=8, block=32),
     PoolStorage(torch.float16, bits=4, block=32),
     PoolStorage(torch.float16, bits=2, block=32),
 )
+# Neighbouring widths a lossless pool may mix, layer by layer (see `mixed`).
+MIXES = ((CANDIDATES[2], CANDIDATES[3]), (CANDIDATES[3], CANDIDATES[4]))
 
 
 @dataclass(frozen=True)
 class Candidate:
     """One way to spend the budget, with what it would cost and how far from the original it is."""
 
-    storage: PoolStorage
+    storage: PoolStorage | MixedStorage
     slots: int
     file_bytes: int  # the checkpoint's bytes, header and dense tensors included
     error: float  # mean over layers of ||W - W_generated||^2 / ||W||^2
@@ -46,8 +48,8 @@ class Candidate:
         return {"storage": str(self.storage), "slots": self.slots, "file_bytes": self.file_bytes, "weight_error": self.error}
 
 
-def weight_error(operator: PoolOperator, layout: Sequence[CompressedWeight], weights: Sequence[torch.Tensor], theta: torch.Tensor) -> float:
-    """Mean over layers of the relative squared error of the weights `theta` generates."""
+def layer_errors(operator: PoolOperator, layout: Sequence[CompressedWeight], weights: Sequence[torch.Tensor], theta: torch.Tensor) -> list[float]:
+    """The relative squared error of each weight `theta` generates."""
     errors = []
     with torch.no_grad():
         for spec, weight in zip(layout, weights):
@@ -55,11 +57,68 @@ def weight_error(operator: PoolOperator, layout: Sequence[CompressedWeight], wei
             norm = float(original.square().sum())
             diff = float((operator.generate(theta, spec).double() - original).square().sum())
             errors.append(diff / norm if norm > 0 else float(diff > 0))
+    return errors
+
+
+def weight_error(operator: PoolOperator, layout: Sequence[CompressedWeight], weights: Sequence[torch.Tensor], theta: torch.Tensor) -> float:
+    """Mean over layers of the relative squared error of the weights `theta` generates."""
+    errors = layer_errors(operator, layout, weights, theta)
     return sum(errors) / max(len(errors), 1)
 
 
+def mixed(
+    operator: PoolOperator,
+    layout: Sequence[CompressedWeight],
+    weights: Sequence[torch.Tensor],
+    high: PoolStorage,
+    low: PoolStorage,
+    room: Callable[[MixedStorage], int],
+) -> MixedStorage | None:
+    """Mixed precision per layer for a lossless pool (one slot per element): every layer starts at
+    `high`; the layers whose error grows least per byte saved move to `low` until the pool's bytes
+    fit `room(storage)` (the budget left once the header, which lists the runs, is paid); of the
+    layer that tips the balance only as many slots move as the budget needs.
+
+    The greedy order is the knapsack heuristic of mixed-precision allocators (HAWQ's, llama.cpp's
+    target size): a big layer that int4 barely hurts saves the most bytes for the least error.
+    None when even all `low` does not fit.
+    """
+    theta = project(operator, list(zip(layout, weights))).to(weights[0].dtype)
+    gain = [
+        (b - a) / max(w.numel * (high.bits - low.bits), 1)
+        for a, b, w in zip(*(layer_errors(operator, layout, weights, s.snap(theta)) for s in (high, low)), layout)
+    ]
+    device = weights[0].device
+    bits = torch.full((operator.slots,), high.bits, dtype=torch.int8, device=device)
+    parts = {high.bits: high, low.bits: low}
+
+    def fits(bits: torch.Tensor) -> MixedStorage | None:
+        storage = MixedStorage.from_bits(bits, parts)
+        return storage if storage.bytes(operator.slots) <= room(storage) else None
+
+    if fits(bits):
+        return fits(bits)
+    for step in sorted(range(len(layout)), key=gain.__getitem__):
+        slots = torch.nonzero(operator.counts([layout[step]], device) > 0).flatten()
+        trial = bits.clone()
+        trial[slots] = low.bits
+        if not fits(trial):
+            bits = trial
+            continue
+        # this layer tips it: move only as many of its slots as the budget needs, so no byte idles
+        few, many = 0, len(slots)  # moving `many` fits, moving `few` does not
+        while many - few > 1:
+            middle = (few + many) // 2
+            trial = bits.clone()
+            trial[slots[:middle]] = low.bits
+            few, many = (few, middle) if fits(trial) else (middle, many)
+        bits[slots[:many]] = low.bits
+        return fits(bits)
+    return None
+
+
 def choose(
-    candidates: Sequence[tuple[PoolStorage, int, int]],
+    candidates: Sequence[tuple[PoolStorage | MixedStorage, int, int]],
     mapping: Mapping,
     seed: int,
     weights: Sequence[torch.Tensor],

@@ -107,8 +107,11 @@ class RPSPool:
         In cached mode, while no gradient is needed, it comes from the cache, which is rebuilt
         first when the pool changed (another Parameter, an in-place update, device or dtype);
         otherwise, and always in lean mode, it is generated now (differentiable in the pool).
+        torch.compile and torch.export trace the generation in both modes: a graph that computes
+        the weights from the pool stays right when the pool changes, where baked-in weights would
+        not (for a graph with constant weights, export the model `densify` returns).
         """
-        if self.mode == "cached" and not (torch.is_grad_enabled() and self.pool.requires_grad):
+        if self.mode == "cached" and not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and self.pool.requires_grad):
             if self._cache is None or self._cache_key != self._current_key():
                 self.materialize()
             return self._cache[name]

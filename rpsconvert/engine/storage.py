@@ -21,6 +21,7 @@ import torch
 BITS = (2, 4, 8)  # codes packed 8 // bits to a byte
 SCALE_DTYPES = (torch.float16, torch.float32)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+CLIPS = (1.0, 0.9, 0.8, 0.7, 0.6)  # fractions of a block's peak tried as its top level
 
 
 @dataclass(frozen=True)
@@ -67,13 +68,29 @@ class PoolStorage:
 
     def _codes_and_scales(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Round-to-nearest codes (int16) and the block scales, rounded to the scale dtype first so
-        that dequantizing with the stored scales gives exactly the values the codes were made for."""
+        that dequantizing with the stored scales gives exactly the values the codes were made for.
+
+        Each block's scale is the one of CLIPS times its peak with the least squared error: with few
+        levels, clipping a rare large value costs less than coarsening every other one (int4 on a
+        pretrained MobileNetV2: docs/quality.md). The unclipped scale comes first, so values
+        already on a grid (a loaded pool) keep it exactly: snap is idempotent.
+        """
         v = values.detach().float()
         blocks = torch.nn.functional.pad(v, (0, -len(v) % self.block)).view(-1, self.block)
         peak = blocks.abs().amax(dim=1)
-        scales = torch.where(peak > 0, peak / self.levels, torch.ones_like(peak)).to(self.dtype)
-        codes = torch.round(blocks / scales.float().unsqueeze(1)).clamp_(-self.levels, self.levels)
-        return codes.reshape(-1)[: len(v)].to(torch.int16), scales
+        best_scales = best_codes = best_error = None
+        for clip in CLIPS:
+            scales = torch.where(peak > 0, clip * peak / self.levels, torch.ones_like(peak)).to(self.dtype)
+            codes = torch.round(blocks / scales.float().unsqueeze(1)).clamp_(-self.levels, self.levels)
+            error = (codes * scales.float().unsqueeze(1) - blocks).square().sum(dim=1)
+            if best_error is None:
+                best_scales, best_codes, best_error = scales, codes, error
+                continue
+            better = error < best_error
+            best_scales = torch.where(better, scales, best_scales)
+            best_codes = torch.where(better.unsqueeze(1), codes, best_codes)
+            best_error = torch.minimum(error, best_error)
+        return best_codes.reshape(-1)[: len(v)].to(torch.int16), best_scales
 
     def snap(self, values: torch.Tensor) -> torch.Tensor:
         """`values` as they will be stored and read back (idempotent), in their own dtype."""
@@ -124,11 +141,95 @@ class PoolStorage:
             return {"dtype": dtype_name(self.dtype)}
         return {"dtype": "uint8", "bits": self.bits, "block": self.block, "scale_dtype": dtype_name(self.dtype)}
 
+
+@dataclass(frozen=True)
+class MixedStorage:
+    """Consecutive runs of the pool, each quantized its own way: (slots, storage) in slot order.
+
+    At ratio 1.0 RandomFold gives every weight one contiguous run of the pool, so runs are layers,
+    and bytes go where a layer's error costs most: mixed precision per layer. The runs' codes and
+    scales are stored back to back in the same two tensors as a uniform quantized pool.
+    """
+
+    runs: tuple[tuple[int, PoolStorage], ...]
+
+    def __post_init__(self):
+        if not self.runs or any(n < 1 or not part.quantized or part.dtype != self.runs[0][1].dtype for n, part in self.runs):
+            raise ValueError("a mixed pool is runs of at least one slot, all quantized, all with the same scale dtype")
+
+    quantized = True
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.runs[0][1].dtype
+
+    def __str__(self) -> str:
+        slots = sum(n for n, _ in self.runs)
+        shares = {}
+        for n, part in self.runs:
+            shares[part.bits] = shares.get(part.bits, 0) + n
+        return "mixed " + " + ".join(f"int{bits} {n / slots:.0%}" for bits, n in sorted(shares.items(), reverse=True))
+
+    def _check(self, slots: int) -> None:
+        if sum(n for n, _ in self.runs) != slots:
+            raise ValueError(f"the mixed pool's runs cover {sum(n for n, _ in self.runs)} slots, the pool has {slots}")
+
+    def tensors(self, slots: int) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        """As PoolStorage.tensors; the shapes are the runs' own (`slots` is theirs by construction)."""
+        sizes = [{suffix: shape[0] for suffix, _, shape in part.tensors(n)} for n, part in self.runs]
+        return [("", torch.uint8, (sum(s[""] for s in sizes),)), (".scales", self.dtype, (sum(s[".scales"] for s in sizes),))]
+
+    def bytes(self, slots: int) -> int:
+        """The stored bytes: fixed by the runs, whatever `slots` (kept for PoolStorage's signature)."""
+        return sum(part.bytes(n) for n, part in self.runs)
+
     @classmethod
-    def from_json(cls, entry: dict) -> PoolStorage:
-        if "bits" not in entry:
-            return cls(parse_dtype(entry["dtype"]))
-        return cls(parse_dtype(entry["scale_dtype"]), int(entry["bits"]), int(entry["block"]))
+    def from_bits(cls, bits: torch.Tensor, parts: dict[int, PoolStorage]) -> MixedStorage:
+        """The runs of a per-slot bit width: each maximal run of equal widths is one part."""
+        change = torch.nonzero(bits[1:] != bits[:-1]).flatten() + 1
+        edges = [0, *change.tolist(), len(bits)]
+        return cls(tuple((b - a, parts[int(bits[a])]) for a, b in zip(edges, edges[1:])))
+
+    def _parts(self, values: torch.Tensor):
+        return zip(values.split([n for n, _ in self.runs]), (part for _, part in self.runs))
+
+    def snap(self, values: torch.Tensor) -> torch.Tensor:
+        self._check(len(values))
+        return torch.cat([part.snap(v) for v, part in self._parts(values)])
+
+    def fake_quantize(self, pool: torch.Tensor) -> torch.Tensor:
+        return pool + (self.snap(pool.detach()) - pool).detach()
+
+    def encode(self, values: torch.Tensor) -> dict[str, torch.Tensor]:
+        self._check(len(values))
+        encoded = [part.encode(v) for v, part in self._parts(values)]
+        return {suffix: torch.cat([e[suffix] for e in encoded]) for suffix in ("", ".scales")}
+
+    def decode(self, stored: dict[str, torch.Tensor], slots: int) -> torch.Tensor:
+        for suffix, dtype, shape in self.tensors(slots):
+            if stored[suffix].dtype != dtype or tuple(stored[suffix].shape) != shape:
+                raise ValueError(f"the pool tensor{suffix} must be {dtype_name(dtype)} of shape {shape}")
+        values, start = [], {"": 0, ".scales": 0}
+        for n, part in self.runs:
+            piece = {}
+            for suffix, _, shape in part.tensors(n):
+                piece[suffix] = stored[suffix][start[suffix] : start[suffix] + shape[0]]
+                start[suffix] += shape[0]
+            values.append(part.decode(piece, n))
+        return torch.cat(values)
+
+    def to_json(self) -> dict:
+        return {"dtype": "uint8", "scale_dtype": dtype_name(self.dtype), "runs": [[n, part.bits, part.block] for n, part in self.runs]}
+
+
+def storage_from_json(entry: dict) -> PoolStorage | MixedStorage:
+    """The storage a manifest's pool entry describes (see `to_json`)."""
+    if "runs" in entry:
+        scale = parse_dtype(entry["scale_dtype"])
+        return MixedStorage(tuple((int(n), PoolStorage(scale, int(bits), int(block))) for n, bits, block in entry["runs"]))
+    if "bits" not in entry:
+        return PoolStorage(parse_dtype(entry["dtype"]))
+    return PoolStorage(parse_dtype(entry["scale_dtype"]), int(entry["bits"]), int(entry["block"]))
 
 
 def dtype_name(dtype: torch.dtype) -> str:

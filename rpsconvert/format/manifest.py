@@ -16,7 +16,7 @@ from rpsconvert.engine.hashing import check_seed
 from rpsconvert.engine.mapping import MAX_SLOTS, get_mapping, mapping_params
 from rpsconvert.engine.operator import CompressedWeight
 from rpsconvert.engine.pool import POOL_PARAM, RPSPool
-from rpsconvert.engine.storage import PoolStorage, dtype_name, parse_dtype
+from rpsconvert.engine.storage import dtype_name, parse_dtype, storage_from_json
 
 FORMAT = "rpsconvert"
 FORMAT_VERSION = 3  # the newest version this code reads; it writes the oldest that says everything
@@ -93,7 +93,7 @@ def parse(manifest: dict, tensors: dict[str, torch.Tensor]) -> RPSPool:
     slots = pool_entry["slots"]
     if not isinstance(slots, int) or not 0 < slots < MAX_SLOTS:
         raise ValueError(f"the pool must have between 1 and 2**32 - 1 slots, the manifest says {slots!r}")
-    storage = PoolStorage.from_json(pool_entry)
+    storage = storage_from_json(pool_entry)
     if storage.quantized and manifest["format_version"] < 3:
         raise ValueError("a quantized pool needs format version 3")
     names = {suffix: pool_entry["tensor"] + suffix for suffix, _, _ in storage.tensors(slots)}

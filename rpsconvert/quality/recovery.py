@@ -14,6 +14,7 @@ same global batch.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Union
 
@@ -26,6 +27,7 @@ from torch import nn
 
 from rpsconvert.quality.batches import Batch, cycle, device_of, eval_mode, is_logits, outputs, process_group, run, shard, size, to_device
 from rpsconvert.quality.fidelity import Fidelity, fidelity, paired_outputs
+from rpsconvert.quality.resume import Checkpointer, fidelity_from_dict, fidelity_to_dict
 
 Loss = Union[str, Callable[[object, object], torch.Tensor]]
 LOSSES = ("auto", "kl", "mse", "cosine")
@@ -110,6 +112,10 @@ def recover(
     patience: int = 3,
     warmup: float = 0.05,
     quiet: bool = False,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    checkpoint_seconds: float | None = None,
+    resume: bool = False,
 ) -> RecoveryHistory:
     """Fine-tune `model` in place to reproduce `teacher` (the original) on the inputs of `data`.
 
@@ -137,6 +143,11 @@ def recover(
             `eval_data` the stop watches the training loss).
         warmup: fraction of the steps spent warming the learning rate up.
         quiet: hide the progress bar (shown on stderr).
+        checkpoint: a file where the whole state of the run is saved (atomically) every
+            `checkpoint_every` steps and every `checkpoint_seconds` seconds (default: at every
+            evaluation), so that an interrupted run can be resumed (quality/resume.py).
+        resume: continue the run saved in `checkpoint` (same model, data and `steps`): with the
+            same batches, seed and thread count the result equals an uninterrupted run's.
 
     Returns:
         A RecoveryHistory: the loss per step, fidelity before and after, the steps taken.
@@ -165,7 +176,25 @@ def recover(
     eval_every = eval_every or max(1, steps // 10)
     history = RecoveryHistory()
     best_value, best_state, stale = math.inf, None, 0
-    if eval_data is not None:
+    saver = None
+    if checkpoint is not None:
+        saver = Checkpointer(checkpoint, checkpoint_every or (None if checkpoint_seconds else eval_every), checkpoint_seconds)
+    elif resume:
+        raise ValueError("resume=True needs the checkpoint file to resume from: pass checkpoint=PATH")
+    start = 0
+    if resume:
+        saved = saver.load(steps)
+        start, best_value, stale = saved["step"], saved["best_value"], saved["stale"]
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["schedule"])
+        best_state = saved["best_state"]
+        torch.set_rng_state(saved["rng"])
+        history = RecoveryHistory(
+            loss=saved["loss"], lr=saved["lr"], heldout_loss=saved["heldout_loss"], best_step=saved["best_step"],
+            evals=[(s, fidelity_from_dict(f)) for s, f in saved["evals"]], before=fidelity_from_dict(saved["before"]),
+        )
+    elif eval_data is not None:
         history.before = fidelity(model, teacher, eval_data, inputs=inputs)
         history.evals.append((0, history.before))
         history.heldout_loss.append(heldout_loss(model, teacher, eval_data, loss, inputs))
@@ -187,9 +216,19 @@ def recover(
     )
     try:
         with progress:
-            task = progress.add_task("recover", total=steps, status=_status(None, history.before))
+            task = progress.add_task("recover", total=steps, completed=start, status=_status(None, history.before))
             batches = cycle(data)
-            for step in range(1, steps + 1):
+            for _ in range(start):  # the batches the saved run has used
+                next(batches)
+            for step in range(start + 1, steps + 1):
+                if saver and rank == 0 and saver.due(step - 1, steps):
+                    saver.save({
+                        "step": step - 1, "steps": steps, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(), "rng": torch.get_rng_state(), "best_value": best_value,
+                        "best_state": best_state, "stale": stale, "best_step": history.best_step, "loss": history.loss,
+                        "lr": history.lr, "heldout_loss": history.heldout_loss, "before": fidelity_to_dict(history.before),
+                        "evals": [(s, fidelity_to_dict(f)) for s, f in history.evals],
+                    })
                 batch = next(batches)
                 x = shard(to_device(inputs(batch) if inputs else batch, device), rank, world)
                 with torch.no_grad():
