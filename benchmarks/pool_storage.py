@@ -1,6 +1,6 @@
 """Bytes for precision or for slots: pool storages and the budget plan on a pretrained MobileNetV2.
 
-    python benchmarks/pool_storage.py      # about 5 minutes on 2 cores; writes docs/quality.md (## Pool storage)
+    python benchmarks/pool_storage.py      # about 10 minutes on one thread; writes docs/quality.md (## Pool storage)
 
 Part 1 fixes the ratio at 1.0 (no collisions) and varies only how the pool is stored: float16,
 int8/int4/int2 in blocks of 16 to 128 slots, float16 or float32 block scales. It says which block
@@ -34,6 +34,7 @@ START, END = "<!-- pool-storage:start -->", "<!-- pool-storage:end -->"
 
 def main() -> None:
     torch.manual_seed(0)
+    torch.set_num_threads(1)  # the figures are qualities, not timings; one thread is the fairest neighbour
     model = mobilenet_v2()
     inputs = photo_crops(64, seed=1)
     with torch.no_grad():

@@ -37,6 +37,7 @@ from rpsconvert.quality.batches import load_calibration
 from rpsconvert.quality.calibration import LayerFit, calibrate
 from rpsconvert.quality.fidelity import Fidelity, fidelity, layer_errors, weight_errors
 from rpsconvert.quality.recovery import RecoveryHistory, recover
+from rpsconvert.quality.verification import Verification, random_inputs, verify
 from rpsconvert.conversion import convert
 
 __all__ = [
@@ -59,12 +60,15 @@ __all__ = [
     "fidelity",
     "layer_errors",
     "weight_errors",
+    "verify",
+    "random_inputs",
     # result types
     "ConversionReport",
     "WeightReport",
     "LayerFit",
     "RecoveryHistory",
     "Fidelity",
+    "Verification",
     "RPSPool",
     "PoolStorage",
     # extension points

@@ -338,12 +338,21 @@ def _read_by_the_spec(path) -> dict[str, np.ndarray]:
     def tensor(name):
         entry = header[name]
         lo, hi = entry["data_offsets"]
-        return np.frombuffer(body[lo:hi], dtype={"F32": "<f4", "I64": "<i8"}[entry["dtype"]]).reshape(entry["shape"])
+        dtype = {"F32": "<f4", "F16": "<f2", "I64": "<i8", "U8": "u1"}[entry["dtype"]]
+        return np.frombuffer(body[lo:hi], dtype=dtype).reshape(entry["shape"])
 
-    assert spec["mapping"] == "randomfold" and spec["pool"]["dtype"] == "float32"
-    pool, seed = tensor(spec["pool"]["tensor"]), spec["seed"]
+    def quantized_pool(entry):  # part 2, "Quantized pools": packed offset codes times block scales
+        bits, block, m = entry["bits"], entry["block"], entry["slots"]
+        packed, scales = tensor(entry["tensor"]), tensor(entry["tensor"] + ".scales").astype(np.float32)
+        fields = [(int(packed[j * bits // 8]) >> (j * bits % 8)) & (2**bits - 1) for j in range(m)]
+        return np.array([(f - 2 ** (bits - 1)) * scales[j // block] for j, f in enumerate(fields)], dtype=np.float32)
+
+    assert spec["mapping"] == "randomfold"
+    quantized = "bits" in spec["pool"]
+    pool = quantized_pool(spec["pool"]) if quantized else tensor(spec["pool"]["tensor"])
+    seed = spec["seed"]
     m, rotation_key, sign_key = len(pool), key(seed, 1), key(seed, 4)
-    state = {name: tensor(name) for name in header if name != spec["pool"]["tensor"]}
+    state = {name: tensor(name) for name in header if not name.startswith(spec["pool"]["tensor"])}
     state.update({alias: state[name] for alias, name in spec["dense_aliases"].items()})
     for w in spec["weights"]:
         values = []
@@ -356,8 +365,8 @@ def _read_by_the_spec(path) -> dict[str, np.ndarray]:
     return state
 
 
-def test_a_reader_written_from_the_format_spec_alone_decodes_the_golden_file_bit_for_bit():
-    name = "golden-v1-randomfold-fp32"
+@pytest.mark.parametrize("name", ["golden-v1-randomfold-fp32", "golden-v3-randomfold-int8", "golden-v3-randomfold-int2"])
+def test_a_reader_written_from_the_format_spec_alone_decodes_the_golden_file_bit_for_bit(name):
     expected = safetensors.torch.load_file(DATA / f"{name}.expected.safetensors")
     state = _read_by_the_spec(DATA / f"{name}.rps.safetensors")
     assert sorted(state) == sorted(k.removeprefix("state.") for k in expected if k.startswith("state."))
