@@ -6,7 +6,10 @@ near the dense size precision is what to cut, and collisions only when bytes are
 projects the weights once per candidate storage, puts the pool on that storage's grid, and keeps
 the candidate whose generated weights are closest to the originals: the mean over layers of the
 relative squared error, so a small layer counts as much as a big one (each layer's error passes
-through the network multiplicatively).
+through the network multiplicatively). Weighing each element's error by its input feature's mean
+square on example inputs (the output error's diagonal, as activation-aware quantizers do) was
+measured and dropped: on a pretrained MobileNetV2 at 1/4, 1/6 and 1/8 of the bytes it chose the
+same mixes, within one or two crops of agreement (docs/quality.md).
 """
 
 from __future__ import annotations
