@@ -7,10 +7,9 @@ It composes the parts: discovery and the pool operator (engine), the file's size
 from __future__ import annotations
 
 import copy
-import fnmatch
 import warnings
 from itertools import accumulate
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence, Sized
 
 import torch
 from torch import nn
@@ -18,24 +17,17 @@ from torch import nn
 from rpsconvert.engine.budget import check_ratio, format_bytes, parse_bytes, slots_for_budget
 from rpsconvert.engine.discovery import Discovery, discover
 from rpsconvert.engine.hashing import check_seed
-from rpsconvert.engine.mapping import MAX_SLOTS, Mapping, get_mapping
+from rpsconvert.engine.mapping import MAX_SLOTS, Mapping, get_mapping, mapping_params
 from rpsconvert.engine.modules import install, is_converted
 from rpsconvert.engine.operator import CompressedWeight, PoolOperator
 from rpsconvert.engine.pool import RPSPool
-from rpsconvert.engine import plan
+from rpsconvert.engine import plan, selection
 from rpsconvert.engine.projection import layer_scales, project
-from rpsconvert.engine.storage import MixedStorage, PoolStorage
+from rpsconvert.engine.storage import MixedStorage, PoolStorage, dtype_name
 from rpsconvert.errors import RPSWarning
+from rpsconvert.format import provenance as format_provenance
 from rpsconvert.format.sizing import header_bound, stored_bytes
 from rpsconvert.quality.calibration import calibrate
-
-
-def _matches(name: str, patterns: Sequence[str] | str | None) -> bool:
-    if patterns is None:
-        return False
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def choose_weights(
@@ -45,7 +37,11 @@ def choose_weights(
     exclude: Sequence[str] | str | None,
     min_numel: int,
 ) -> tuple[list[str], dict[str, str]]:
-    """The weights to compress, and for every other parameter the reason it stays dense."""
+    """The weights to compress, and for every other parameter the reason it stays dense.
+
+    `include` and `exclude` are patterns of engine/selection.py: names, globs, `re:` expressions
+    and module type names."""
+    include, exclude = (None if include is None else selection.patterns_of(include)), selection.patterns_of(exclude)
     params = dict(model.named_parameters())
     weights = set(found.weights)
     chosen, reasons = [], {}
@@ -56,9 +52,9 @@ def choose_weights(
             reasons[name] = "not used as a weight" if found.method == "fx" else "not in a known layer (module scan)"
         elif p.numel() < min_numel:
             reasons[name] = f"fewer than min_numel={min_numel} elements"
-        elif include is not None and not _matches(name, include):
+        elif include is not None and not selection.matches(name, selection.holder(model, name), include):
             reasons[name] = "not included"
-        elif _matches(name, exclude):
+        elif selection.matches(name, selection.holder(model, name), exclude):
             reasons[name] = "excluded"
         elif not p.dtype.is_floating_point:
             reasons[name] = "not floating point"
@@ -131,6 +127,26 @@ def _storage(dtype: torch.dtype | None, bits: int | PoolStorage | None) -> PoolS
     return match
 
 
+def _provenance(mapping: Mapping, chosen: list[str], reasons: dict[str, str], extra: dict | None, **args) -> dict:
+    """The provenance of `convert` called with `args`: the call, JSON-safe (the architecture is the
+    manifest's own field), and every tensor's fate (compressed, or the reason it stays dense)."""
+    bits, dtype, calibration, include = args["bits"], args["dtype"], args["calibration"], args["include"]
+    call = {
+        **{key: args[key] for key in ("ratio", "budget", "seed", "min_numel")},
+        "mapping": {"name": mapping.name, **mapping_params(mapping)},
+        "include": selection.patterns_of(include) if include is not None else None,
+        "exclude": selection.patterns_of(args["exclude"]),
+        "dtype": dtype_name(dtype) if dtype is not None else None,
+        "bits": str(bits) if isinstance(bits, PoolStorage) else bits,
+        "calibration": calibration is not None,
+        "calibration_batches": len(calibration) if isinstance(calibration, Sized) else None,
+    }
+    layers: dict[str, list[str]] = {"compressed": list(chosen)}
+    for name, reason in reasons.items():
+        layers.setdefault(reason, []).append(name)
+    return format_provenance.record(call, args["seed"], layers, extra)
+
+
 def _copy_without(model: nn.Module, params: list[nn.Parameter]) -> nn.Module:
     """A deep copy that does not copy the weights about to be replaced (they are dropped anyway)."""
     memo = {id(p): nn.Parameter(torch.empty(0, dtype=p.dtype), requires_grad=p.requires_grad) for p in params}
@@ -153,6 +169,7 @@ def convert(
     inplace: bool = False,
     quiet: bool = False,
     calibration: Iterable | None = None,
+    provenance: dict | None = None,
 ) -> nn.Module:
     """Return `model` with its weights generated from one shared pool (STABLE-RPS).
 
@@ -171,8 +188,10 @@ def convert(
         mapping: how elements are laid onto the pool: "randomfold" (default, balanced and lossless
             at 1.0), "hashednet", "roast", or a registered mapping object such as RoastTile(tile=256).
         seed: seed of the hash functions, an integer in [0, 2**32); the same seed gives the same file.
-        include: fnmatch patterns of parameter names; only matching weights are compressed.
-        exclude: fnmatch patterns of parameter names kept dense.
+        include: only the weights these patterns name are compressed: exact parameter names,
+            fnmatch globs ("encoder.*"), regular expressions after "re:" ("re:.*\\.q_proj\\..*"),
+            or module type names ("Linear": the module holding the weight, subclasses included).
+        exclude: patterns as for `include`; the weights they name are kept dense.
         min_numel: weights with fewer elements stay dense (1-D tensors always do).
         dtype: a float storage dtype for the pool in the checkpoint; float16 and bfloat16 halve
             the pool's bytes. In memory the pool keeps the weights' dtype so it trains normally,
@@ -189,6 +208,9 @@ def convert(
         quiet: hide the calibration progress bar.
         calibration: example input batches (a list); the pool is then refit to each layer's
             outputs on them (see `calibrate`).
+        provenance: JSON-safe facts recorded in the checkpoint's provenance beside the call (the
+            command line passes its own). A "fidelity" or "gate" key given as None reserves room
+            for figures measured later (format/provenance.py `fill`): a budget holds them too.
 
     Returns:
         The converted model (`model` itself with `inplace`). `report(model)` says what was done.
@@ -228,6 +250,10 @@ def convert(
         )
     params = dict(model.named_parameters())
     weights = [params[name] for name in chosen]
+    made_by = _provenance(
+        mapping_impl, chosen, reasons, provenance, ratio=ratio, budget=budget, seed=seed, include=include, exclude=exclude,
+        min_numel=min_numel, dtype=dtype, bits=bits, calibration=calibration,
+    )
     aliases = [tuple(n for n in found.aliases[name] if n != name) for name in chosen]
     *offsets, total = accumulate((p.numel() for p in weights), initial=0)
 
@@ -249,10 +275,11 @@ def convert(
     else:
         chosen_set = {alias for w in layout for alias in (w.name, *w.aliases)}
         dense = {k: v for k, v in model.state_dict().items() if k not in chosen_set}
+        room = format_provenance.reserved(made_by, planned=storages is None, max_slots=total, budget=budget)
 
         def fixed_bytes(storage) -> int:  # the file's bytes outside the pool (the header depends on the storage)
             probe = RPSPool(torch.zeros(1, dtype=weights[0].dtype), mapping_impl, seed, layout, grad_scaling=False, storage=storage)
-            probe.info.update(architecture=architecture, discovery=found.method)
+            probe.info.update(architecture=architecture, discovery=found.method, provenance=room)
             return header_bound(probe, dense, budget_bytes) + stored_bytes(dense)
 
         storage, slots, scored = _spend(budget_bytes, fixed_bytes, storages, dense, weights, layout_for, mapping_impl, seed)
@@ -278,6 +305,7 @@ def convert(
         original_bytes=stored_bytes(model.state_dict()),
         notes=notes,
         plan=[c.row() for c in scored] if budget is not None else [],
+        provenance={**made_by, "plan": format_provenance.plan_rows(scored) if budget is not None else []},
     )
     install(result, pool)
     if calibration is not None:

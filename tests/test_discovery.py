@@ -55,3 +55,26 @@ def test_every_weight_bearing_layer_kind_is_found():
         "bag.weight", "conv1.weight", "up.weight", "conv3.weight", "rnn.weight_ih_l0", "rnn.weight_hh_l0", "mix",
         "bilinear.weight",
     }
+
+
+class CachingNet(torch.nn.Module):
+    """Caches a tensor computed in forward, as timm's LeViT caches its attention biases."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(40, 40)
+        self.cache = {}
+
+    def forward(self, x):
+        if "bias" not in self.cache:
+            self.cache["bias"] = self.proj.weight.sum(0)
+        return self.proj(x) + self.cache["bias"]
+
+
+def test_tracing_leaves_the_model_as_it_was():
+    import copy
+
+    model = CachingNet()
+    assert discover(model).weights == ["proj.weight"]
+    assert model.cache == {}  # the trace ran on a copy: no proxy was cached in the user's model
+    copy.deepcopy(model)(torch.randn(2, 40))

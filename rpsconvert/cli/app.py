@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import shlex
 from dataclasses import asdict
 import time
 import warnings
@@ -19,7 +20,6 @@ from typing import Annotated, Iterator, Literal, Optional
 import click
 import torch
 import typer
-from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -28,9 +28,12 @@ from typer.core import TyperGroup
 import rpsconvert
 from rpsconvert.engine.budget import check_ratio, format_bytes, parse_bytes
 from rpsconvert.format.checkpoint import Checkpoint, decompress, encode, read
+from rpsconvert.format import provenance
 from rpsconvert.format.files import save_dense, write_atomic
 from rpsconvert.errors import OutputExistsError, RPSError, RPSWarning
+from rpsconvert.cli import sweep
 from rpsconvert.cli.inputs import read_model
+from rpsconvert.cli.tables import WRAP_WIDTH, plan_table, tensor_table
 from rpsconvert.cli.verify import gate_message, verification_table, verify_file
 from rpsconvert.engine.mapping import MAPPINGS
 from rpsconvert.quality.batches import load_calibration
@@ -148,18 +151,19 @@ class _Stages:
 
 @app.command("convert")
 def convert_command(
+    ctx: typer.Context,
     model: Annotated[str, typer.Argument(
         help="A pickled model (torch.save(model)), a state dict (.safetensors/.pt) with --arch, a Hugging Face "
         "model directory, or a name such as torchvision:resnet50 (pretrained weights).", metavar="MODEL", show_default=False)],
-    budget: Annotated[Optional[str], typer.Option("--budget", "-b", metavar="SIZE", help="Largest size of the output file: 1MB, 500kB, 1.5MiB, 123456.")] = None,
-    ratio: Annotated[Optional[float], typer.Option("--ratio", "-r", metavar="R", help="Fraction of the weight memory kept, in (0, 1]; 1.0 is lossless.")] = None,
+    budget: Annotated[Optional[str], typer.Option("--budget", "-b", metavar="SIZE", help="Largest size of the output file: 1MB, 500kB, 1.5MiB, 123456; several, such as 256kB,1MB,4MB, sweep: a file per budget and a quality-vs-bytes table and plot.")] = None,
+    ratio: Annotated[Optional[str], typer.Option("--ratio", "-r", metavar="R", help="Fraction of the weight memory kept, in (0, 1]; 1.0 is lossless. Several, such as 0.01,0.05,0.2, sweep.")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", metavar="PATH", help="Output file (default: MODEL's name + .rps.safetensors, beside it).", show_default=False)] = None,
     arch: Annotated[Optional[str], typer.Option("--arch", metavar="SPEC", help="Architecture of a state-dict file, such as torchvision:resnet50 or timm:resnet50.")] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Unpickle MODEL even if it needs classes outside the safe list: this runs any code the file's author put in it.")] = False,
     mapping: Annotated[Literal[tuple(MAPPINGS)], typer.Option(help="How weights are laid onto the pool.")] = _DEFAULTS["mapping"].default,  # type: ignore[valid-type]
     seed: Annotated[int, typer.Option(help="Seed of the hash functions.")] = _DEFAULTS["seed"].default,
-    include: Annotated[Optional[list[str]], typer.Option(metavar="PATTERN", help="Compress only parameters matching this pattern (fnmatch, repeatable).")] = None,
-    exclude: Annotated[Optional[list[str]], typer.Option(metavar="PATTERN", help="Keep parameters matching this pattern dense (fnmatch, repeatable).")] = None,
+    include: Annotated[Optional[list[str]], typer.Option(metavar="PATTERN", help="Compress only the weights this pattern names (repeatable): a parameter name, a glob (encoder.*), re:REGEX, or a module type (Linear).")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option(metavar="PATTERN", help="Keep the weights this pattern names dense (repeatable; patterns as for --include).")] = None,
     min_numel: Annotated[int, typer.Option(help="Keep tensors with fewer elements dense.")] = _DEFAULTS["min_numel"].default,
     dtype: Annotated[Optional[Literal[tuple(_POOL_DTYPES)]], typer.Option(help="Pool dtype (default: the weights' dtype).")] = None,  # type: ignore[valid-type]
     bits: Annotated[Optional[Literal[2, 4, 8, 16, 32]], typer.Option(help="Bits per pool slot: 8, 4, 2 (integer codes, a scale per block) or 16, 32 (float). Default: with --budget the plan chooses; with --ratio the weights' dtype.", show_default=False)] = None,  # type: ignore[valid-type]
@@ -170,7 +174,7 @@ def convert_command(
     verify: Annotated[bool, typer.Option("--verify", help="Load the written file afresh and compare it with MODEL on the held-out inputs (random ones without --calibrate).")] = False,
     max_drop: MaxDrop = None,
     atol: Atol = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Convert and report, but write nothing.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Convert and report, with the plan per tensor, but write nothing.")] = False,
     json_output: JsonOutput = False,
     force: Force = False,
     quiet: Quiet = False,
@@ -180,6 +184,10 @@ def convert_command(
     with _reported(debug):
         if (budget is None) == (ratio is None):
             raise ValueError("pass either --budget SIZE (such as 1MB) or --ratio R (such as 0.01)")
+        listed = sweep.points(budget, ratio)
+        if listed:
+            return _sweep(ctx, listed, budget is not None, model, output, arch, trust_pickle, max_drop is not None or atol is not None or dry_run, force, quiet, json_output)
+        ratio = sweep.ratio_of(ratio) if ratio is not None else None
         if ratio is not None:
             check_ratio(ratio)  # the cheap checks first, before reading a large model
         budget_bytes = parse_bytes(budget) if budget is not None else None
@@ -189,6 +197,11 @@ def convert_command(
             raise ValueError("--checkpoint-every and --resume save and continue a recovery: pass --recover-steps N too")
         every_steps, every_seconds = parse_interval(checkpoint_every) if checkpoint_every else (None, None)
         calibration, heldout = load_calibration(calibrate) if calibrate else (None, None)
+        verify = (verify or max_drop is not None or atol is not None) and not dry_run  # a gate is checked on the file
+        gated = verify and (max_drop is not None or atol is not None)
+        # the file records what made it; the figures measured later get their room now (format/provenance.py)
+        later = [key for key, measured in (("fidelity", bool(heldout) or verify), ("gate", gated)) if measured]
+        made_by = {"command": _command_line(ctx), **dict.fromkeys(later)}
         with _Stages(3 + bool(recover_steps), enabled=not quiet) as stage, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", RPSWarning)
             with stage("read", f"reading {model}"):
@@ -201,9 +214,9 @@ def convert_command(
                     raise FileNotFoundError(f"nothing to resume: {state_file} does not exist (--checkpoint-every writes it while recovery runs)")
             with stage("convert", "converting", own_bar=calibration is not None):
                 converted = rpsconvert.convert(
-                    source.model, ratio, budget=budget_bytes, mapping=mapping, seed=seed, include=include or None,
+                    source.model, ratio, budget=budget, mapping=mapping, seed=seed, include=include or None,
                     exclude=exclude or None, min_numel=min_numel, dtype=_POOL_DTYPES.get(dtype), bits=bits, architecture=source.architecture,
-                    calibration=calibration, quiet=quiet,
+                    calibration=calibration, quiet=quiet, provenance=made_by,
                 )
             quality = _quality(converted, source.model, heldout)
             if recover_steps:
@@ -219,8 +232,10 @@ def convert_command(
                             typer.secho(f"recovery state kept in {state_file}: rerun the same command with --resume to continue", err=True)
                         raise
                 quality["after recovery"] = history.after
+            if quality.get("after recovery") or quality.get("converted"):
+                on = "recovered" if quality.get("after recovery") else "converted"
+                _record(converted, "fidelity", provenance.fidelity(on, asdict(quality.get("after recovery") or quality["converted"])))
             rep = report(converted)
-            verify = (verify or max_drop is not None or atol is not None) and not dry_run  # a gate is checked on the file
             with stage("write", "writing" if not dry_run else "dry run: writing nothing"):
                 data = encode(converted)
                 written = None if dry_run else write_atomic(output, data, overwrite=force)
@@ -228,6 +243,11 @@ def convert_command(
                     state_file.unlink(missing_ok=True)  # the result is written: nothing is left to resume
             if verify:
                 checked, checked_on = verify_file(written, source.model, heldout)
+                _record(converted, "fidelity", provenance.fidelity("file", {**asdict(checked.fidelity), "max_abs_error": checked.max_abs_error}))
+                if gated:
+                    _record(converted, "gate", provenance.gate(not checked.failures(max_drop, atol), max_drop, atol))
+                data = encode(converted)  # the same tensors, the figures recorded in the room kept for them
+                write_atomic(written, data, overwrite=True)
         if not quiet:
             for w in caught:
                 if issubclass(w.category, RPSWarning):
@@ -251,6 +271,8 @@ def convert_command(
             }))
         elif not quiet:
             _stdout.print(_conversion_table(rep, model, written, len(data), sum(stage.seconds.values())))
+            if dry_run:
+                _stdout.print(plan_table(rep, _stdout.width))
             if budget_bytes is not None:  # the budget as read: 1MB and 1MiB differ by 5 %
                 _stdout.print(f"budget {budget} = {budget_bytes:,} bytes; the file takes {len(data):,}")
             if heldout:
@@ -287,6 +309,56 @@ def verify_command(
     if failures:
         typer.secho(f"error: quality gate missed: {'; '.join(failures)}", err=True, fg="red")
         raise typer.Exit(GATE_MISSED)
+
+
+def _sweep(
+    ctx: typer.Context, listed: list[str], by_budget: bool, model: str, output: Path | None, arch: str | None, trust_pickle: bool,
+    gated_or_dry: bool, force: bool, quiet: bool, json_output: bool,
+) -> None:
+    """Convert at each point of a sweep (cli/sweep.py), then show and write the curve."""
+    if gated_or_dry:
+        raise ValueError("a sweep writes a file per point and gates none: drop --max-drop, --atol and --dry-run, and check the file you choose with rpsconvert verify")
+    base = output or read_model(model, arch=arch, trust_pickle=trust_pickle).output  # the default name depends on the model
+    files, table_path, png_path = sweep.outputs(base, listed, "budget" if by_budget else "ratio")
+    taken = [path for path in (*files, table_path, png_path) if path.exists()]
+    if taken and not force:  # fail before the long part
+        raise OutputExistsError(f"{taken[0]} already exists: pass {{overwrite}} to replace the sweep's files, or -o another path", overwrite=True)
+    rows = []
+    for point, path in zip(listed, files):
+        one = {"budget": point, "ratio": None} if by_budget else {"budget": None, "ratio": point}
+        convert_command(ctx, **{**ctx.params, **one, "output": path, "verify": True, "quiet": True, "json_output": False})
+        rows.append(sweep.row(point, path))
+    table = sweep.markdown(rows)
+    write_atomic(table_path, table.encode(), overwrite=force)
+    note = sweep.plot(rows, png_path, f"{model}: quality against size")
+    if json_output:
+        typer.echo(json.dumps({"sweep": rows, "table": str(table_path), "plot": None if note else str(png_path)}))
+    elif not quiet:
+        typer.echo(table)
+        typer.echo(f"wrote {len(files)} files, {table_path}" + ("" if note else f" and {png_path}"))
+    if note:
+        typer.secho(note, err=True)
+
+
+def _command_line(ctx: typer.Context) -> list[str]:
+    """The command as parsed, the same from a shell, a script or a test: `rpsconvert convert`, its
+    arguments, and every option not at its default."""
+    words = ["rpsconvert", ctx.info_name]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if value is None or value == param.default or value in ([], ()):
+            continue
+        for one in value if param.multiple else [value]:
+            if param.param_type_name == "argument":
+                words.append(str(one))
+            else:
+                words += [param.opts[0]] if getattr(param, "is_flag", False) else [param.opts[0], str(one)]
+    return words
+
+
+def _record(converted: torch.nn.Module, key: str, value: dict) -> None:
+    """Record a figure measured after conversion in the provenance the file will carry."""
+    provenance.fill(converted.rps.info["provenance"], key, value)
 
 
 def _quality(converted: torch.nn.Module, original: torch.nn.Module, heldout: list | None) -> dict:
@@ -357,9 +429,35 @@ def _metadata_table(ckpt: Checkpoint, file: Path) -> Table:
         ("compressed", f"{len(pool.weights)} weights, {elements:,} elements (ratio {pool.size / max(elements, 1):.4g})"),
         ("kept dense", f"{len(ckpt.dense_state())} tensors, {format_bytes(sum(t.numel() * t.element_size() for t in ckpt.tensors.values()))}"),
         ("size", f"{format_bytes(manifest['original_bytes'])} -> {format_bytes(size)} file ({manifest['original_bytes'] / size:.1f}x smaller)"),
+        *_provenance_rows(manifest.get("provenance")),
     ):
         table.add_row(key, value)
     return table
+
+
+def _provenance_rows(made_by: dict | None) -> list[tuple[str, str]]:
+    """What made the file, as `info` shows it (--json has the whole record)."""
+    if made_by is None:
+        return [("provenance", "not recorded (written by an older rpsconvert, or saved after load)")]
+    call = made_by["call"]
+    rows = [("made with", f"rpsconvert {made_by['rpsconvert']}, torch {made_by['torch']}, python {made_by['python']}"),
+            ("command", shlex.join(made_by["command"])) if "command" in made_by else
+            ("call", "convert(" + ", ".join(f"{k}={v!r}" for k, v in call.items() if v not in (None, False, [])) + ")")]
+    kept = {reason: len(names) for reason, names in made_by["layers"].items() if reason != "compressed"}
+    rows.append(("why dense", ", ".join(f"{reason}: {n}" for reason, n in kept.items()) or "nothing kept dense"))
+    if made_by["plan"]:
+        rows.append(("plan", f"{len(made_by['plan'])} candidates weighed (info --json lists them)"))
+    if made_by.get("fidelity"):
+        f = made_by["fidelity"]
+        figures = {"top-1 agreement": (f["top1_agreement"], ".2%"), "cosine": (f["cosine"], ".6f"), "relative error": (f["relative_error"], ".4g"),
+                   "max abs error": (f["max_abs_error"], ".4g")}
+        on = {"converted": "held-out inputs", "recovered": "held-out inputs after recovery", "file": "the file reloaded (--verify)"}[f["on"]]
+        rows.append(("fidelity", ", ".join(f"{k} {v:{spec}}" for k, (v, spec) in figures.items() if v is not None) + f", on {on}"))
+    if made_by.get("gate"):
+        g = made_by["gate"]
+        limits = ", ".join(f"--{k.replace('_', '-')} {g[k]:.4g}" for k in ("max_drop", "atol") if g[k] is not None)
+        rows.append(("quality gate", f"{'passed' if g['passed'] else 'MISSED'} ({limits})"))
+    return rows
 
 
 def _architecture(architecture: str | dict | None) -> str:
@@ -373,19 +471,18 @@ def _architecture(architecture: str | dict | None) -> str:
 
 
 def _layer_table(ckpt: Checkpoint) -> Table:
-    """One row per tensor name: compressed weights (their scale), then dense tensors (their size)."""
-    table = Table(title="tensors", title_justify="left", box=box.SIMPLE_HEAD)
-    table.add_column("name", overflow="fold")  # long names fold; the short columns never do
-    for column in ("shape", "dtype", "stored", "scale"):
-        table.add_column(column, justify="right" if column == "scale" else "left", no_wrap=True)
+    """One row per tensor name: compressed weights (their scale), then dense tensors (their size).
+    A tied name's "stored" cell names the tensor it shares, so it may wrap; the names never do."""
+    rows = []
     for s in ckpt.pool.weights.values():
         for name in (s.name, *s.aliases):
-            table.add_row(name, _shape(s.shape), _dtype(s.dtype), "pool" if name == s.name else f"= {s.name}", f"{s.scale:.4g}")
+            rows.append([name, _shape(s.shape), _dtype(s.dtype), f"{s.scale:.4g}", "pool" if name == s.name else f"= {s.name}"])
     aliases = ckpt.manifest["dense_aliases"]
     for name, t in ckpt.dense_state().items():
         stored = f"= {aliases[name]}" if name in aliases else f"dense {format_bytes(t.numel() * t.element_size())}"
-        table.add_row(name, _shape(t.shape), _dtype(t.dtype), stored, "")
-    return table
+        rows.append([name, _shape(t.shape), _dtype(t.dtype), "", stored])
+    columns = [("shape", "left", None), ("dtype", "left", None), ("scale", "right", None), ("stored", "left", WRAP_WIDTH)]
+    return tensor_table("tensors", columns, rows, _stdout.width)
 
 
 def _shape(shape: tuple[int, ...] | torch.Size) -> str:

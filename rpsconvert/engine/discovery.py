@@ -9,7 +9,9 @@ class tokens and scales that are added or multiplied elementwise alone.
 
 from __future__ import annotations
 
+import copy
 import operator
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from rpsconvert.engine.kinds import weight_names
+from rpsconvert.errors import RPSWarning
+
+MOSTLY_DENSE = 0.5  # share of parameter bytes in matrices not found as weights that makes discover warn
 
 # Function -> positions of its weight operands. None: any operand that does not depend on the input.
 WEIGHT_FUNCTIONS: dict[object, tuple[int, ...] | None] = {}
@@ -121,10 +126,25 @@ def _fx_weights(model: nn.Module) -> list[str]:
     return found
 
 
+def _structure_copy(model: nn.Module) -> nn.Module:
+    """A copy of the model's modules and Python state sharing every tensor with it, to trace.
+
+    Tracing runs the forward on proxies, and a forward that caches something (timm's LeViT keeps
+    attention biases in a dict) leaves proxies in the model: a later deepcopy of it then breaks.
+    Tracing a copy keeps the user's model as it was, at the cost of its Python objects only.
+    A model that cannot be copied is traced as it is.
+    """
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception:  # an attribute deepcopy cannot handle (a lock, a file)
+        return model
+
+
 def discover(model: nn.Module) -> Discovery:
     """Find the weight parameters of `model`, by torch.fx when it traces, else by a module scan."""
     try:
-        found, method, reason = _fx_weights(model), "fx", None
+        found, method, reason = _fx_weights(_structure_copy(model)), "fx", None
     except Exception as exc:  # any tracing failure: the fallback below says why
         found, method = weight_names(model, ""), "module-scan"
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
@@ -132,6 +152,32 @@ def discover(model: nn.Module) -> Discovery:
     canonical_of = {name: names[0] for names in names_of.values() for name in names}
     found_canonical = {canonical_of[name] for name in found if name in canonical_of}
     groups = [names for names in names_of.values() if names[0] in found_canonical]
-    return Discovery(
+    found = Discovery(
         weights=[g[0] for g in groups], method=method, fallback_reason=reason, aliases={g[0]: g for g in groups}
     )
+    _warn_if_mostly_dense(model, found)
+    return found
+
+
+def undiscovered(model: nn.Module, found: Discovery) -> tuple[list[str], float]:
+    """The parameters of two or more dimensions that are not weights (largest first), and the share
+    of the model's parameter bytes they hold: what a conversion can never shrink."""
+    params = dict(model.named_parameters())
+    nbytes = {name: p.numel() * p.element_size() for name, p in params.items()}
+    dense = sorted((n for n, p in params.items() if p.ndim >= 2 and n not in found.aliases), key=lambda n: -nbytes[n])
+    return dense, sum(nbytes[n] for n in dense) / max(sum(nbytes.values()), 1)
+
+
+def _warn_if_mostly_dense(model: nn.Module, found: Discovery) -> None:
+    """Say loudly when most of a model's bytes are matrices that are not weights: they usually are
+    weights of a layer discovery does not know (register its kind), and a conversion that leaves them
+    dense barely shrinks the model."""
+    dense, share = undiscovered(model, found)
+    if share > MOSTLY_DENSE:
+        shown = ", ".join(dense[:3]) + (f" and {len(dense) - 3} more" if len(dense) > 3 else "")
+        warnings.warn(
+            f"{share:.0%} of the bytes of {type(model).__name__} are in matrices that are not used as weights of a known "
+            f"layer, so they stay dense: {shown}; if they are weights, register their layer with register_layer_kind",
+            RPSWarning,
+            stacklevel=3,
+        )

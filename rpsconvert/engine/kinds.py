@@ -9,6 +9,11 @@ fx leaf modules and calibration all read this registry, so supporting a new laye
 
 The most specific registered class in a module's MRO wins, so a kind for nn.Conv2d refines the
 one for all convolutions.
+
+A layer of an optional library (Hugging Face's `Conv1D`) is registered by its qualified class name,
+`"transformers.pytorch_utils.Conv1D"`, and matched against the names of the classes in a module's MRO
+when a model is scanned: registering it imports nothing, so rpsconvert imports, and every other
+model converts, without that library installed.
 """
 
 from __future__ import annotations
@@ -25,30 +30,40 @@ Patches = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class LayerKind:
-    module_type: type[nn.Module]
+    module_type: type[nn.Module] | str  # a class, or the qualified name of a class of an optional library
     weights: Callable[[nn.Module], Iterable[str]]  # the attribute names of a module's weights
     patches: Patches | None = None  # input -> (rows, groups, d): rows that multiply the grouped weight
 
 
 LAYER_KINDS: dict[type[nn.Module], LayerKind] = {}
+NAMED_KINDS: dict[str, LayerKind] = {}  # "module.QualName" of a class of an optional library -> its kind
 
 
 def register_layer_kind(
-    module_type: type[nn.Module],
+    module_type: type[nn.Module] | str,
     weights: tuple[str, ...] | Callable[[nn.Module], Iterable[str]] = ("weight",),
     patches: Patches | None = None,
 ) -> LayerKind:
-    """Declare the weights of `module_type` (attribute names, or a function of the module giving
-    them) and, optionally, its `patches` function for data-aware calibration."""
+    """Declare the weights of `module_type` (a class, or the qualified name of a class whose library
+    need not be installed) as attribute names or a function of the module giving them, and,
+    optionally, its `patches` function for data-aware calibration."""
     names = weights if callable(weights) else (lambda module, attrs=tuple(weights): [a for a in attrs if getattr(module, a, None) is not None])
     kind = LayerKind(module_type, names, patches)
-    LAYER_KINDS[module_type] = kind
+    if isinstance(module_type, str):
+        NAMED_KINDS[module_type] = kind
+    else:
+        LAYER_KINDS[module_type] = kind
     return kind
 
 
 def kind_of(module: nn.Module) -> LayerKind | None:
-    """The registered kind of `module`: the one of the most specific class in its MRO."""
-    return next((LAYER_KINDS[cls] for cls in type(module).__mro__ if cls in LAYER_KINDS), None)
+    """The registered kind of `module`: the one of the most specific class in its MRO, registered
+    by class or by qualified name."""
+    for cls in type(module).__mro__:
+        kind = LAYER_KINDS.get(cls) or NAMED_KINDS.get(f"{cls.__module__}.{cls.__qualname__}")
+        if kind is not None:
+            return kind
+    return None
 
 
 def weight_names(module: nn.Module, prefix: str) -> list[str]:
@@ -96,3 +111,8 @@ register_layer_kind(nn.Embedding)
 register_layer_kind(nn.EmbeddingBag)
 register_layer_kind(nn.MultiheadAttention, ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"))
 register_layer_kind(nn.RNNBase, _rnn_weights)
+# GPT-2's (and OpenAI GPT's, ImageGPT's) transposed linear, used through torch.addmm: no patches, since
+# its weight is (in, out), not the (out, in) that `grouped` lays out
+register_layer_kind("transformers.pytorch_utils.Conv1D")
+register_layer_kind("torchvision.ops.deform_conv.DeformConv2d")  # a Module, not a _ConvNd
+register_layer_kind("timm.layers.cond_conv2d.CondConv2d")  # (experts, out*in*k*k), mixed per input

@@ -57,6 +57,8 @@ def manifest_json(pool: RPSPool, dense_aliases: dict[str, str], original_bytes: 
         "architecture": pool.info.get("architecture"),
         "discovery": pool.info.get("discovery"),
         "rpsconvert_version": __version__,
+        # what made the file (format/provenance.py); a pool that was loaded, not converted, has none
+        **({"provenance": pool.info["provenance"]} if pool.info.get("provenance") is not None else {}),
     }
 
 

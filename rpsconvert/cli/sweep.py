@@ -1,0 +1,86 @@
+"""`--budget 256kB,1MB,4MB` or `--ratio 0.01,0.05,0.2`: one conversion per point, and the curve.
+
+Choosing a budget is choosing a point on a quality-versus-bytes curve, so a sweep draws the curve:
+one file per point (its name suffixed with the point), a markdown table printed and written beside
+them, and quality against file bytes on a log axis as a PNG. Every point is the ordinary convert
+command with --verify (on random inputs without --calibrate, after recovery with --recover-steps),
+and its figures are read back from its file's provenance: the curve shows the files as a user will
+load them, and each file still says how it scored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rpsconvert.engine.budget import format_bytes
+from rpsconvert.format.checkpoint import read
+
+SUFFIX = ".rps.safetensors"
+
+
+def points(budget: str | None, ratio: str | None) -> list[str]:
+    """The points of a sweep (empty for a single conversion); each is checked by the conversion."""
+    given = budget if budget is not None else ratio
+    if given is None or "," not in given:
+        return []
+    listed = [p.strip() for p in given.split(",")]
+    if not all(listed) or len(set(listed)) < len(listed):
+        raise ValueError(f"a sweep is distinct points separated by commas, such as 256kB,1MB,4MB or 0.01,0.05; got {given!r}")
+    return listed
+
+
+def ratio_of(text: str) -> float:
+    """A --ratio as a number (its range is checked by check_ratio)."""
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"ratio must be a number in (0, 1], such as 0.01, got {text!r}") from None
+
+
+def outputs(base: Path, listed: list[str], kind: str) -> tuple[list[Path], Path, Path]:
+    """Where a sweep writes: a file per point beside `base`, named after it and the point
+    (m.1MB.rps.safetensors, m.ratio0.05.rps.safetensors), then its table (.md) and plot (.png)."""
+    name = base.name
+    stem, ext = (name[: -len(SUFFIX)], SUFFIX) if name.endswith(SUFFIX) else (base.stem, base.suffix)
+    label = "" if kind == "budget" else "ratio"
+    files = [base.with_name(f"{stem}.{label}{point}{ext}") for point in listed]
+    return files, base.with_name(f"{stem}.sweep.md"), base.with_name(f"{stem}.sweep.png")
+
+
+def row(point: str, path: Path) -> dict:
+    """A point's figures, from its file: bytes, ratio, and the fidelity its provenance records."""
+    ckpt = read(path)
+    elements = sum(w.numel for w in ckpt.pool.weights.values())
+    fidelity = ckpt.manifest["provenance"]["fidelity"]
+    return {"point": point, "file": str(path), "bytes": path.stat().st_size, "ratio": ckpt.pool.size / max(elements, 1),
+            **{k: v for k, v in fidelity.items() if k != "on"}}
+
+
+def markdown(rows: list[dict]) -> str:
+    """The sweep as a markdown table, smallest file first."""
+    lines = ["| point | file bytes | ratio | top-1 agreement | output cosine | relative error |", "|---|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: r["bytes"]):
+        top1 = f"{r['top1_agreement']:.2%}" if r["top1_agreement"] is not None else "n/a"
+        lines.append(f"| {r['point']} | {r['bytes']:,} ({format_bytes(r['bytes'])}) | {r['ratio']:.4g} | {top1} | {r['cosine']:.6f} | {r['relative_error']:.4g} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path, title: str) -> str | None:
+    """Quality against file bytes (log x) as a PNG at `path`: top-1 agreement for a classifier,
+    else output cosine. None when written, else the one-line note why not (no matplotlib)."""
+    try:
+        from matplotlib.figure import Figure  # a dev extra: a sweep without it still writes its table
+    except ImportError:
+        return f"note: matplotlib is not installed, so {path} is not drawn (pip install matplotlib); the table has the figures"
+    ordered = sorted(rows, key=lambda r: r["bytes"])
+    classifier = all(r["top1_agreement"] is not None for r in ordered)
+    key, label = ("top1_agreement", "top-1 agreement with the original") if classifier else ("cosine", "output cosine with the original")
+    figure = Figure(figsize=(6, 4), layout="constrained")
+    axes = figure.add_subplot()
+    axes.plot([r["bytes"] for r in ordered], [r[key] for r in ordered], marker="o")
+    for r in ordered:
+        axes.annotate(r["point"], (r["bytes"], r[key]), textcoords="offset points", xytext=(4, -10), fontsize=8)
+    axes.set(xscale="log", xlabel="file bytes", ylabel=label, title=title)
+    axes.grid(True, which="both", alpha=0.3)
+    figure.savefig(path, dpi=120)
+    return None
