@@ -47,11 +47,15 @@ class Task:
     inputs: list[torch.Tensor]  # fixed training-input batches for calibration and recovery
 
 
-def train(model: nn.Module, task: Task, steps: int) -> nn.Module:
-    """Train `model` on the task's labels with Adam and a cosine schedule, from a fixed seed."""
+def train(model: nn.Module, task: Task, steps: int, recipe: Callable | None = None) -> nn.Module:
+    """Train `model` on the task's labels from a fixed seed: Adam at the task's lr with a cosine
+    schedule, or `recipe(parameters, steps)` -> (optimizer, scheduler) (train_from_scratch.py)."""
     gen = torch.Generator().manual_seed(SEED)
-    opt = torch.optim.Adam(model.parameters(), lr=task.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
+    if recipe is None:
+        opt = torch.optim.Adam(model.parameters(), lr=task.lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
+    else:
+        opt, sched = recipe(model.parameters(), steps)
     model.train()
     for _ in range(steps):
         x, y = task.sample(gen)
