@@ -22,7 +22,7 @@ from golden import DATA, GOLDEN, GoldenNet
 from models import TiedLM
 from rpsconvert import BudgetError, CheckpointError, convert, decompress, load, materialize, parse_bytes, save
 from rpsconvert.format.files import write_atomic
-from rpsconvert.format.manifest import DIGEST_KEY, MANIFEST_KEY
+from rpsconvert.format.manifest import DIGEST_KEY, FORMAT_VERSION, MANIFEST_KEY
 
 
 def _quiet_convert(model, *args, **kwargs):
@@ -230,9 +230,9 @@ def test_a_newer_format_version_asks_for_an_upgrade(tmp_path):
     path = save(convert(TiedLM(), 0.5), tmp_path / "tied.rps.safetensors")
     with safetensors.safe_open(str(path), "pt") as f:
         metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    metadata[MANIFEST_KEY] = metadata[MANIFEST_KEY].replace('"format_version":1', '"format_version":3')
+    metadata[MANIFEST_KEY] = metadata[MANIFEST_KEY].replace('"format_version":1', f'"format_version":{FORMAT_VERSION + 1}')
     safetensors.torch.save_file(tensors, path, metadata=metadata)
-    with pytest.raises(CheckpointError, match="format version 3, newer than this rpsconvert reads"):
+    with pytest.raises(CheckpointError, match=f"format version {FORMAT_VERSION + 1}, newer than this rpsconvert reads"):
         load(path, model=TiedLM())
 
 

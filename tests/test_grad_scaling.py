@@ -71,7 +71,7 @@ def test_without_scaling_the_pool_init_std_decides_between_divergence_and_stalli
     reference = training_curve(model_with_pool_std(0.1, True), torch.optim.SGD, lr=0.5)
     tiny, large = curves[1e-3], curves[10.0]
     assert not all(v < 1e3 for v in tiny)  # lambda = 100 x the weight std: it blows up (nan) at once
-    assert large[-1] > 0.95 * large[0]  # lambda = 0.01 x: it barely moves
+    assert large[-1] > 0.9 * large[0]  # lambda = 0.01 x: it barely moves (0.95 x; the scaled run: 0.63 x)
     assert reference[-1] < 0.7 * reference[0]
 
 

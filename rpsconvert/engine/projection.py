@@ -8,6 +8,7 @@ plus one chunk.
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Iterable
 
 import torch
@@ -16,20 +17,26 @@ from rpsconvert.engine.operator import CompressedWeight, PoolOperator
 
 
 def layer_scales(weights: Iterable[torch.Tensor], power_of_two: bool = False) -> list[float]:
-    """lambda_l = RMS of layer l / RMS of all compressed weights.
+    """lambda_l = RMS of layer l / the median of the layers' RMS (layers of zeros left out).
 
-    The ratio keeps each layer's magnitude while the pool stays in the units of the weights, so an
-    optimizer's usual learning rate moves RPS weights as fast as it moved the dense ones. A layer
-    of zeros gets 1. With `power_of_two` each scale is rounded to the nearest power of two, which
-    makes multiplying and dividing by it exact: at ratio 1.0 (one element per slot, where the
-    scales do not change the fit) the generated weights then equal the originals bit for bit.
-    Below 1.0 the exact ratios weigh colliding layers better (measured on the digits CNN at ratios
-    1/2 to 1/8: rounded scales lost 3 to 27 points of projection-only accuracy).
+    Adam moves every pool slot by about its learning rate per step, so a generated weight moves by
+    about lambda_l * lr where a dense one moves by lr: the pool's unit is the speed of training.
+    The median layer gets lambda 1, so the learning rate used for the dense model moves a typical
+    layer as fast as it did there, and one layer far from the others cannot set the unit of all: a
+    unit of the RMS of all weights let nn.Embedding's std-1 tables put nn.Linear's scales near 0.17,
+    and a byte-level LM trained from scratch at ratio 1/8 reached 4.16 bits per byte instead of 3.82
+    (docs/benchmarks.md, "Training from scratch"), behind the smaller dense model instead of
+    ahead. The ratios between scales, which decide how colliding layers are weighed, are those of
+    the layers' RMS whatever the unit. A layer of zeros gets 1. With `power_of_two` each scale is
+    rounded to the nearest power of two, which makes multiplying and dividing by it exact: at ratio
+    1.0 (one element per slot, where the scales do not change the fit) the generated weights then
+    equal the originals bit for bit. Below 1.0 the exact ratios weigh colliding layers better
+    (measured on the digits CNN at ratios 1/2 to 1/8: rounded scales lost 3 to 27 points of
+    projection-only accuracy).
     """
-    sums = [(float(w.detach().double().square().sum()), w.numel()) for w in weights]
-    total, count = sum(s for s, _ in sums), sum(n for _, n in sums)
-    global_rms = math.sqrt(total / count) if total > 0 else 1.0
-    scales = [math.sqrt(s / n) / global_rms if s > 0 else 1.0 for s, n in sums]
+    rms = [math.sqrt(float(w.detach().double().square().mean())) if w.numel() else 0.0 for w in weights]
+    unit = statistics.median([r for r in rms if r > 0] or [1.0])
+    scales = [r / unit if r > 0 else 1.0 for r in rms]
     return [2.0 ** round(math.log2(s)) for s in scales] if power_of_two else scales
 
 

@@ -2,8 +2,8 @@
 
 The original model is the teacher: its outputs on unlabeled inputs are the targets, so no labels
 are needed and the student learns the original's whole output distribution, not only its argmax.
-The pool and every dense tensor (biases, norms) are trained with Adam; the pool is in the units of
-the weights (see projection.layer_scales), so one learning rate suits both, and the same loop
+The pool and every dense tensor (biases, norms) are trained with Adam; the median layer's scale is 1
+(see projection.layer_scales), so one learning rate suits both, and the same loop
 fine-tunes a model that is not RPS-converted at all (a pruned or low-rank baseline).
 
 It runs unchanged under torchrun: every process passes the same global batches, keeps its share,
