@@ -30,6 +30,7 @@ from rpsconvert.engine.budget import check_ratio, format_bytes, parse_bytes
 from rpsconvert.format.checkpoint import Checkpoint, decompress, encode, read
 from rpsconvert.format import provenance
 from rpsconvert.format.files import save_dense, write_atomic
+from rpsconvert.engine.storage import dtype_name
 from rpsconvert.errors import OutputExistsError, RPSError, RPSWarning
 from rpsconvert.cli import sweep
 from rpsconvert.cli.inputs import read_model
@@ -408,7 +409,7 @@ def info(
     with _reported(debug):
         ckpt = read(file)
         if json_output:
-            dense = {name: {"shape": list(t.shape), "dtype": _dtype(t.dtype)} for name, t in ckpt.tensors.items()}
+            dense = {name: {"shape": list(t.shape), "dtype": dtype_name(t.dtype)} for name, t in ckpt.tensors.items()}
             typer.echo(json.dumps({"file": str(file), "file_bytes": file.stat().st_size, "manifest": ckpt.manifest, "dense": dense}))
         else:
             _stdout.print(_metadata_table(ckpt, file))
@@ -476,21 +477,17 @@ def _layer_table(ckpt: Checkpoint) -> Table:
     rows = []
     for s in ckpt.pool.weights.values():
         for name in (s.name, *s.aliases):
-            rows.append([name, _shape(s.shape), _dtype(s.dtype), f"{s.scale:.4g}", "pool" if name == s.name else f"= {s.name}"])
+            rows.append([name, _shape(s.shape), dtype_name(s.dtype), f"{s.scale:.4g}", "pool" if name == s.name else f"= {s.name}"])
     aliases = ckpt.manifest["dense_aliases"]
     for name, t in ckpt.dense_state().items():
         stored = f"= {aliases[name]}" if name in aliases else f"dense {format_bytes(t.numel() * t.element_size())}"
-        rows.append([name, _shape(t.shape), _dtype(t.dtype), "", stored])
+        rows.append([name, _shape(t.shape), dtype_name(t.dtype), "", stored])
     columns = [("shape", "left", None), ("dtype", "left", None), ("scale", "right", None), ("stored", "left", WRAP_WIDTH)]
     return tensor_table("tensors", columns, rows, _stdout.width)
 
 
 def _shape(shape: tuple[int, ...] | torch.Size) -> str:
     return "x".join(map(str, shape)) or "scalar"
-
-
-def _dtype(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 @app.command("decompress")

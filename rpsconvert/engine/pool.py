@@ -12,7 +12,7 @@ from torch import nn
 
 from rpsconvert.engine.mapping import Mapping, get_mapping
 from rpsconvert.engine.operator import CompressedWeight, PoolOperator
-from rpsconvert.engine.storage import PoolStorage
+from rpsconvert.engine.storage import PoolStorage, straight_through
 
 POOL_ATTR = "rps"  # the RPSPool object on the converted model's root (a plain attribute)
 POOL_PARAM = "rps_pool"  # the pool Parameter, registered on the root (so never called by Sequential)
@@ -84,7 +84,7 @@ class RPSPool:
         if not self.storage.quantized:
             return pool
         if torch.is_grad_enabled() and pool.requires_grad:
-            return self.storage.fake_quantize(pool)
+            return straight_through(self.storage, pool)
         key = self._current_key()
         if self._snapped is None or self._snapped[0] != key:
             self._snapped = (key, self.storage.snap(pool.detach()))

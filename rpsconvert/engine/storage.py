@@ -99,10 +99,6 @@ class PoolStorage:
         codes, scales = self._codes_and_scales(values)
         return self._dequantize(codes, scales, len(values)).to(values.dtype)
 
-    def fake_quantize(self, pool: torch.Tensor) -> torch.Tensor:
-        """The pool on the stored grid, with the straight-through gradient of the latent values."""
-        return pool + (self.snap(pool.detach()) - pool).detach()
-
     def encode(self, values: torch.Tensor) -> dict[str, torch.Tensor]:
         """The tensors to store, by name suffix (see `tensors`)."""
         if not self.quantized:
@@ -117,10 +113,7 @@ class PoolStorage:
 
     def decode(self, stored: dict[str, torch.Tensor], slots: int) -> torch.Tensor:
         """The pool values `encode` stored, float32 when quantized (a bad file raises ValueError)."""
-        for suffix, dtype, shape in self.tensors(slots):
-            tensor = stored[suffix]
-            if tensor.dtype != dtype or tuple(tensor.shape) != shape:
-                raise ValueError(f"the pool tensor{suffix} must be {dtype_name(dtype)} of shape {shape}, got {dtype_name(tensor.dtype)} {tuple(tensor.shape)}")
+        check_stored(self, stored, slots)
         if not self.quantized:
             return stored[""]
         per_byte = 8 // self.bits
@@ -197,18 +190,13 @@ class MixedStorage:
         self._check(len(values))
         return torch.cat([part.snap(v) for v, part in self._parts(values)])
 
-    def fake_quantize(self, pool: torch.Tensor) -> torch.Tensor:
-        return pool + (self.snap(pool.detach()) - pool).detach()
-
     def encode(self, values: torch.Tensor) -> dict[str, torch.Tensor]:
         self._check(len(values))
         encoded = [part.encode(v) for v, part in self._parts(values)]
         return {suffix: torch.cat([e[suffix] for e in encoded]) for suffix in ("", ".scales")}
 
     def decode(self, stored: dict[str, torch.Tensor], slots: int) -> torch.Tensor:
-        for suffix, dtype, shape in self.tensors(slots):
-            if stored[suffix].dtype != dtype or tuple(stored[suffix].shape) != shape:
-                raise ValueError(f"the pool tensor{suffix} must be {dtype_name(dtype)} of shape {shape}")
+        check_stored(self, stored, slots)
         values, start = [], {"": 0, ".scales": 0}
         for n, part in self.runs:
             piece = {}
@@ -220,6 +208,19 @@ class MixedStorage:
 
     def to_json(self) -> dict:
         return {"dtype": "uint8", "scale_dtype": dtype_name(self.dtype), "runs": [[n, part.bits, part.block] for n, part in self.runs]}
+
+
+def straight_through(storage: PoolStorage | MixedStorage, pool: torch.Tensor) -> torch.Tensor:
+    """The pool on the stored grid, with the straight-through gradient of the latent values."""
+    return pool + (storage.snap(pool.detach()) - pool).detach()
+
+
+def check_stored(storage: PoolStorage | MixedStorage, stored: dict[str, torch.Tensor], slots: int) -> None:
+    """Raise ValueError unless `stored` holds exactly the tensors `storage.tensors(slots)` names."""
+    for suffix, dtype, shape in storage.tensors(slots):
+        tensor = stored[suffix]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(f"the pool tensor{suffix} must be {dtype_name(dtype)} of shape {shape}, got {dtype_name(tensor.dtype)} {tuple(tensor.shape)}")
 
 
 def storage_from_json(entry: dict) -> PoolStorage | MixedStorage:
