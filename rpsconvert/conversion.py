@@ -79,8 +79,9 @@ def _spend(
 
     Each candidate storage gets the most slots that fit (never more than the weights' elements);
     a float pool of the weights' own dtype that holds every element is lossless and wins outright.
-    Otherwise, where one width cannot hold every element and the next narrower one can, a mix of
-    the two per layer is a candidate too, and the least weight error wins.
+    Of the integer widths that hold every element only the widest is scored (a narrower one at the
+    same slots only rounds more coarsely). Where one width cannot hold every element and the next
+    narrower one can, a mix of the two per layer is a candidate too, and the least weight error wins.
     """
     total = sum(w.numel() for w in weights)
     fixed = {storage: fixed_bytes(storage) for storage in storages or plan.CANDIDATES}
@@ -96,6 +97,8 @@ def _spend(
     lossless = [(s, n) for s, n, _ in candidates if n == total and not s.quantized and s.dtype == weights[0].dtype]
     if lossless:
         return *lossless[0], []
+    whole = [c for c in candidates if c[0].quantized and c[1] == total]
+    candidates = [c for c in candidates if not (c[0].quantized and c[1] == total) or c is whole[0]]
     counts = {storage: n for storage, n, _ in candidates}
     if storages is None:
         operator = PoolOperator(mapping, total, seed)
@@ -111,19 +114,19 @@ def _spend(
 
 
 def _storage(dtype: torch.dtype | None, bits: int | PoolStorage | None) -> PoolStorage:
-    """The pool storage asked for by hand: a float `dtype`, or `bits` (2, 4, 8: integer codes with
+    """The pool storage asked for by hand: a float `dtype`, or `bits` (2 to 8: integer codes with
     float16 scales per block; 16 and 32: float16 and float32)."""
     if dtype is not None and bits is not None:
-        raise ValueError("pass either dtype= (a float pool) or bits= (2, 4, 8, 16 or 32), not both")
+        raise ValueError("pass either dtype= (a float pool) or bits= (2 to 8, 16 or 32), not both")
     if bits is None:
         return PoolStorage(dtype)
     if isinstance(bits, PoolStorage):
         return bits
     if bits in (16, 32):
         return PoolStorage(torch.float16 if bits == 16 else torch.float32)
-    match = next((c for c in plan.CANDIDATES if c.bits == bits), None)
+    match = next((c for c in plan.QUANTIZED if c.bits == bits), None)
     if match is None:
-        raise ValueError(f"bits must be 2, 4, 8, 16 or 32, got {bits!r}")
+        raise ValueError(f"bits must be an integer from 2 to 8, 16 or 32, got {bits!r}")
     return match
 
 
@@ -196,7 +199,7 @@ def convert(
         dtype: a float storage dtype for the pool in the checkpoint; float16 and bfloat16 halve
             the pool's bytes. In memory the pool keeps the weights' dtype so it trains normally,
             holding values exact in the storage dtype.
-        bits: the pool's bits per slot: 8, 4 or 2 (integer codes with a float16 scale per
+        bits: the pool's bits per slot: 2 to 8 (integer codes with a float16 scale per
             block of slots), or 16 and 32 (float16, float32). With a `budget` and neither `bits`
             nor `dtype`, the plan chooses: it scores each storage at the slots the budget buys and
             keeps the one whose weights are closest to the originals (`report(model).notes` and

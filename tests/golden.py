@@ -17,7 +17,7 @@ from rpsconvert import RoastTile
 
 DATA = Path(__file__).parent / "data"
 # name -> (mapping, pool storage: a float dtype or bits, ratio): every mapping and pool dtype of
-# format v1, a mapping parameter of v2, every quantized width of v3
+# format v1, a mapping parameter of v2, every quantized width of v3, widths that straddle bytes in v4
 GOLDEN = {
     "golden-v1-randomfold-fp32": ("randomfold", torch.float32, 0.3),
     "golden-v1-hashednet-fp16": ("hashednet", torch.float16, 0.5),
@@ -26,6 +26,8 @@ GOLDEN = {
     "golden-v3-randomfold-int8": ("randomfold", 8, 0.5),
     "golden-v3-hashednet-int4": ("hashednet", 4, 0.6),
     "golden-v3-randomfold-int2": ("randomfold", 2, 1.0),
+    "golden-v4-randomfold-int5": ("randomfold", 5, 0.7),
+    "golden-v4-hashednet-int3": ("hashednet", 3, 1.0),
 }
 
 

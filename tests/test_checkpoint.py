@@ -341,10 +341,14 @@ def _read_by_the_spec(path) -> dict[str, np.ndarray]:
         dtype = {"F32": "<f4", "F16": "<f2", "I64": "<i8", "U8": "u1"}[entry["dtype"]]
         return np.frombuffer(body[lo:hi], dtype=dtype).reshape(entry["shape"])
 
-    def quantized_pool(entry):  # part 2, "Quantized pools": packed offset codes times block scales
+    def quantized_pool(entry):  # part 2, "Quantized pools": a bit stream of offset codes times block scales
         bits, block, m = entry["bits"], entry["block"], entry["slots"]
         packed, scales = tensor(entry["tensor"]), tensor(entry["tensor"] + ".scales").astype(np.float32)
-        fields = [(int(packed[j * bits // 8]) >> (j * bits % 8)) & (2**bits - 1) for j in range(m)]
+
+        def stream(n):
+            return (int(packed[n // 8]) >> (n % 8)) & 1
+
+        fields = [sum(stream(j * bits + k) << k for k in range(bits)) for j in range(m)]
         return np.array([(f - 2 ** (bits - 1)) * scales[j // block] for j, f in enumerate(fields)], dtype=np.float32)
 
     assert spec["mapping"] == "randomfold"
@@ -365,7 +369,7 @@ def _read_by_the_spec(path) -> dict[str, np.ndarray]:
     return state
 
 
-@pytest.mark.parametrize("name", ["golden-v1-randomfold-fp32", "golden-v3-randomfold-int8", "golden-v3-randomfold-int2"])
+@pytest.mark.parametrize("name", ["golden-v1-randomfold-fp32", "golden-v3-randomfold-int8", "golden-v3-randomfold-int2", "golden-v4-randomfold-int5"])
 def test_a_reader_written_from_the_format_spec_alone_decodes_the_golden_file_bit_for_bit(name):
     expected = safetensors.torch.load_file(DATA / f"{name}.expected.safetensors")
     state = _read_by_the_spec(DATA / f"{name}.rps.safetensors")

@@ -68,13 +68,13 @@ def test_a_bad_regex_is_named_before_any_work():
 def test_cli_patterns_and_the_dry_run_plan_per_layer(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.save(model(), "m.pt")
-    args = ["m.pt", "--budget", "8kB", "--min-numel", "1", "--include", "Linear", "--exclude", "re:3\\..*", "--dry-run", "--trust-pickle"]
+    args = ["m.pt", "--budget", "9kB", "--min-numel", "1", "--include", "Linear", "--exclude", "re:3\\..*", "--dry-run", "--trust-pickle"]
     result = CliRunner().invoke(app, args, env={"COLUMNS": "80"})
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.splitlines()
     plan = {line.split()[0]: line for line in lines if line.strip().startswith(("0.", "1.", "3."))}
     assert "pool" in plan["0.0.weight"] and "pool" in plan["0.2.weight"]
     assert "dense: excluded" in plan["3.weight"] and "dense: not" in plan["1.weight"]  # not included: wrapped
-    assert "budget 8kB = 8,000 bytes" in result.stdout
+    assert "budget 9kB = 9,000 bytes" in result.stdout
     assert max(map(len, lines)) <= 80
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]

@@ -24,18 +24,16 @@ from rpsconvert.engine.operator import CompressedWeight, PoolOperator
 from rpsconvert.engine.projection import project
 from rpsconvert.engine.storage import MixedStorage, PoolStorage
 
-# What the plan weighs against each other. Scales are float16: half the bytes of float32 scales,
-# the same agreement on a pretrained MobileNetV2 (docs/quality.md, "Pool storage"), where blocks of
-# 32 kept int8 at 100 % top-1 agreement and blocks of 64 and 128 lost 3 and 6 points.
-CANDIDATES = (
-    PoolStorage(torch.float32),
-    PoolStorage(torch.float16),
-    PoolStorage(torch.float16, bits=8, block=32),
-    PoolStorage(torch.float16, bits=4, block=32),
-    PoolStorage(torch.float16, bits=2, block=32),
-)
-# Neighbouring widths a lossless pool may mix, layer by layer (see `mixed`).
-MIXES = ((CANDIDATES[2], CANDIDATES[3]), (CANDIDATES[3], CANDIDATES[4]))
+# What the plan weighs against each other: float32, float16 and every integer width from 8 down to
+# 2 bits. Scales are float16: half the bytes of float32 scales, the same agreement on a pretrained
+# MobileNetV2 (docs/quality.md, "Pool storage"), where blocks of 32 kept int8 at 100 % top-1
+# agreement and blocks of 64 and 128 lost 3 and 6 points. Every width earns its place: each bit
+# cuts the rounding error about fourfold, and a budget between two widths is met by a per-layer
+# mix of those two (see `mixed`), so the finer the ladder the less a budget wastes on the coarser.
+QUANTIZED = tuple(PoolStorage(torch.float16, bits=bits, block=32) for bits in range(8, 1, -1))
+CANDIDATES = (PoolStorage(torch.float32), PoolStorage(torch.float16), *QUANTIZED)
+# Neighbouring widths a lossless pool may mix, layer by layer; at most one pair straddles a budget.
+MIXES = tuple(zip(QUANTIZED, QUANTIZED[1:]))
 
 
 @dataclass(frozen=True)

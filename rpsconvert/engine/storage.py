@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-BITS = (2, 4, 8)  # codes packed 8 // bits to a byte
+BITS = (2, 3, 4, 5, 6, 7, 8)  # every width from the coarsest useful one to a byte, packed as a bit stream
 SCALE_DTYPES = (torch.float16, torch.float32)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 CLIPS = (1.0, 0.9, 0.8, 0.7, 0.6)  # fractions of a block's peak tried as its top level
@@ -47,6 +47,11 @@ class PoolStorage:
     @property
     def quantized(self) -> bool:
         return self.bits is not None
+
+    @property
+    def widths(self) -> set[int]:
+        """The integer widths of the codes (none for a float pool)."""
+        return {self.bits} if self.quantized else set()
 
     @property
     def levels(self) -> int:
@@ -104,22 +109,15 @@ class PoolStorage:
         if not self.quantized:
             return {"": values.detach().to(self.dtype)}
         codes, scales = self._codes_and_scales(values)
-        per_byte = 8 // self.bits
         offset = (codes + 2 ** (self.bits - 1)).to(torch.uint8)  # [1, 2**bits - 1]: never negative
-        offset = torch.nn.functional.pad(offset, (0, -len(offset) % per_byte)).view(-1, per_byte)
-        shifts = torch.arange(per_byte, dtype=torch.uint8) * self.bits
-        packed = (offset << shifts).sum(dim=1, dtype=torch.int32).to(torch.uint8)  # low bits first
-        return {"": packed, ".scales": scales}
+        return {"": _pack(offset, self.bits), ".scales": scales}
 
     def decode(self, stored: dict[str, torch.Tensor], slots: int) -> torch.Tensor:
         """The pool values `encode` stored, float32 when quantized (a bad file raises ValueError)."""
         check_stored(self, stored, slots)
         if not self.quantized:
             return stored[""]
-        per_byte = 8 // self.bits
-        shifts = torch.arange(per_byte, dtype=torch.uint8) * self.bits
-        codes = ((stored[""].unsqueeze(1) >> shifts) & (2**self.bits - 1)).reshape(-1)[:slots].to(torch.int16)
-        codes = codes - 2 ** (self.bits - 1)
+        codes = _unpack(stored[""], self.bits, slots).to(torch.int16) - 2 ** (self.bits - 1)
         scales = stored[".scales"]
         if not torch.isfinite(scales).all():
             raise ValueError("a block scale of the pool is not finite")
@@ -155,6 +153,10 @@ class MixedStorage:
     @property
     def dtype(self) -> torch.dtype:
         return self.runs[0][1].dtype
+
+    @property
+    def widths(self) -> set[int]:
+        return {part.bits for _, part in self.runs}
 
     def __str__(self) -> str:
         slots = sum(n for n, _ in self.runs)
@@ -208,6 +210,35 @@ class MixedStorage:
 
     def to_json(self) -> dict:
         return {"dtype": "uint8", "scale_dtype": dtype_name(self.dtype), "runs": [[n, part.bits, part.block] for n, part in self.runs]}
+
+
+# Codes are packed a chunk at a time: 8 codes of b bits are exactly b bytes, so chunks of a multiple
+# of 8 codes pack independently, and the bit-per-byte temporaries stay a few MB for any pool.
+_CHUNK = 1 << 20
+
+
+def _pack(fields: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned `bits`-bit fields as a little-endian bit stream: field j's bit k is stream bit
+    j*bits + k, and stream bit n is bit n % 8 of byte n // 8 (for 2, 4 and 8 bits: 8 / bits fields
+    to a byte, the earliest in the lowest bits)."""
+    shifts = torch.arange(8, dtype=torch.uint8)
+    out = []
+    for chunk in fields.split(_CHUNK):
+        stream = ((chunk.unsqueeze(1) >> shifts[:bits]) & 1).reshape(-1)
+        stream = torch.nn.functional.pad(stream, (0, -len(stream) % 8)).view(-1, 8)
+        out.append((stream << shifts).sum(dim=1, dtype=torch.int32).to(torch.uint8))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.uint8)
+
+
+def _unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """The first `count` fields of `_pack`'s bit stream, as uint8."""
+    shifts = torch.arange(8, dtype=torch.uint8)
+    out = []
+    for chunk in packed.split(_CHUNK // 8 * bits):
+        stream = ((chunk.unsqueeze(1) >> shifts) & 1).reshape(-1)
+        stream = stream[: len(stream) // bits * bits].view(-1, bits)
+        out.append((stream << shifts[:bits]).sum(dim=1, dtype=torch.int32).to(torch.uint8))
+    return torch.cat(out)[:count] if out else torch.zeros(0, dtype=torch.uint8)
 
 
 def straight_through(storage: PoolStorage | MixedStorage, pool: torch.Tensor) -> torch.Tensor:

@@ -19,13 +19,14 @@ from rpsconvert.engine.pool import POOL_PARAM, RPSPool
 from rpsconvert.engine.storage import dtype_name, parse_dtype, storage_from_json
 
 FORMAT = "rpsconvert"
-FORMAT_VERSION = 3  # the newest version this code reads; it writes the oldest that says everything
+FORMAT_VERSION = 4  # the newest version this code reads; it writes the oldest that says everything
 HASH_SPEC = "fmix32-v1"
 MANIFEST_KEY = "rpsconvert"  # safetensors metadata key of the JSON manifest
 DIGEST_KEY = "rpsconvert.sha256"  # safetensors metadata key of the digest
 POOL_TENSOR = POOL_PARAM  # the pool's state-dict name
 # The parameters every mapping had, unwritten, in version 1 files.
 _V1_MAPPING_PARAMS = {"randomfold": {}, "hashednet": {}, "roast": {"tile": 1024}}
+_V3_WIDTHS = {2, 4, 8}  # the integer widths version 3 knew
 
 
 def manifest_json(pool: RPSPool, dense_aliases: dict[str, str], original_bytes: int) -> dict:
@@ -33,9 +34,7 @@ def manifest_json(pool: RPSPool, dense_aliases: dict[str, str], original_bytes: 
     params = mapping_params(pool.mapping)
     return {
         "format": FORMAT,
-        # The oldest version that says everything, so that older readers read every file they
-        # can: 2 added mapping_params, 3 quantized pools.
-        "format_version": 3 if pool.storage.quantized else 1 if params == _V1_MAPPING_PARAMS.get(pool.mapping.name) else 2,
+        "format_version": _version(pool.storage, params == _V1_MAPPING_PARAMS.get(pool.mapping.name)),
         "hash": HASH_SPEC,
         "mapping": pool.mapping.name,
         "mapping_params": params,
@@ -60,6 +59,14 @@ def manifest_json(pool: RPSPool, dense_aliases: dict[str, str], original_bytes: 
         # what made the file (format/provenance.py); a pool that was loaded, not converted, has none
         **({"provenance": pool.info["provenance"]} if pool.info.get("provenance") is not None else {}),
     }
+
+
+def _version(storage, v1_params: bool) -> int:
+    """The oldest version that says everything, so that older readers read every file they can:
+    2 added mapping_params, 3 quantized pools of 2, 4 and 8 bits, 4 every width from 2 to 8."""
+    if not storage.quantized:
+        return 1 if v1_params else 2
+    return 3 if storage.widths <= _V3_WIDTHS else 4
 
 
 def digest(manifest_text: str, tensors: dict[str, torch.Tensor]) -> str:
@@ -96,8 +103,8 @@ def parse(manifest: dict, tensors: dict[str, torch.Tensor]) -> RPSPool:
     if not isinstance(slots, int) or not 0 < slots < MAX_SLOTS:
         raise ValueError(f"the pool must have between 1 and 2**32 - 1 slots, the manifest says {slots!r}")
     storage = storage_from_json(pool_entry)
-    if storage.quantized and manifest["format_version"] < 3:
-        raise ValueError("a quantized pool needs format version 3")
+    if storage.quantized and manifest["format_version"] < _version(storage, True):
+        raise ValueError(f"a pool of {'/'.join(map(str, sorted(storage.widths)))}-bit codes needs format version {_version(storage, True)}")
     names = {suffix: pool_entry["tensor"] + suffix for suffix, _, _ in storage.tensors(slots)}
     values = storage.decode({suffix: tensors.pop(name) for suffix, name in names.items()}, slots)
     if not set(manifest["dense_aliases"].values()) <= set(tensors):

@@ -74,7 +74,7 @@ def reserved(provenance: dict, planned: bool, max_slots: int, budget: str | int)
     if planned:
         widest = max([*map(str, plan.CANDIDATES), *(_widest_mix(high, low) for high, low in plan.MIXES)], key=len)
         row = {"storage": "9" * len(widest), "slots": _nines(max_slots), "weight_error": PLACEHOLDER}
-        bound["plan"] = [row] * (len(plan.CANDIDATES) + len(plan.MIXES))
+        bound["plan"] = [row] * (len(plan.CANDIDATES) + 1)  # at most one mix straddles a budget
     if "fidelity" in bound:
         bound["fidelity"] = {"on": max(MEASURED_ON, key=len), **dict.fromkeys(FIDELITY_FIGURES, PLACEHOLDER)}
     if "gate" in bound:
