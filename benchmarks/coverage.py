@@ -6,7 +6,7 @@ tests/test_zoo.py in a fresh process (its memory is its own, and a crash or a ha
 the end of the run). A model that fails is listed with its reason: nothing is skipped.
 
     .venv/bin/python benchmarks/coverage.py                 # the whole zoo, writes docs/coverage.md
-    .venv/bin/python benchmarks/coverage.py --resume        # only the models the last run did not reach
+    .venv/bin/python benchmarks/coverage.py --resume        # only the models the last run did not pass
     .venv/bin/python benchmarks/coverage.py --only timm:vgg11 --out -   # some models, table on stdout
 
 Every row also goes to docs/coverage.json (the table's source), so a run cut short by the machine's
@@ -110,14 +110,15 @@ def main() -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--only", nargs="*", help="model names (library:model); default: the whole zoo")
     parser.add_argument("--out", default=str(ROOT / "docs" / "coverage.md"), help="where the table goes ('-': stdout)")
-    parser.add_argument("--resume", action="store_true", help="keep the rows of the last run (the .json beside --out), run the others")
+    parser.add_argument("--resume", action="store_true", help="keep the passing rows of the last run (the .json beside --out), run the others")
     args = parser.parse_args()
     if args.one:
         return _one(args.one)
     # the CI sample first (Hugging Face and models torch.fx cannot trace among it), torchvision's giants last
     names = args.only or sorted((m.name for m in zoo()), key=lambda n: (n not in CI_SAMPLE, n.startswith("torchvision:")))
     store = Path(args.out).with_suffix(".json")
-    kept = {r["name"]: r for r in json.loads(store.read_text())} if args.resume and store.exists() else {}
+    # a failure is run again: on a loaded machine it may have been the time limit, not the model
+    kept = {r["name"]: r for r in json.loads(store.read_text()) if r["status"] == "ok"} if args.resume and store.exists() else {}
     rows = [kept[n] for n in names if n in kept]
     todo = [n for n in names if n not in kept]
     for i, name in enumerate(todo):

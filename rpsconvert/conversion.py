@@ -17,7 +17,7 @@ from torch import nn
 from rpsconvert.engine.budget import check_ratio, format_bytes, parse_bytes, slots_for_budget
 from rpsconvert.engine.discovery import Discovery, discover
 from rpsconvert.engine.hashing import check_seed
-from rpsconvert.engine.mapping import MAX_SLOTS, Mapping, get_mapping, mapping_params
+from rpsconvert.engine.mapping import MAX_SLOTS, Mapping, RandomFold, get_mapping, mapping_params
 from rpsconvert.engine.modules import install, is_converted
 from rpsconvert.engine.operator import CompressedWeight, PoolOperator
 from rpsconvert.engine.pool import RPSPool
@@ -79,9 +79,9 @@ def _spend(
 
     Each candidate storage gets the most slots that fit (never more than the weights' elements);
     a float pool of the weights' own dtype that holds every element is lossless and wins outright.
-    Of the integer widths that hold every element only the widest is scored (a narrower one at the
-    same slots only rounds more coarsely). Where one width cannot hold every element and the next
-    narrower one can, a mix of the two per layer is a candidate too, and the least weight error wins.
+    Of the integer pools that hold every element, only one is scored: with RandomFold (each weight
+    one run of a lossless pool) a width per layer with blocks aligned to each layer's rows
+    (`plan.mixed`), else the widest width. The least weight error wins.
     """
     total = sum(w.numel() for w in weights)
     fixed = {storage: fixed_bytes(storage) for storage in storages or plan.CANDIDATES}
@@ -98,15 +98,16 @@ def _spend(
     if lossless:
         return *lossless[0], []
     whole = [c for c in candidates if c[0].quantized and c[1] == total]
-    candidates = [c for c in candidates if not (c[0].quantized and c[1] == total) or c is whole[0]]
-    counts = {storage: n for storage, n, _ in candidates}
-    if storages is None:
+    candidates = [c for c in candidates if c not in whole]
+    if storages is None and isinstance(mapping, RandomFold):
+        # at ratio 1.0 each layer gets its own width and row-aligned blocks (plan.mixed), in place
+        # of the integer pools of one width that hold every element
         operator = PoolOperator(mapping, total, seed)
-        for high, low in plan.MIXES:
-            if counts.get(high, total) < total and counts.get(low) == total:
-                mix = plan.mixed(operator, layout_for(total), weights, high, low, lambda storage: budget - fixed_bytes(storage))
-                if mix is not None:
-                    candidates.append((mix, total, fixed_bytes(mix) + mix.bytes(total)))
+        mix = plan.mixed(operator, layout_for(total), weights, lambda storage: budget - fixed_bytes(storage))
+        if mix is not None:
+            candidates.append((mix, total, fixed_bytes(mix) + mix.bytes(total)))
+    elif whole:
+        candidates.append(whole[0])  # the widest: a narrower one at the same slots only rounds more coarsely
     if len(candidates) == 1:
         return *candidates[0][:2], []
     best, scored = plan.choose(candidates, mapping, seed, weights, layout_for)

@@ -159,6 +159,8 @@ class MixedStorage:
         return {part.bits for _, part in self.runs}
 
     def __str__(self) -> str:
+        if len(self.widths) == 1:
+            return f"int{self.runs[0][1].bits} (blocks per layer row, {dtype_name(self.dtype)} scales)"
         slots = sum(n for n, _ in self.runs)
         shares = {}
         for n, part in self.runs:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import sys
 
 import torch
@@ -72,9 +73,9 @@ def reserved(provenance: dict, planned: bool, max_slots: int, budget: str | int)
         if isinstance(value, list):
             bound[key] = [wide if word == str(budget) else word for word in value]
     if planned:
-        widest = max([*map(str, plan.CANDIDATES), *(_widest_mix(high, low) for high, low in plan.MIXES)], key=len)
-        row = {"storage": "9" * len(widest), "slots": _nines(max_slots), "weight_error": PLACEHOLDER}
-        bound["plan"] = [row] * (len(plan.CANDIDATES) + 1)  # at most one mix straddles a budget
+        # a row per candidate storage, and one for the per-layer mix the plan may add (plan.mixed)
+        widths = [max(len(str(c)) for c in plan.CANDIDATES)] * len(plan.CANDIDATES) + [len(_widest_mix())]
+        bound["plan"] = [{"storage": "9" * n, "slots": _nines(max_slots), "weight_error": PLACEHOLDER} for n in widths]
     if "fidelity" in bound:
         bound["fidelity"] = {"on": max(MEASURED_ON, key=len), **dict.fromkeys(FIDELITY_FIGURES, PLACEHOLDER)}
     if "gate" in bound:
@@ -106,7 +107,6 @@ def _nines(n: int) -> int:
     return 10 ** len(str(n)) - 1
 
 
-def _widest_mix(high, low) -> str:
-    """The longest name a mix of `high` and `low` can have: its shares as 100% (one digit more
-    than the 50% each of this two-run mix has)."""
-    return str(MixedStorage(((1, high), (1, low)))).replace("50%", "100%")
+def _widest_mix() -> str:
+    """The longest name a mix can have: every width, each share spelled as widely as 100%."""
+    return re.sub(r"\d+%", "100%", str(MixedStorage(tuple((1, part) for part in plan.QUANTIZED))))
