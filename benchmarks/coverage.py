@@ -87,21 +87,22 @@ def _table(rows: list[dict]) -> str:
         + (f"; {len(pending)} were not reached by this run (listed last)." if pending else "."),
         "*Compressed* is the share of the model's bytes in weights the pool generates; *dense* says what",
         "stayed dense, why, and how many bytes (buffers such as BatchNorm statistics are not listed).",
-        "*fx* found weights by tracing; *module scan* is the fallback when torch.fx cannot trace the model.",
+        "*fx* found weights by tracing; *export* by torch.export's graph on the model's example inputs when",
+        "torch.fx cannot trace it (Hugging Face models); *module scan* is the fallback when neither can.",
         "",
         "| model | discovery | compressed | stayed dense | status | seconds |",
         "| --- | --- | ---: | --- | --- | ---: |",
     ]
     for r in failed + ok + pending:
         if r["status"] == "ok":
-            method = "fx" if r["discovery"] == "fx" else "module scan"
+            method = r["discovery"].replace("-", " ")
             cells = [method, f"{r['compressed_share']:.1%} of {format_bytes(r['original_bytes'])}", _dense(r)]
         else:
             cells = ["", "", ""]
         lines.append(f"| {r['name']} | {' | '.join(cells)} | {r['status']} | {r['seconds']:.1f} |")
     fallbacks = sorted({r["fallback_reason"] for r in ok if r.get("fallback_reason")})
     if fallbacks:
-        lines += ["", "Why torch.fx could not trace the module-scan models:", ""] + [f"- {reason}" for reason in fallbacks]
+        lines += ["", "Why torch.fx could not trace the export and module-scan models (and, for the latter, torch.export):", ""] + [f"- {reason}" for reason in fallbacks]
     return "\n".join(lines) + "\n"
 
 

@@ -3,8 +3,9 @@
     python benchmarks/pool_storage.py      # about 10 minutes on one thread; writes docs/quality.md (## Pool storage)
 
 Part 1 fixes the ratio at 1.0 (no collisions) and varies only how the pool is stored: float16,
-int8/int4/int2 in blocks of 16 to 128 slots, float16 or float32 block scales. It says which block
-sizes and scale dtypes earn their bytes (the plan's candidates). Part 2 gives the plan budgets of
+int8 and int4 in blocks of 16 to 128 slots with float16 or float32 block scales, and every width
+from 7 to 2 bits in blocks of 32. It says which block sizes, scale dtypes and widths earn their
+bytes (the plan's candidates). Part 2 gives the plan budgets of
 1/2 to 1/16 of the fp32 bytes and compares its choice with a float32 pool at the same bytes (all
 the bytes spent on slots, as the first release did). Every figure is measured on crops of real
 photos against the original's logits, no calibration, no recovery.
@@ -24,10 +25,11 @@ from pretrained import Agreement, mobilenet_v2, photo_crops  # noqa: E402
 from rpsconvert import PoolStorage, convert, report, save  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+# block sizes and scale dtypes studied at 8 and 4 bits; every width from 8 to 2 at the plan's blocks of 32
 STORAGES = [(16, None, None)] + [
-    (bits, block, scale) for bits in (8, 4, 2) for block in (16, 32, 64, 128) for scale in (16, 32)
+    (bits, block, scale) for bits in (8, 4) for block in (16, 32, 64, 128) for scale in (16, 32)
     if scale == 16 or block == 32
-]
+] + [(bits, 32, 16) for bits in (7, 6, 5, 3, 2)]
 BUDGETS = ("1/2", "1/4", "1/6", "1/8", "1/16")
 START, END = "<!-- pool-storage:start -->", "<!-- pool-storage:end -->"
 

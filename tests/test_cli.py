@@ -181,6 +181,11 @@ def test_a_real_process_reports_an_error_in_one_line(tmp_path):
     assert result.stderr == "error: missing.pt: no such file or directory, nor a model name such as torchvision:resnet50 or timm:resnet50\n"
 
 
+def test_python_dash_m_runs_the_same_command(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "rpsconvert", "missing.pt", "--ratio", "0.1"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and result.stderr.startswith("error: missing.pt: no such file")
+
+
 def test_the_headline_command_shrinks_a_pickled_resnet50_to_1mb(tmp_path):
     torch.save(torchvision.models.resnet50(), tmp_path / "resnet50.pt")
     result = subprocess.run([RPSCONVERT, "resnet50.pt", "--budget", "1MB"], cwd=tmp_path, capture_output=True, text=True, timeout=600)

@@ -2,8 +2,9 @@
 
 A budget can buy few precise slots or many coarse ones. Hashing k weights into a slot keeps about
 1/k of a matrix's energy, while rounding to b bits adds noise about 2**-b of the block's peak, so
-near the dense size precision is what to cut, and collisions only when bytes are scarce. The plan
-projects the weights once per candidate storage, puts the pool on that storage's grid, and keeps
+near the dense size precision is what to cut, and collisions only when bytes are scarce. Where the
+budget holds one slot per element, each layer gets its own width from 8 down to 2 bits (`mixed`).
+The plan projects the weights once per candidate storage, puts the pool on that storage's grid, and keeps
 the candidate whose generated weights are closest to the originals: the mean over layers of the
 relative squared error, so a small layer counts as much as a big one (each layer's error passes
 through the network multiplicatively). Weighing each element's error by its input feature's mean

@@ -165,7 +165,7 @@ class MixedStorage:
         shares = {}
         for n, part in self.runs:
             shares[part.bits] = shares.get(part.bits, 0) + n
-        return "mixed " + " + ".join(f"int{bits} {n / slots:.0%}" for bits, n in sorted(shares.items(), reverse=True))
+        return "mixed " + " + ".join(f"int{bits} {_share(n / slots)}" for bits, n in sorted(shares.items(), reverse=True))
 
     def _check(self, slots: int) -> None:
         if sum(n for n, _ in self.runs) != slots:
@@ -241,6 +241,10 @@ def _unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
         stream = stream[: len(stream) // bits * bits].view(-1, bits)
         out.append((stream << shifts[:bits]).sum(dim=1, dtype=torch.int32).to(torch.uint8))
     return torch.cat(out)[:count] if out else torch.zeros(0, dtype=torch.uint8)
+
+
+def _share(fraction: float) -> str:
+    return "<1%" if fraction < 0.005 else f"{fraction:.0%}"
 
 
 def straight_through(storage: PoolStorage | MixedStorage, pool: torch.Tensor) -> torch.Tensor:
