@@ -104,6 +104,16 @@ class PoolStorage:
         codes, scales = self._codes_and_scales(values)
         return self._dequantize(codes, scales, len(values)).to(values.dtype)
 
+    def grid(self, values: torch.Tensor, lo: int = 0, hi: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step (block scale, float32) and largest code of the slots [lo, hi) of the pool
+        `values`, as `snap` would round them: the grid that data-aware rounding
+        (quality/rounding.py) rounds onto. Only the blocks holding those slots are read."""
+        hi = len(values) if hi is None else hi
+        first = lo // self.block * self.block
+        _, scales = self._codes_and_scales(values[first : -(-hi // self.block) * self.block])
+        steps = scales.float().repeat_interleave(self.block)[lo - first : hi - first]
+        return steps, torch.full_like(steps, float(self.levels))
+
     def encode(self, values: torch.Tensor) -> dict[str, torch.Tensor]:
         """The tensors to store, by name suffix (see `tensors`)."""
         if not self.quantized:
@@ -193,6 +203,17 @@ class MixedStorage:
     def snap(self, values: torch.Tensor) -> torch.Tensor:
         self._check(len(values))
         return torch.cat([part.snap(v) for v, part in self._parts(values)])
+
+    def grid(self, values: torch.Tensor, lo: int = 0, hi: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check(len(values))
+        hi = len(values) if hi is None else hi
+        pieces, start = [], 0
+        for v, part in self._parts(values):
+            if start < hi and lo < start + len(v):
+                pieces.append(part.grid(v, max(lo - start, 0), min(hi - start, len(v))))
+            start += len(v)
+        steps, levels = zip(*pieces)
+        return torch.cat(steps), torch.cat(levels)
 
     def encode(self, values: torch.Tensor) -> dict[str, torch.Tensor]:
         self._check(len(values))

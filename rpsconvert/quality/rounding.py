@@ -1,0 +1,45 @@
+"""Data-aware rounding of a quantized pool: GPTQ's error feedback, onto the grid the pool is stored on.
+
+Rounding each weight to its nearest code (what `PoolStorage.snap` does) ignores how the errors of a
+row add up on the layer's inputs. With the inputs' second moments H = X^T X, which calibration
+collects anyway, GPTQ (Frantar et al., 2023) rounds the columns of a weight one at a time and
+spreads each column's rounding error over the columns not yet rounded, along H's inverse
+Cholesky factor, so that the output error ||X (W - Q)^T||^2 grows as little as it can:
+
+    for each column j:  q_j = round(w_j);  e = (w_j - q_j) / U_jj;  w_{j+1:} -= e U_{j, j+1:}
+
+Two rules keep the result a grid value that the pool reproduces exactly: each element keeps the
+step (block scale) and code range round-to-nearest would give it; and an element that
+round-to-nearest puts at its block's largest code keeps that code (as does a zero). A block then
+still holds its largest code, so `snap` finds the same scale again and leaves the rounded values as
+they are: the model that runs is the one that was rounded, and the one that is saved.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def round_with_feedback(weight: torch.Tensor, hessian: torch.Tensor, steps: torch.Tensor, levels: torch.Tensor, damping: float = 0.01) -> torch.Tensor:
+    """Integer codes for `weight` (G, o, d): the rows of each group g rounded against the input
+    second moments `hessian[g]` (d, d), element by element on the grid `steps` * code with
+    |code| <= `levels` (both shaped like `weight`). `damping` times H's mean diagonal is added to
+    it, as GPTQ does, so that inputs the data never excites do not blow up the feedback."""
+    w = weight.double().clone()
+    steps, levels = steps.double(), levels.double()
+    nearest = torch.maximum(torch.minimum(torch.round(w / steps), levels), -levels)
+    pinned = (nearest.abs() == levels) | (w == 0)
+    h = hessian.double().clone()
+    diagonal = torch.diagonal(h, dim1=1, dim2=2)
+    diagonal[diagonal <= 0] = 1.0  # an input the data never sets: its column is rounded alone
+    diagonal += damping * diagonal.mean(dim=1, keepdim=True)
+    factor = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)  # (G, d, d)
+    codes = torch.empty_like(w)
+    for j in range(w.shape[2]):
+        column = w[:, :, j]
+        code = torch.maximum(torch.minimum(torch.round(column / steps[:, :, j]), levels[:, :, j]), -levels[:, :, j])
+        code = torch.where(pinned[:, :, j], nearest[:, :, j], code)
+        codes[:, :, j] = code
+        error = (column - code * steps[:, :, j]) / factor[:, j, j].unsqueeze(1)
+        w[:, :, j + 1 :] -= error.unsqueeze(2) * factor[:, j, j + 1 :].unsqueeze(1)
+    return codes
