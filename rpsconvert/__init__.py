@@ -32,7 +32,7 @@ from rpsconvert.engine.modules import clear_cache, densify, is_converted, materi
 from rpsconvert.engine.pool import RPSPool
 from rpsconvert.engine.storage import PoolStorage
 from rpsconvert.engine.report import ConversionReport, WeightReport, report
-from rpsconvert.format.checkpoint import decompress, load, save
+from rpsconvert.format.checkpoint import decompress, from_pretrained, load, save
 from rpsconvert.quality.batches import load_calibration
 from rpsconvert.quality.calibration import LayerFit, calibrate
 from rpsconvert.quality.fidelity import Fidelity, fidelity, layer_errors, weight_errors
@@ -46,6 +46,7 @@ __all__ = [
     "report",
     "save",
     "load",
+    "from_pretrained",
     "decompress",
     "is_converted",
     "densify",

@@ -49,7 +49,7 @@ def choose_weights(
         if p.ndim < 2:
             reasons[name] = "1-D"
         elif name not in weights:
-            reasons[name] = "not used as a weight" if found.method == "fx" else "not in a known layer (module scan)"
+            reasons[name] = "not used as a weight" if found.method != "module-scan" else "not in a known layer (module scan)"
         elif p.numel() < min_numel:
             reasons[name] = f"fewer than min_numel={min_numel} elements"
         elif include is not None and not selection.matches(name, selection.holder(model, name), include):
@@ -177,10 +177,11 @@ def convert(
 ) -> nn.Module:
     """Return `model` with its weights generated from one shared pool (STABLE-RPS).
 
-    Weights are found by a torch.fx pass (a module scan when the model does not trace, with an
-    RPSWarning saying why), projected onto the pool by least squares, and replaced by properties
-    that generate them; every module keeps its class and forward. Below ratio 1.0 the projection
-    alone loses accuracy: pass `calibration` here, then `recover`, to get it back.
+    Weights are found by a torch.fx pass, else by torch.export on the first calibration batch (or
+    a Hugging Face model's dummy inputs), else by a module scan (with an RPSWarning saying why),
+    projected onto the pool by least squares, and replaced by properties that generate them; every
+    module keeps its class and forward. Below ratio 1.0 the projection alone loses accuracy: pass
+    `calibration` here, then `recover`, to get it back.
 
     Args:
         model: the trained model. It is not modified unless `inplace`.
@@ -238,7 +239,7 @@ def convert(
     if is_converted(model):
         raise ValueError("the model is already converted (it has an RPS pool): pass the original model")
 
-    found = discover(model)
+    found = discover(model, calibration[0] if isinstance(calibration, Sequence) and len(calibration) else None)
     if found.fallback_reason:
         warnings.warn(
             f"torch.fx could not trace {type(model).__name__} ({found.fallback_reason}); "

@@ -39,10 +39,10 @@ def test_untraceable_model_falls_back_to_module_scan_and_names_the_reason():
     assert found.weights == ["a.weight", "b.weight"]
 
 
-def test_hugging_face_bert_is_found_by_the_fallback_with_its_tied_decoder():
+def test_hugging_face_bert_is_found_by_export_with_its_tied_decoder():
     model = tiny_bert()
     found = discover(model)
-    assert found.method == "module-scan"
+    assert found.method == "export"
     word = "bert.embeddings.word_embeddings.weight"
     assert word in found.weights
     assert "cls.predictions.decoder.weight" in found.aliases[word]

@@ -15,6 +15,7 @@ ALLOWED = {
     "conversion": {"engine", "format", "quality", "errors"},
     "cli": {"engine", "format", "quality", "conversion", "errors", "version", "__init__"},
     "__init__": {"engine", "format", "quality", "conversion", "errors", "version"},
+    "__main__": {"cli"},  # python -m rpsconvert
 }
 
 

@@ -2,7 +2,11 @@
 
 import torch
 
+from digits import batches, trained_mlp
+from rpsconvert import convert, load, save
+from rpsconvert.engine.modules import find_pool
 from rpsconvert.engine.storage import MixedStorage, PoolStorage
+from rpsconvert.quality.fidelity import fidelity
 from rpsconvert.quality.rounding import round_with_feedback
 
 
@@ -39,3 +43,23 @@ def test_error_feedback_cuts_the_output_error_of_rounding_and_stays_on_the_grid(
         assert (codes.abs() <= levels).all() and torch.equal(codes, codes.round())
         # every block keeps its largest code, so snap finds the same scales and leaves the values be
         assert torch.equal(storage.snap(rounded.reshape(-1)), rounded.reshape(-1))
+
+
+def test_calibrating_a_planned_pool_rounds_each_layer_with_error_feedback_exactly_onto_its_grid(tmp_path):
+    model = trained_mlp()
+    full = save(convert(model, ratio=1.0), tmp_path / "full.rps.safetensors").stat().st_size
+    budget = int(0.14 * full)  # about 3 bits a weight: a per-layer mix of int4, int3 and int2
+    nearest = convert(model, budget=budget)
+    fed = convert(model, budget=budget, calibration=batches("calib"), quiet=True)
+    pool = find_pool(fed)
+    assert pool.size == sum(w.numel for w in pool.weights.values())  # lossless: every slot one layer's own
+    values = pool.pool.detach()
+    assert torch.equal(pool.storage.snap(values), values)  # on the grid: what was rounded is what runs
+    heldout = batches("heldout")
+    # measured: relative output error 0.106 rounded to nearest, 0.016 with calibration and error feedback
+    assert fidelity(fed, model, heldout).relative_error < 0.4 * fidelity(nearest, model, heldout).relative_error
+    path = save(fed, tmp_path / "fed.rps.safetensors")
+    assert path.stat().st_size <= budget
+    x = torch.cat(heldout)
+    with torch.no_grad():
+        assert torch.equal(load(path, trained_mlp()).eval()(x), fed.eval()(x))

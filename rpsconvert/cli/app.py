@@ -27,17 +27,16 @@ from typer.core import TyperGroup
 
 import rpsconvert
 from rpsconvert.engine.budget import check_ratio, format_bytes, parse_bytes
-from rpsconvert.format.checkpoint import Checkpoint, decompress, encode, read
+from rpsconvert.format.checkpoint import Checkpoint, checkpoint_file, decompress, encode, is_directory, read, save_directory
 from rpsconvert.format import provenance
-from rpsconvert.format.files import save_dense, write_atomic
+from rpsconvert.format.files import save_dense, taken, write_atomic
 from rpsconvert.engine.storage import dtype_name
 from rpsconvert.errors import OutputExistsError, RPSError, RPSWarning
 from rpsconvert.cli import sweep
-from rpsconvert.cli.inputs import read_model
+from rpsconvert.cli.inputs import ModelInput, read_calibration, read_model
 from rpsconvert.cli.tables import WRAP_WIDTH, plan_table, tensor_table
 from rpsconvert.cli.verify import gate_message, verification_table, verify_file
 from rpsconvert.engine.mapping import MAPPINGS
-from rpsconvert.quality.batches import load_calibration
 from rpsconvert.quality.fidelity import Fidelity, fidelity, weight_errors
 from rpsconvert.quality.recovery import recover
 from rpsconvert.quality.resume import parse_interval
@@ -158,7 +157,7 @@ def convert_command(
         "model directory, or a name such as torchvision:resnet50 (pretrained weights).", metavar="MODEL", show_default=False)],
     budget: Annotated[Optional[str], typer.Option("--budget", "-b", metavar="SIZE", help="Largest size of the output file: 1MB, 500kB, 1.5MiB, 123456; several, such as 256kB,1MB,4MB, sweep: a file per budget and a quality-vs-bytes table and plot.")] = None,
     ratio: Annotated[Optional[str], typer.Option("--ratio", "-r", metavar="R", help="Fraction of the weight memory kept, in (0, 1]; 1.0 is lossless. Several, such as 0.01,0.05,0.2, sweep.")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", metavar="PATH", help="Output file (default: MODEL's name + .rps.safetensors, beside it).", show_default=False)] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", metavar="PATH", help="Output file (default: MODEL's name + .rps.safetensors, beside it); a PATH ending in / is a model directory: model.rps.safetensors, config.json and MODEL's tokenizer files.", show_default=False)] = None,
     arch: Annotated[Optional[str], typer.Option("--arch", metavar="SPEC", help="Architecture of a state-dict file, such as torchvision:resnet50 or timm:resnet50.")] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Unpickle MODEL even if it needs classes outside the safe list: this runs any code the file's author put in it.")] = False,
     mapping: Annotated[Literal[tuple(MAPPINGS)], typer.Option(help="How weights are laid onto the pool.")] = _DEFAULTS["mapping"].default,  # type: ignore[valid-type]
@@ -168,7 +167,7 @@ def convert_command(
     min_numel: Annotated[int, typer.Option(help="Keep tensors with fewer elements dense.")] = _DEFAULTS["min_numel"].default,
     dtype: Annotated[Optional[Literal[tuple(_POOL_DTYPES)]], typer.Option(help="Pool dtype (default: the weights' dtype).")] = None,  # type: ignore[valid-type]
     bits: Annotated[Optional[Literal[2, 3, 4, 5, 6, 7, 8, 16, 32]], typer.Option(help="Bits per pool slot: 2 to 8 (integer codes, a scale per block of 32) or 16, 32 (float). Default: with --budget the plan chooses; with --ratio the weights' dtype.", show_default=False)] = None,  # type: ignore[valid-type]
-    calibrate: Annotated[Optional[Path], typer.Option("--calibrate", metavar="FILE", help="Example inputs (.safetensors, .npy or tensors-only .pt): the pool is refit to the original's layer outputs on them, and a fifth is held out to measure fidelity.", show_default=False)] = None,
+    calibrate: Annotated[Optional[Path], typer.Option("--calibrate", metavar="FILE", help="Example inputs (.safetensors, .npy or tensors-only .pt; or .txt, one example per line, for a Hugging Face MODEL with its tokenizer): the pool is refit to the original's layer outputs on them, and a fifth is held out to measure fidelity.", show_default=False)] = None,
     recover_steps: Annotated[int, typer.Option("--recover-steps", metavar="N", min=0, help="Distill the original into the converted model for N steps on the --calibrate inputs.")] = 0,
     checkpoint_every: Annotated[Optional[str], typer.Option("--checkpoint-every", metavar="INTERVAL", help="Save the recovery state every INTERVAL (50 steps, or 90s, 5min, 1h) to OUTPUT.recovery.pt, so that --resume continues an interrupted run.", show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the recovery saved in OUTPUT.recovery.pt by an interrupted run of the same command.")] = False,
@@ -187,7 +186,7 @@ def convert_command(
             raise ValueError("pass either --budget SIZE (such as 1MB) or --ratio R (such as 0.01)")
         listed = sweep.points(budget, ratio)
         if listed:
-            return _sweep(ctx, listed, budget is not None, model, output, arch, trust_pickle, max_drop is not None or atol is not None or dry_run, force, quiet, json_output)
+            return _sweep(ctx, listed, budget is not None, model, Path(output) if output else None, arch, trust_pickle, max_drop is not None or atol is not None or dry_run, force, quiet, json_output)
         ratio = sweep.ratio_of(ratio) if ratio is not None else None
         if ratio is not None:
             check_ratio(ratio)  # the cheap checks first, before reading a large model
@@ -197,7 +196,7 @@ def convert_command(
         if (checkpoint_every or resume) and not recover_steps:
             raise ValueError("--checkpoint-every and --resume save and continue a recovery: pass --recover-steps N too")
         every_steps, every_seconds = parse_interval(checkpoint_every) if checkpoint_every else (None, None)
-        calibration, heldout = load_calibration(calibrate) if calibrate else (None, None)
+        calibration, heldout = sweep.once(("calibrate", calibrate, model), lambda: read_calibration(calibrate, model)) if calibrate else (None, None)
         verify = (verify or max_drop is not None or atol is not None) and not dry_run  # a gate is checked on the file
         gated = verify and (max_drop is not None or atol is not None)
         # the file records what made it; the figures measured later get their room now (format/provenance.py)
@@ -206,9 +205,10 @@ def convert_command(
         with _Stages(3 + bool(recover_steps), enabled=not quiet) as stage, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", RPSWarning)
             with stage("read", f"reading {model}"):
-                source = read_model(model, arch=arch, trust_pickle=trust_pickle)
-                output = output or source.output
-                if output.exists() and not (force or dry_run):  # fail before the long part
+                source = _read(model, arch, trust_pickle)
+                as_directory = output is not None and is_directory(output)
+                output = Path(output) if output else source.output
+                if (taken(output) if as_directory else output.exists()) and not (force or dry_run):  # fail before the long part
                     raise OutputExistsError(f"{output} already exists: pass {{overwrite}} to replace it, or -o another path", overwrite=True)
                 state_file = output.with_name(output.name + ".recovery.pt")
                 if resume and not state_file.is_file():
@@ -239,7 +239,7 @@ def convert_command(
             rep = report(converted)
             with stage("write", "writing" if not dry_run else "dry run: writing nothing"):
                 data = encode(converted)
-                written = None if dry_run else write_atomic(output, data, overwrite=force)
+                written = None if dry_run else _write(converted, data, output, as_directory, model, force)
                 if written and recover_steps:
                     state_file.unlink(missing_ok=True)  # the result is written: nothing is left to resume
             if verify:
@@ -299,7 +299,7 @@ def verify_command(
 ) -> None:
     """Compare a checkpoint, loaded afresh, with its original: errors, cosine, top-1 agreement, size."""
     with _reported(debug):
-        inputs = load_calibration(data, holdout=0)[0] if data else None
+        inputs = read_calibration(data, against, holdout=0)[0] if data else None
         original = read_model(against, arch=arch, trust_pickle=trust_pickle).model
         checked, checked_on = verify_file(file, original, inputs)
         failures = checked.failures(max_drop, atol)
@@ -312,6 +312,7 @@ def verify_command(
         raise typer.Exit(GATE_MISSED)
 
 
+@sweep.reusing()
 def _sweep(
     ctx: typer.Context, listed: list[str], by_budget: bool, model: str, output: Path | None, arch: str | None, trust_pickle: bool,
     gated_or_dry: bool, force: bool, quiet: bool, json_output: bool,
@@ -319,7 +320,7 @@ def _sweep(
     """Convert at each point of a sweep (cli/sweep.py), then show and write the curve."""
     if gated_or_dry:
         raise ValueError("a sweep writes a file per point and gates none: drop --max-drop, --atol and --dry-run, and check the file you choose with rpsconvert verify")
-    base = output or read_model(model, arch=arch, trust_pickle=trust_pickle).output  # the default name depends on the model
+    base = output or _read(model, arch, trust_pickle).output  # the default name depends on the model
     files, table_path, png_path = sweep.outputs(base, listed, "budget" if by_budget else "ratio")
     taken = [path for path in (*files, table_path, png_path) if path.exists()]
     if taken and not force:  # fail before the long part
@@ -341,6 +342,11 @@ def _sweep(
         typer.secho(note, err=True)
 
 
+def _read(model: str, arch: str | None, trust_pickle: bool) -> ModelInput:
+    """MODEL, read once for all the points of a sweep (sweep.once)."""
+    return sweep.once(("model", model, arch, trust_pickle), lambda: read_model(model, arch=arch, trust_pickle=trust_pickle))
+
+
 def _command_line(ctx: typer.Context) -> list[str]:
     """The command as parsed, the same from a shell, a script or a test: `rpsconvert convert`, its
     arguments, and every option not at its default."""
@@ -355,6 +361,15 @@ def _command_line(ctx: typer.Context) -> list[str]:
             else:
                 words += [param.opts[0]] if getattr(param, "is_flag", False) else [param.opts[0], str(one)]
     return words
+
+
+def _write(converted: torch.nn.Module, data: bytes, output: Path, as_directory: bool, model: str, force: bool) -> Path:
+    """Write the checkpoint `data`, or a model directory holding it, with MODEL's tokenizer files
+    when MODEL is a Hugging Face directory; the checkpoint file's path, which --verify reads."""
+    if not as_directory:
+        return write_atomic(output, data, overwrite=force)
+    tokenizer = Path(model) if Path(model).is_dir() else None
+    return checkpoint_file(save_directory(converted, output, overwrite=force, tokenizer_from=tokenizer))
 
 
 def _record(converted: torch.nn.Module, key: str, value: dict) -> None:

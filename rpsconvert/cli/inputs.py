@@ -22,11 +22,14 @@ from torch import nn
 
 from rpsconvert.errors import ArchitectureError, InputError
 from rpsconvert.format.architectures import build, identify, matches, normalize
+from rpsconvert.quality.batches import MAX_TOKENS, TEXT_SUFFIXES, Batch, load_calibration
 
 # Modules whose nn.Module and Enum classes may be unpickled: their constructors and __setstate__
 # only build layers. A class is imported (only from these packages) to check what it is.
 SAFE_PACKAGES = ("torch.nn.modules.", "torchvision.models.", "torchvision.ops.", "timm.models.", "timm.layers.")
 SAFE_GLOBALS = {"functools.partial": functools.partial}  # torchvision stores partial(nn.LayerNorm, eps=...)
+# A tokenizer's vocabulary: without one, transformers makes an empty tokenizer that reads every word as unknown
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
 
 
 @dataclass
@@ -187,6 +190,39 @@ def _hugging_face(path: Path) -> ModelInput:
     except Exception as exc:
         raise InputError(f"cannot read the Hugging Face model in {path} ({_first_line(exc)})") from None
     return ModelInput(model, identify(model), path.parent / f"{path.name}.rps.safetensors")
+
+
+def read_calibration(path: Path, model: str, holdout: float = 0.2) -> tuple[list[Batch], list[Batch]]:
+    """`--calibrate FILE` (and verify's `--data FILE`): calibration and held-out batches.
+
+    Tensor files are read as `load_calibration` reads them. A text file (`.txt`, one example per
+    line) is tokenized with the tokenizer saved in MODEL, a Hugging Face directory, so a text model
+    is calibrated on sentences rather than on token ids prepared by hand.
+    """
+    if path.suffix.lower() not in TEXT_SUFFIXES:
+        return load_calibration(path, holdout)
+    directory = Path(model)
+    if not (directory.is_dir() and any((directory / name).is_file() for name in TOKENIZER_FILES)):
+        raise InputError(f"{path} is text, and {model} has no tokenizer: pass tensors saved with torch.save/safetensors, "
+                         "or a Hugging Face directory with its tokenizer files")
+    tokenizer, max_length = _tokenizer(directory)
+    return load_calibration(path, holdout, tokenizer=tokenizer, max_length=max_length)
+
+
+def _tokenizer(directory: Path) -> tuple[object, int]:
+    """The tokenizer saved in a Hugging Face directory (offline; remote code refused), and the most
+    tokens an example may take: MAX_TOKENS, or fewer if the model's position table is shorter."""
+    try:
+        import transformers
+    except ImportError:
+        raise InputError(f"{directory} is a Hugging Face model: pip install transformers to read its tokenizer") from None
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+    except Exception as exc:  # transformers raises many types for a bad tokenizer or config
+        raise InputError(f"cannot read the tokenizer in {directory} ({_first_line(exc)})") from None
+    positions = getattr(config, "max_position_embeddings", None)
+    return tokenizer, min(MAX_TOKENS, positions) if isinstance(positions, int) and positions > 0 else MAX_TOKENS
 
 
 def _first_line(exc: BaseException) -> str:

@@ -6,14 +6,25 @@ them, and quality against file bytes on a log axis as a PNG. Every point is the 
 command with --verify (on random inputs without --calibrate, after recovery with --recover-steps),
 and its figures are read back from its file's provenance: the curve shows the files as a user will
 load them, and each file still says how it scored.
+
+What does not depend on the point is done once (`reusing`): reading the model, loading (and
+tokenizing) the --calibrate inputs, and the original model's side of calibration. Each file is the
+one the same command would write for its point alone.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
+from typing import Callable, Iterator, TypeVar
 
 from rpsconvert.engine.budget import format_bytes
 from rpsconvert.format.checkpoint import read
+from rpsconvert.quality.calibration import reusing_reference
+
+T = TypeVar("T")
+_shared: ContextVar[dict | None] = ContextVar("rpsconvert_sweep_shared", default=None)
 
 SUFFIX = ".rps.safetensors"
 
@@ -27,6 +38,28 @@ def points(budget: str | None, ratio: str | None) -> list[str]:
     if not all(listed) or len(set(listed)) < len(listed):
         raise ValueError(f"a sweep is distinct points separated by commas, such as 256kB,1MB,4MB or 0.01,0.05; got {given!r}")
     return listed
+
+
+@contextmanager
+def reusing() -> Iterator[None]:
+    """The points of a sweep, run inside, share what does not depend on the point: what `once`
+    makes (the model read, the example inputs loaded) and the original's side of calibration."""
+    token = _shared.set({})
+    try:
+        with reusing_reference():
+            yield
+    finally:
+        _shared.reset(token)
+
+
+def once(key: tuple, make: Callable[[], T]) -> T:
+    """`make()`; inside `reusing()`, made by the first point that asks with this key, then shared."""
+    made = _shared.get()
+    if made is None:
+        return make()
+    if key not in made:
+        made[key] = make()
+    return made[key]
 
 
 def ratio_of(text: str) -> float:

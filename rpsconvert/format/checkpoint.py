@@ -4,12 +4,17 @@ A checkpoint is a plain safetensors file: the pool, every tensor kept dense unde
 name, and two metadata strings: a versioned JSON manifest from which every compressed weight is
 regenerated, and a sha256 over that manifest and the tensors. Nothing is unpickled on load, and a
 file is written completely or not at all.
+
+A converted Hugging Face model can also be written as a model directory, the layout its users
+expect: `model.rps.safetensors`, `config.json` and the tokenizer files, written all at once too.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +27,18 @@ from rpsconvert.engine.modules import find_pool, install, is_converted, set_mode
 from rpsconvert.engine.pool import RPSPool, check_mode
 from rpsconvert.errors import ArchitectureError, CheckpointError
 from rpsconvert.format.architectures import build
-from rpsconvert.format.files import write_atomic
+from rpsconvert.format.files import write_atomic, write_directory_atomic
 from rpsconvert.format.manifest import DIGEST_KEY, FORMAT_VERSION, MANIFEST_KEY, POOL_TENSOR, digest, manifest_json, parse
 from rpsconvert.format.sizing import dedupe
+
+
+CHECKPOINT_FILE = "model.rps.safetensors"  # the checkpoint inside a model directory
+CONFIG_FILE = "config.json"
+# What a Hugging Face tokenizer is saved as (fast, slow BPE and WordPiece, sentencepiece), copied as they are
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json",
+    "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+)
 
 
 def _metadata(manifest: dict, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -38,31 +52,106 @@ def encode(model: nn.Module) -> bytes:
     tensors, aliases = dedupe(model.state_dict())
     tensors.update({POOL_TENSOR + suffix: t for suffix, t in pool.storage.encode(tensors[POOL_TENSOR]).items()})
     manifest = manifest_json(pool, aliases, pool.info.get("original_bytes", 0))
-    return safetensors.torch.save(tensors, metadata=_metadata(manifest, tensors))
+    metadata = _metadata(manifest, tensors)
+    return _in_key_order(safetensors.torch.save(tensors, metadata=metadata), metadata)
 
 
-def save(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write a converted model as a .rps.safetensors checkpoint.
+def _in_key_order(data: bytes, metadata: dict[str, str]) -> bytes:
+    """`data` with its header's metadata entries in sorted key order.
+
+    safetensors keeps the metadata in a hash map and writes its entries in an order that changes
+    from call to call, so the same model and seed would give files that differ in their bytes (and
+    in their checksums). Swapping the entries back keeps the header's length, so no offset moves.
+    """
+    entries = [json.dumps(key) + ":" + json.dumps(value) for key, value in sorted(metadata.items())]
+    if len(entries) != 2:
+        raise ValueError("a checkpoint's metadata is its manifest and its digest")
+    wanted, swapped = ",".join(entries).encode(), ",".join(reversed(entries)).encode()
+    size = 8 + int.from_bytes(data[:8], "little")
+    header = data[:size]
+    if wanted not in header:
+        header = header.replace(swapped, wanted, 1)
+        if wanted not in header:
+            raise ValueError("safetensors wrote the metadata in a form rpsconvert does not recognise")
+    return header + data[size:]
+
+
+def save(
+    model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False, tokenizer_from: str | os.PathLike | None = None
+) -> Path:
+    """Write a converted model as a .rps.safetensors checkpoint, or as a model directory.
 
     The file holds the pool, the seed, the per-layer scales and the tensors kept dense, nothing
-    executable; it is written atomically, so an interrupted save leaves no partial file.
+    executable; it is written atomically, so an interrupted save leaves no partial file. A `path`
+    ending in "/" (or naming an existing directory) gets a model directory instead (`save_directory`):
+    the checkpoint as `model.rps.safetensors`, a Hugging Face model's `config.json`, and the tokenizer
+    files of `tokenizer_from`; `load` and `from_pretrained` read it back.
 
     Args:
         model: a model returned by `convert` or `load` (trained or not).
-        path: where to write; the usual suffix is `.rps.safetensors`.
-        overwrite: replace an existing file (otherwise OutputExistsError).
+        path: where to write; the usual suffix is `.rps.safetensors`, "outdir/" for a directory
+            (a string: pathlib drops a trailing slash).
+        overwrite: replace an existing file or model directory (otherwise OutputExistsError).
+        tokenizer_from: a Hugging Face model directory whose tokenizer files the model directory gets.
 
     Returns:
         The path written.
 
     Raises:
-        OutputExistsError: `path` exists and `overwrite` is False.
-        ValueError: `model` is not converted.
+        OutputExistsError: `path` exists and `overwrite` is False, or is a directory of other files.
+        ValueError: `model` is not converted, or `tokenizer_from` is given for a file.
 
     Example:
         >>> save(convert(model, budget="1MB"), "model.rps.safetensors")
+        >>> save(convert(bert, ratio=0.1), "bert-rps/", tokenizer_from="bert")  # then from_pretrained("bert-rps")
     """
+    if is_directory(path):
+        return save_directory(model, path, overwrite=overwrite, tokenizer_from=tokenizer_from)
+    if tokenizer_from is not None:
+        raise ValueError(f"tokenizer files go into a model directory: end the path with '/' ({os.fspath(path)}/)")
     return write_atomic(path, encode(model), overwrite=overwrite)
+
+
+def is_directory(path: str | os.PathLike) -> bool:
+    """Whether `save` writes a model directory at `path`: one written with a trailing slash, or an
+    existing directory."""
+    text = os.fspath(path)
+    return text.endswith(("/", os.sep)) or Path(text).is_dir()
+
+
+def save_directory(
+    model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False, tokenizer_from: str | os.PathLike | None = None
+) -> Path:
+    """Write a converted model as a model directory, all its files at once (files.py
+    `write_directory_atomic`): `model.rps.safetensors`, `config.json` for a Hugging Face model, and
+    the tokenizer files found in `tokenizer_from`. Returns the directory."""
+    files = {CHECKPOINT_FILE: encode(model)}
+    config = _config_json(model)
+    if config is not None:
+        files[CONFIG_FILE] = config
+    if tokenizer_from is not None:
+        source = Path(tokenizer_from)
+        files.update({name: (source / name).read_bytes() for name in TOKENIZER_FILES if (source / name).is_file()})
+    return write_directory_atomic(path, files, overwrite=overwrite, replaceable=(CHECKPOINT_FILE, CONFIG_FILE, *TOKENIZER_FILES))
+
+
+def _config_json(model: nn.Module) -> bytes | None:
+    """A Hugging Face model's config.json naming its class in `architectures`, as `save_pretrained`
+    writes it, so that transformers' tools read the directory; in full, since defaults change between
+    transformers versions. None for other models: only an imported transformers can have made the
+    model, so none is imported here."""
+    transformers = sys.modules.get("transformers")
+    if transformers is None or not isinstance(model, transformers.PreTrainedModel):
+        return None
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    return config.to_json_string(use_diff=False).encode()
+
+
+def checkpoint_file(path: str | os.PathLike) -> Path:
+    """The checkpoint `path` names: itself, or the `model.rps.safetensors` of a model directory."""
+    path = Path(path)
+    return path / CHECKPOINT_FILE if path.is_dir() else path
 
 
 @dataclass
@@ -80,8 +169,9 @@ class Checkpoint:
 
 
 def read(path: str | os.PathLike) -> Checkpoint:
-    """Read and verify a checkpoint: a corrupt, truncated or foreign file is a CheckpointError."""
-    path = Path(path)
+    """Read and verify a checkpoint (a file, or a model directory's): a corrupt, truncated or
+    foreign file is a CheckpointError."""
+    path = checkpoint_file(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
@@ -148,10 +238,11 @@ def load(
     checked against the model before the model is touched, so a failed load changes nothing.
 
     Args:
-        path: a .rps.safetensors checkpoint written by `save` or the command line.
+        path: a .rps.safetensors checkpoint written by `save` or the command line, or a model
+            directory holding one.
         model: a model of the original architecture (any weights: they are replaced; it is
             converted in place). Without one, the model is rebuilt from the architecture the file
-            records (torchvision, timm or Hugging Face).
+            records (torchvision, timm or Hugging Face), else from a model directory's config.json.
         device: where the model goes.
         strict: the dense tensors of the file and the model's must match name for name.
         mode: "lean" (the default: weights generated when used, so the model takes the memory
@@ -180,14 +271,37 @@ def load(
     return set_mode(model.to(device), mode)  # after the move, so a cache is made where it is used
 
 
+def from_pretrained(directory: str | os.PathLike, *, device: str | torch.device = "cpu", mode: str = "lean") -> nn.Module:
+    """A converted model from a model directory `save` wrote, rebuilt without a skeleton and in eval
+    mode, as transformers' `from_pretrained` returns a model; `load` has the other options.
+
+    Example:
+        >>> bert = from_pretrained("bert-rps")
+    """
+    if not Path(directory).is_dir():
+        raise CheckpointError(f"{directory} is not a directory: from_pretrained reads a model directory (save(model, 'dir/')), load reads a file")
+    return load(directory, device=device, mode=mode).eval()
+
+
 def _rebuild(architecture: str | dict | None, path: Path) -> nn.Module:
     skeleton = "pass a model of the original architecture, load(path, model=MyModel()), or use decompress(path) for a plain state dict"
+    if not architecture and (path / CONFIG_FILE).is_file():  # a model directory of a model converted without its architecture
+        architecture = _config_architecture(path / CONFIG_FILE, skeleton)
     if not architecture:
         raise CheckpointError(f"{path} records no architecture: {skeleton}")
     try:
         return build(architecture)
     except ArchitectureError as exc:
         raise CheckpointError(f"{path}: {exc}; or {skeleton}") from None
+
+
+def _config_architecture(file: Path, skeleton: str) -> dict:
+    """The Hugging Face architecture a model directory's config.json names (its class and config)."""
+    try:
+        config = json.loads(file.read_text())
+        return {"source": "transformers", "name": config["architectures"][0], "config": config}
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise CheckpointError(f"{file} names no model class (no 'architectures' list): {skeleton}") from None
 
 
 def decompress(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -1,10 +1,12 @@
-"""Writing files so that no one ever sees a partial one, even after a crash."""
+"""Writing files and directories so that no one ever sees a partial one, even after a crash."""
 
 from __future__ import annotations
 
 import os
 import secrets
+import shutil
 from pathlib import Path
+from typing import Collection
 
 import safetensors.torch
 import torch
@@ -45,6 +47,61 @@ def write_atomic(path: str | os.PathLike, data: bytes, *, overwrite: bool = Fals
                 os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    return path
+
+
+def taken(path: str | os.PathLike) -> bool:
+    """Whether writing a directory at `path` would replace something: a file, or a directory that
+    is not empty (an empty one is simply filled)."""
+    path = Path(path)
+    return path.exists() and not (path.is_dir() and not any(path.iterdir()))
+
+
+def write_directory_atomic(
+    path: str | os.PathLike, files: dict[str, bytes], *, overwrite: bool = False, replaceable: Collection[str] = ()
+) -> Path:
+    """Write `files` (name -> bytes) as the directory `path`, so that no one ever sees it half written.
+
+    The files go to a temporary directory beside `path`, are flushed to disk, then the directory is
+    renamed into place (over an empty directory at `path`). A directory with files in it is replaced
+    only with `overwrite`, and only when it holds nothing but names in `files` or `replaceable`, so a
+    folder of other things is never deleted; the old one is moved aside, the new one moved in, then
+    the old one removed. On any failure or interrupt the temporary directory is removed and `path`
+    is as it was.
+    """
+    path = Path(path)
+    exists = OutputExistsError(f"{path} already exists: pass {{overwrite}} to replace it, or write to another path", overwrite=True)
+    if path.exists() and not path.is_dir():
+        raise OutputExistsError(f"{path} is a file, not a directory: write the model directory to another path")
+    old = sorted(entry.name for entry in path.iterdir()) if path.is_dir() else []
+    if old and not overwrite:
+        raise exists
+    foreign = [name for name in old if name not in files and name not in replaceable]
+    if foreign:
+        raise OutputExistsError(f"{path} holds files rpsconvert does not write ({', '.join(foreign[:3])}): write to a new or empty directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    aside = tmp.with_name(tmp.name + ".old")
+    try:
+        tmp.mkdir()
+        for name, data in files.items():
+            with open(tmp / name, "xb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        if old:
+            os.replace(path, aside)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if not old and path.exists():  # made by someone else meanwhile
+                raise exists from None
+            raise
+    finally:
+        if aside.exists() and not path.exists():  # the new directory is not in place: the old one goes back
+            os.replace(aside, path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(aside, ignore_errors=True)
     return path
 
 

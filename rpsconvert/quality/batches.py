@@ -8,6 +8,7 @@ found in a fixed order, so the converted model's and the original's line up one 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +17,11 @@ from typing import Any, Iterable, Iterator, Union
 import torch
 from torch import nn
 
+from rpsconvert.errors import InputError
+
 Batch = Union[torch.Tensor, tuple, list, dict]
+TEXT_SUFFIXES = (".txt",)  # calibration files of text, one example per line
+MAX_TOKENS = 512  # tokens per example of a text file, at most: BERT's window, ample for calibration
 
 
 def run(model: nn.Module, batch: Batch) -> Any:
@@ -131,23 +136,30 @@ def split(data: Batch, batch_size: int) -> list[Batch]:
 
 
 def load_calibration(
-    path: str | Path, holdout: float = 0.2, seed: int = 0, batch_size: int = 32
+    path: str | Path, holdout: float = 0.2, seed: int = 0, batch_size: int = 32, *, tokenizer: Any = None,
+    max_length: int = MAX_TOKENS,
 ) -> tuple[list[Batch], list[Batch]]:
-    """Example inputs from a tensor file, shuffled and split into calibration and held-out batches.
+    """Example inputs from a tensor or text file, shuffled and split into calibration and held-out batches.
 
     The file is `.safetensors` (one tensor, or several named ones passed as keyword arguments such
-    as input_ids and attention_mask), `.npy`, or a `.pt` holding a tensor, a tuple or a dict of
-    tensors (read with weights_only=True: nothing is unpickled). The held-out part (`holdout` of
-    the samples, at least one when there are two or more) is for the fidelity report only, so the
-    quality printed is measured on inputs the conversion never saw.
+    as input_ids and attention_mask), `.npy`, a `.pt` holding a tensor, a tuple or a dict of
+    tensors (read with weights_only=True: nothing is unpickled), or a `.txt` file of examples, one
+    per line, which `tokenizer` (a Hugging Face tokenizer) turns into the model's inputs (see
+    `tokenize_lines`). The held-out part (`holdout` of the samples, at least one when there are two
+    or more) is for the fidelity report only, so the quality printed is measured on inputs the
+    conversion never saw.
     """
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix == ".safetensors":
+    if suffix in TEXT_SUFFIXES:
+        if tokenizer is None:
+            raise InputError(f"{path.name} is text: pass tokenizer= (the model's Hugging Face tokenizer) to turn it into inputs")
+        data: Batch = tokenize_lines(path, tokenizer, max_length)
+    elif suffix == ".safetensors":
         import safetensors.torch
 
         tensors = safetensors.torch.load_file(str(path))
-        data: Batch = next(iter(tensors.values())) if len(tensors) == 1 else tensors
+        data = next(iter(tensors.values())) if len(tensors) == 1 else tensors
     elif suffix == ".npy":
         import numpy as np
 
@@ -163,7 +175,54 @@ def load_calibration(
     held = min(max(round(n * holdout), 1 if holdout > 0 and n >= 2 else 0), n - 1)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     data = take(data, order)
-    return split(take(data, slice(held, n)), batch_size), split(take(data, slice(0, held)), batch_size)
+    calibration, heldout = split(take(data, slice(held, n)), batch_size), split(take(data, slice(0, held)), batch_size)
+    if suffix in TEXT_SUFFIXES:
+        return [_trim(b) for b in calibration], [_trim(b) for b in heldout]
+    return calibration, heldout
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """The examples of a text file: its non-blank lines, stripped. The file must be UTF-8 (a byte
+    order mark is allowed): text in another encoding would otherwise be tokenized into garbage
+    without a word of warning."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path.name} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}): "
+                         "save it as UTF-8, one example per line") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise InputError(f"{path.name} holds no text: write one example per line")
+    return lines
+
+
+def tokenize_lines(path: str | Path, tokenizer: Any, max_length: int = MAX_TOKENS) -> dict[str, torch.Tensor]:
+    """A text file's examples (one per line) as the tensors a Hugging Face model takes as keyword
+    arguments: input_ids, attention_mask and whatever else `tokenizer` returns, one row per line.
+
+    Each line is truncated to `max_length` tokens (and to what the tokenizer allows) and padded to
+    the longest (with the end-of-text token if the tokenizer has no padding token, as GPT-2's); the
+    attention mask tells the model which tokens are padding, and `load_calibration` cuts each batch
+    back to its own longest line.
+    """
+    limit = min(max_length, getattr(tokenizer, "model_max_length", max_length))
+    if tokenizer.pad_token is None:  # GPT-2's has none; padding is masked out, so any token will do
+        if tokenizer.eos_token is None:
+            raise InputError(f"{Path(path).name} needs padding to batch lines of different lengths, and the tokenizer has no padding or end-of-text token")
+        tokenizer = copy.deepcopy(tokenizer)  # the caller's tokenizer stays as it was
+        tokenizer.pad_token = tokenizer.eos_token
+    encoded = tokenizer(read_lines(path), padding="longest", truncation=True, max_length=limit, return_tensors="pt")
+    return {key: value for key, value in encoded.items() if isinstance(value, torch.Tensor)}
+
+
+def _trim(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A batch of tokenized text without the token positions that are padding in all its rows, so
+    a batch of short lines does not pay for the file's longest (nor calibrate on its padding)."""
+    if "attention_mask" not in batch:
+        return batch
+    keep = batch["attention_mask"].any(dim=0)
+    return {key: value[:, keep] for key, value in batch.items()}
 
 
 def _check_samples(data: Any, path: Path) -> None:

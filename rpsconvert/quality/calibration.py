@@ -58,6 +58,16 @@ the blocks already passed; the full-forward path sees it. On the tests' models t
 out the same to 0.3 % of the error (docs/recovery.md).
 Layers before and after the chain, and models without one, still get a full forward per layer.
 
+Several conversions of one model on the same batches (a sweep of budgets) share the original's
+side: its trace and every layer's outputs Y depend on neither the pool nor the converted model, so
+inside `reusing_reference()` they are computed by the first conversion and read by the others (see
+`ReferenceCache`; the pools are bit for bit the same).
+
+A quantized pool is then rounded onto its grid. Where a layer's slots are its own (a lossless
+RandomFold pool, the plan's choice for budgets above about a tenth of the bytes), each layer is
+rounded right after its solve with GPTQ's error feedback on the same H (quality/rounding.py), so the
+layers after it see, and correct for, its rounded weights; shared slots are rounded to nearest.
+
 Layers solved this way: Linear, Conv1d and Conv2d weights that are not tied to another tensor.
 Every other compressed weight (embeddings, tied weights, weights used through functional calls)
 keeps the weight-space solution, protected by the proximal term.
@@ -67,6 +77,8 @@ from __future__ import annotations
 
 import copy
 import math
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Iterable, Iterator
@@ -81,6 +93,7 @@ from rpsconvert.engine.kinds import grouped, kind_of
 from rpsconvert.engine.modules import densify, find_pool, is_converted
 from rpsconvert.engine.operator import CompressedWeight
 from rpsconvert.engine.pool import RPSPool
+from rpsconvert.quality.rounding import round_layer, sole_slots
 
 ROWS = 1 << 22  # patch matrix elements processed at once (16 MB in float32)
 
@@ -115,7 +128,8 @@ def calibrate(
 
     `batches` are example inputs (a list: it is iterated once per layer); `inputs` picks the model's
     input out of a batch that also holds labels. Returns one LayerFit per layer solved, in forward
-    order. The pool is updated in place.
+    order. The pool is updated in place. Inside `reusing_reference()`, calibrations of the same
+    reference on the same batches run the reference once (see `ReferenceCache`).
     """
     if is_converted(reference):
         raise ValueError("the reference must be the original model (convert without inplace=True to calibrate)")
@@ -125,6 +139,9 @@ def calibrate(
         raise ValueError("calibration needs at least one batch of example inputs")
     device = device_of(model)
     batches = [to_device(b, device) for b in batches]
+    cache = _ACTIVE.get()
+    if cache is not None:
+        cache.bind(reference, batches)
     originals = dict(reference.named_parameters(remove_duplicate=False))
     layers = _forward_order(model, pool, batches[0])
     solvable = {name for name, _ in layers}
@@ -137,6 +154,7 @@ def calibrate(
     anchor_linear = torch.zeros_like(anchor_diagonal)
     for n in fixed:
         operator.adjoint(pool.weights[n], fixed[n] * originals[n].detach().double(), out=anchor_linear)
+    sole = sole_slots(pool) if pool.storage.quantized else None  # slots whose rounding is one layer's alone
     fits = []
     progress = Progress(
         TextColumn("[bold]calibrating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -144,7 +162,7 @@ def calibrate(
     )
     with eval_mode(model, reference), torch.no_grad(), progress:
         task = progress.add_task("calibrate", total=len(layers), layer="")
-        for name, stats in _layer_statistics(model, reference, pool, layers, batches, originals):
+        for name, stats in _layer_statistics(model, reference, pool, layers, batches, originals, cache):
             weight = pool.weights[name]
             progress.update(task, layer=name)
             others = proximal_diagonal - shared[name] * operator.diagonal([weight], device)  # kept near where they are now
@@ -154,8 +172,102 @@ def calibrate(
                     pool, weight, stats, anchor_diagonal + others, anchor_linear + others * theta, damping, iterations, tolerance
                 )
             )
+            if sole is not None:
+                round_layer(pool, weight, stats.H, sole, damping)
             progress.advance(task)
     return fits
+
+
+class ReferenceCache:
+    """The original model's side of calibration, kept for more conversions of it on the same batches.
+
+    What `calibrate` needs of the original depends on neither the pool nor the converted model:
+    where a forward calls each layer (the chain of blocks, if any), and every solved layer's outputs
+    Y on every batch, computed from the original's own activations. A sweep converts one model at
+    several budgets on the same batches: inside `reusing_reference()` the first conversion keeps
+    them here and the others read them instead of running the original again. They are the tensors
+    the original would compute again, so every pool comes out bit for bit as without the cache.
+
+    The outputs are kept while they fit in `limit_bytes` (float64, one value per sample, position
+    and output of every solved layer); past it, what was kept is dropped and each conversion
+    computes its own, as without the cache.
+    """
+
+    def __init__(self, limit_bytes: int = 1 << 30):
+        self.limit_bytes = limit_bytes
+        self.bytes = 0
+        self.keeping = True
+        self._owner: tuple = (None, [], [])  # the original, the tensors it and the batches hold, their versions
+        self._traces: dict[tuple, Any] = {}
+        self._targets: dict[tuple, list[Targets]] = {}
+
+    def bind(self, reference: nn.Module, batches: list[Batch]) -> None:
+        """Serve `reference` on `batches`. What was kept for another original, other batches, or
+        ones changed in place since (a tensor's version counter moved) is dropped."""
+        tensors = [*reference.parameters(), *reference.buffers(), *_tensors(batches)]
+        versions = [t._version for t in tensors]
+        known, known_tensors, known_versions = self._owner
+        if reference is known and len(tensors) == len(known_tensors) and all(a is b for a, b in zip(tensors, known_tensors)) and versions == known_versions:
+            return
+        self._owner = reference, tensors, versions
+        self._traces, self._targets, self.bytes, self.keeping = {}, {}, 0, True
+
+    def holds(self, keys: list[tuple]) -> bool:
+        """Whether the outputs of every layer named in `keys` are kept."""
+        return all(key in self._targets for key in keys)
+
+    def targets(self, key: tuple) -> list[Targets]:
+        return self._targets[key]
+
+    def remember(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        """A small value of the original (its trace through the blocks), computed once."""
+        if key not in self._traces:
+            self._traces[key] = compute()
+        return self._traces[key]
+
+    def keep(self, key: tuple, computed: Iterator[Targets], count: int) -> Iterator[Targets]:
+        """`computed` passed through, each item kept; the layer's entry exists once all `count`
+        batches are in, so a pass cut short leaves nothing half kept."""
+        if key in self._targets or not self.keeping:
+            yield from computed
+            return
+        kept: list[Targets] = []
+        for item in computed:
+            if self.keeping:
+                kept.append(item)
+                self.bytes += sum(y.numel() * y.element_size() for call in item for y in call)
+                if self.bytes > self.limit_bytes:  # too large to keep: every conversion computes its own
+                    self._targets, self.keeping, kept = {}, False, []
+                elif len(kept) == count:
+                    self._targets[key] = kept
+            yield item
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """Every tensor in a batch (a tensor, or tuples, lists and dicts of them)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    return [t for item in value for t in _tensors(item)] if isinstance(value, (tuple, list)) else []
+
+
+_ACTIVE: ContextVar[ReferenceCache | None] = ContextVar("rpsconvert_reference_cache", default=None)
+
+
+@contextmanager
+def reusing_reference(limit_bytes: int = 1 << 30) -> Iterator[ReferenceCache]:
+    """Within it, calibrations of one original on the same batches (`calibrate`, or `convert` with
+    `calibration=`) compute the original's side once: for a sweep of budgets or ratios.
+
+    The pools are the same as without it. The original and the batches must stay as they are
+    inside (a change in place is noticed through the tensors' version counters, and recomputed).
+    """
+    token = _ACTIVE.set(ReferenceCache(limit_bytes))
+    try:
+        yield _ACTIVE.get()
+    finally:
+        _ACTIVE.reset(token)
 
 
 def _module_name(weight_name: str) -> str:
@@ -226,7 +338,9 @@ class _Blocks:
     after: list[tuple[str, int]]  # layers called after the last block
 
 
-def _find_blocks(ours: nn.Module, reference: nn.Module, layers: list[tuple[str, int]], batch: Batch) -> _Blocks | None:
+def _find_blocks(
+    ours: nn.Module, reference: nn.Module, layers: list[tuple[str, int]], batch: Batch, cache: ReferenceCache | None
+) -> _Blocks | None:
     """The model's chain of blocks, if calibration may move through it block by block.
 
     Candidates are the children of the ModuleList that holds the most solvable layers. One forward
@@ -234,7 +348,8 @@ def _find_blocks(ours: nn.Module, reference: nn.Module, layers: list[tuple[str, 
     with block i's output (the very tensor, or the first of a tuple) and otherwise with the very
     arguments of block 0, all tensors or plain values (an object such as a key-value cache may
     change when a block runs again); every layer called only before the first block, inside one
-    block, or after the last. Otherwise (None) every layer gets full forwards.
+    block, or after the last. Otherwise (None) every layer gets full forwards. The reference's trace
+    is taken from `cache` when it holds it.
     """
     def held(prefix):
         return sum(name.startswith(f"{prefix}.") for name, _ in layers)
@@ -244,8 +359,11 @@ def _find_blocks(ours: nn.Module, reference: nn.Module, layers: list[tuple[str, 
     if not most:
         return None
     names = [f"{prefix}.{i}" for i in range(size)]
-    segment, theirs = (_block_trace(m, names, layers, batch) for m in (ours, reference))
-    if segment is None or segment != theirs:
+    segment = _block_trace(ours, names, layers, batch)
+    if segment is None:
+        return None
+    trace = partial(_block_trace, reference, names, layers, batch)
+    if segment != (cache.remember(("trace", tuple(names), tuple(layers)), trace) if cache else trace()):
         return None
     return _Blocks(
         names,
@@ -314,7 +432,7 @@ def _same(a: Any, b: Any) -> bool:
     return a is b if isinstance(a, torch.Tensor) else (a is None or isinstance(a, (bool, int, float, str))) and a == b
 
 
-def _layer_statistics(model, reference, pool, layers, batches, originals) -> Iterator[tuple[str, _Stats]]:
+def _layer_statistics(model, reference, pool, layers, batches, originals, cache: ReferenceCache | None) -> Iterator[tuple[str, _Stats]]:
     """(name, statistics) of every solvable layer, in forward order, each computed after the caller
     solved the layers before it.
 
@@ -323,37 +441,52 @@ def _layer_statistics(model, reference, pool, layers, batches, originals) -> Ite
     regenerated per batch. In a chain of blocks, the arguments entering the current block are
     cached for every batch and both models, and pushed through the block once it is solved: each
     block runs a bounded number of times per batch, so the cost is linear in depth. Layers outside
-    the chain, or of models without one, get full forwards.
+    the chain, or of models without one, get full forwards. When `cache` holds the original's
+    outputs of every layer on these batches, the original does not run at all.
     """
     ours = densify(copy.deepcopy(model))  # plain Parameters, refreshed in place from the pool
+    blocks = _find_blocks(ours, reference, layers, batches[0], cache)
+    parts = [("", layers)] if blocks is None else [("", blocks.before), *zip(blocks.names, blocks.inside), ("", blocks.after)]
+    replay = cache is not None and cache.holds([(where, name, calls) for where, group in parts for name, calls in group])
 
     def refresh(names):
         for name in names:
             ours.get_parameter(name).copy_(pool.weight(name))
 
+    def targets(where, name, calls, theirs: list[Feed] | None) -> Iterator[Targets]:
+        """The original's outputs of one layer, batch after batch: kept ones, or computed (and kept)."""
+        key = (where, name, calls)
+        if replay:
+            return iter(cache.targets(key))
+        computed = _targets(reference, name, calls, theirs, originals[name])
+        return cache.keep(key, computed, len(batches)) if cache else computed
+
     def whole(group):
-        full = [(partial(run, ours, b), partial(run, reference, b)) for b in batches]
+        feeds = [partial(run, ours, b) for b in batches]
+        theirs = None if replay else [partial(run, reference, b) for b in batches]
         for name, calls in group:
             refresh(pool.weights)
-            yield name, _statistics(ours, reference, name, calls, full, originals[name])
+            yield name, _statistics(ours, name, calls, feeds, targets("", name, calls, theirs))
 
-    blocks = _find_blocks(ours, reference, layers, batches[0])
     if blocks is None:
         yield from whole(layers)
         return
     yield from whole(blocks.before)
     refresh(pool.weights)
     first = blocks.names[0]
-    cached = [tuple(_capture(m, first, 1, partial(run, m, b))[0] for m in (ours, reference)) for b in batches]
+    entering = [_capture(ours, first, 1, partial(run, ours, b))[0] for b in batches]
+    entering_theirs = None if replay else [_capture(reference, first, 1, partial(run, reference, b))[0] for b in batches]
     for block, inside in zip(blocks.names, blocks.inside):
         mine = [name for name in pool.weights if name.startswith(f"{block}.")]
-        modules = ours.get_submodule(block), reference.get_submodule(block)
+        module, theirs = ours.get_submodule(block), reference.get_submodule(block)
         for name, calls in inside:
             refresh(mine)
-            feeds = [tuple(partial(_call, m, c) for m, c in zip(modules, pair)) for pair in cached]
-            yield name, _statistics(ours, reference, name, calls, feeds, originals[name])
+            feeds = [partial(_call, module, call) for call in entering]
+            their_feeds = None if replay else [partial(_call, theirs, call) for call in entering_theirs]
+            yield name, _statistics(ours, name, calls, feeds, targets(block, name, calls, their_feeds))
         refresh(mine)
-        cached = [tuple(_advance(m, c) for m, c in zip(modules, pair)) for pair in cached]
+        entering = [_advance(module, call) for call in entering]
+        entering_theirs = None if replay else [_advance(theirs, call) for call in entering_theirs]
     yield from whole(blocks.after)
 
 
@@ -375,24 +508,42 @@ class _Stats:
     yy: float  # ||Y||^2
 
 
-def _statistics(model, reference, name, calls, feeds: list[tuple[Feed, Feed]], original) -> _Stats:
-    """H, B and ||Y||^2 of one layer, from the pairs of forwards (converted, original) in `feeds`."""
+Targets = list[list[torch.Tensor]]  # a layer's original outputs Y on one batch: per call, per chunk of rows
+
+
+def _chunk(module: nn.Module, x: torch.Tensor) -> int:
+    """Rows of a layer's input turned into patches at once, so a patch matrix stays near ROWS elements."""
+    per_sample = math.prod(getattr(module, "kernel_size", (1,)))  # patch elements per input element, at most
+    return max(1, ROWS // max(x[0].numel() * per_sample, 1))
+
+
+def _targets(reference: nn.Module, name: str, calls: int, feeds: list[Feed], original: torch.Tensor) -> Iterator[Targets]:
+    """The original layer's outputs Y = X_orig W_orig^T on each batch (one per feed of the
+    reference), computed on the original's own activations: they depend on nothing converted."""
+    module_name = _module_name(name)
+    module = reference.get_submodule(module_name)
+    patches = kind_of(module).patches
+    target = grouped(original.detach(), getattr(module, "groups", 1)).double()
+    for feed in feeds:
+        yield [
+            [torch.einsum("ngd,god->ngo", patches(module, rows).double(), target) for rows in x.split(_chunk(module, x))]
+            for (x, *_), _ in _capture(reference, module_name, calls, feed)  # each call's first argument
+        ]
+
+
+def _statistics(model: nn.Module, name: str, calls: int, feeds: list[Feed], targets: Iterator[Targets]) -> _Stats:
+    """H, B and ||Y||^2 of one layer, from the forwards of the converted model in `feeds` and the
+    original's outputs on the same batches, `targets` (one per feed, taken in turn)."""
     module_name = _module_name(name)
     module = model.get_submodule(module_name)
-    groups = getattr(module, "groups", 1)
     patches = kind_of(module).patches
-    target = grouped(original.detach(), groups).double()
-    per_sample = math.prod(getattr(module, "kernel_size", (1,)))  # patch elements per input element, at most
     H = B = None
     yy = 0.0
-    for feed, feed_reference in feeds:
+    for feed in feeds:
         ours = _capture(model, module_name, calls, feed)
-        theirs = _capture(reference, module_name, calls, feed_reference)
-        for ((x, *_), _), ((x_ref, *_), _) in zip(ours, theirs):  # each call's first argument
-            step = max(1, ROWS // max(x[0].numel() * per_sample, 1))
-            for xs, xr in zip(x.split(step), x_ref.split(step)):
-                p, p_ref = patches(module, xs).double(), patches(module, xr).double()
-                y = torch.einsum("ngd,god->ngo", p_ref, target)
+        for ((x, *_), _), chunks in zip(ours, next(targets)):  # each call's first argument
+            for rows, y in zip(x.split(_chunk(module, x)), chunks):
+                p = patches(module, rows).double()
                 h, b = torch.einsum("ngd,nge->gde", p, p), torch.einsum("ngo,ngd->god", y, p)
                 H, B = (h, b) if H is None else (H + h, B + b)
                 yy += float(y.square().sum())

@@ -19,6 +19,11 @@ from __future__ import annotations
 
 import torch
 
+from rpsconvert.engine.kinds import grouped
+from rpsconvert.engine.mapping import chunks
+from rpsconvert.engine.operator import CompressedWeight
+from rpsconvert.engine.pool import RPSPool
+
 
 def round_with_feedback(weight: torch.Tensor, hessian: torch.Tensor, steps: torch.Tensor, levels: torch.Tensor, damping: float = 0.01) -> torch.Tensor:
     """Integer codes for `weight` (G, o, d): the rows of each group g rounded against the input
@@ -43,3 +48,31 @@ def round_with_feedback(weight: torch.Tensor, hessian: torch.Tensor, steps: torc
         error = (column - code * steps[:, :, j]) / factor[:, j, j].unsqueeze(1)
         w[:, :, j + 1 :] -= error.unsqueeze(2) * factor[:, j, j + 1 :].unsqueeze(1)
     return codes
+
+
+def sole_slots(pool: RPSPool) -> torch.Tensor:
+    """Which slots hold exactly one element of one weight (every slot of a lossless RandomFold
+    pool): only there can a weight's rounding be chosen for it alone."""
+    return pool.operator.counts(pool.weights.values(), pool.pool.device) == 1
+
+
+def round_layer(pool: RPSPool, weight: CompressedWeight, hessian: torch.Tensor, sole: torch.Tensor, damping: float = 0.01) -> bool:
+    """Round the slots of `weight` onto the pool's stored grid with error feedback against its
+    inputs' second moments `hessian` (G, d, d), in place; False, and nothing done, unless every one
+    of its slots is `sole` (shared slots are rounded by `snap`, since their value serves several
+    weights). The values are g(i) * W[i] / scale, so the grid and the rounding are the weight's own."""
+    pieces = list(chunks(pool.mapping, weight.offset, weight.numel, pool.size, pool.seed, pool.pool.device))
+    slots, signs = torch.cat([piece[2] for piece in pieces]), torch.cat([piece[3] for piece in pieces]).float()
+    if not bool(sole[slots].all()):
+        return False
+    theta = pool.pool.detach()
+    lo, hi = int(slots.min()), int(slots.max()) + 1
+    steps, levels = (t[slots - lo] for t in pool.storage.grid(theta, lo, hi))
+    groups = hessian.shape[0]
+
+    def by_group(per_element: torch.Tensor) -> torch.Tensor:
+        return grouped(per_element.view(weight.shape), groups)
+
+    codes = round_with_feedback(by_group(theta[slots].double() * signs), hessian, by_group(steps), by_group(levels), damping)
+    theta[slots] = (codes.reshape(-1).float() * signs * steps).to(theta.dtype)  # exact: a code times a block scale
+    return True
