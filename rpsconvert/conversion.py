@@ -242,8 +242,9 @@ def convert(
     found = discover(model, calibration[0] if isinstance(calibration, Sequence) and len(calibration) else None)
     if found.fallback_reason:
         warnings.warn(
-            f"torch.fx could not trace {type(model).__name__} ({found.fallback_reason}); "
-            "found weights by scanning modules instead: weights used only through functional calls stay dense",
+            f"neither torch.fx nor torch.export (which needs example inputs: pass calibration=) could trace "
+            f"{type(model).__name__} ({found.fallback_reason}); found weights by scanning modules instead: "
+            "weights used only through functional calls stay dense",
             RPSWarning,
             stacklevel=2,
         )
