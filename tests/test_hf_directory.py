@@ -2,6 +2,7 @@
 tokenizer files), written whole or not at all, read back by load and from_pretrained, from Python
 and from the command line."""
 
+import json
 import os
 import subprocess
 import sys
@@ -109,3 +110,5 @@ def test_the_command_line_writes_a_model_directory_that_loads_back(tmp_path):
     assert torch.allclose(outputs(loaded), outputs(in_process), atol=1e-5)
     again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert again.returncode == 1 and "outdir already exists" in again.stderr
+    shown = subprocess.run([RPSCONVERT, "info", "outdir", "--json"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert json.loads(shown.stdout)["file_bytes"] == (out / "model.rps.safetensors").stat().st_size  # the file's size, not the folder's

@@ -287,7 +287,7 @@ def convert_command(
 
 @app.command("verify")
 def verify_command(
-    file: Annotated[Path, typer.Argument(help="A .rps.safetensors checkpoint.", metavar="FILE", show_default=False)],
+    file: Annotated[Path, typer.Argument(help="A .rps.safetensors checkpoint, or a model directory holding one.", metavar="FILE", show_default=False)],
     against: Annotated[str, typer.Option("--against", metavar="MODEL", help="The original model, as convert reads it.", show_default=False)],
     data: Annotated[Optional[Path], typer.Option("--data", metavar="FILE", help="Inputs to compare on (as --calibrate reads them; all of them are used). Default: random inputs of the shape MODEL's first layer takes.", show_default=False)] = None,
     arch: Annotated[Optional[str], typer.Option("--arch", metavar="SPEC", help="Architecture of a state-dict MODEL.")] = None,
@@ -299,6 +299,7 @@ def verify_command(
 ) -> None:
     """Compare a checkpoint, loaded afresh, with its original: errors, cosine, top-1 agreement, size."""
     with _reported(debug):
+        file = checkpoint_file(file)  # a model directory's own checkpoint: its size is the file's
         inputs = read_calibration(data, against, holdout=0)[0] if data else None
         original = read_model(against, arch=arch, trust_pickle=trust_pickle).model
         checked, checked_on = verify_file(file, original, inputs)
@@ -416,12 +417,13 @@ def _conversion_table(rep: ConversionReport, model: str, written: Path | None, f
 
 @app.command()
 def info(
-    file: Annotated[Path, typer.Argument(help="A .rps.safetensors checkpoint.", metavar="FILE", show_default=False)],
+    file: Annotated[Path, typer.Argument(help="A .rps.safetensors checkpoint, or a model directory holding one.", metavar="FILE", show_default=False)],
     json_output: JsonOutput = False,
     debug: Debug = False,
 ) -> None:
     """Show a checkpoint's metadata and its per-layer table (after checking its sha256)."""
     with _reported(debug):
+        file = checkpoint_file(file)  # a model directory's own checkpoint: its size is the file's
         ckpt = read(file)
         if json_output:
             dense = {name: {"shape": list(t.shape), "dtype": dtype_name(t.dtype)} for name, t in ckpt.tensors.items()}
@@ -507,7 +509,7 @@ def _shape(shape: tuple[int, ...] | torch.Size) -> str:
 
 @app.command("decompress")
 def decompress_command(
-    file: Annotated[Path, typer.Argument(help="A .rps.safetensors checkpoint.", metavar="FILE", show_default=False)],
+    file: Annotated[Path, typer.Argument(help="A .rps.safetensors checkpoint, or a model directory holding one.", metavar="FILE", show_default=False)],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", metavar="PATH", help="Output file (default: FILE's name + .dense.safetensors).", show_default=False)] = None,
     force: Force = False,
     quiet: Quiet = False,
