@@ -88,6 +88,18 @@ def test_recovery_keeps_a_quantized_pool_on_its_grid():
         assert torch.equal(pool_values, storage.snap(converted.rps_pool))
 
 
+def test_a_training_forward_rounds_the_pool_once_not_once_per_layer(monkeypatch):
+    converted = convert(nn.Sequential(*[nn.Linear(64, 64) for _ in range(6)]), ratio=1.0, bits=8).train()
+    calls = []
+    snap = PoolStorage.snap
+    monkeypatch.setattr(PoolStorage, "snap", lambda self, values: calls.append(1) or snap(self, values))
+    optimizer = torch.optim.SGD(converted.parameters(), lr=1e-3)
+    for step in range(2):
+        converted(torch.randn(4, 64)).square().mean().backward()
+        optimizer.step()  # a new pool version: the next forward rounds it again, once
+        assert len(calls) == step + 1
+
+
 def test_the_plan_spends_a_third_of_the_bytes_on_int8_at_ratio_one(tmp_path):
     model = _mlp()
     dense_bytes = save(convert(model, ratio=1.0), tmp_path / "full.rps.safetensors").stat().st_size

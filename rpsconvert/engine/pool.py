@@ -48,7 +48,7 @@ class RPSPool:
         self._cache_key: tuple | None = None
         self.mode = "lean"  # set_mode: generate each weight when used, or serve a cache of all of them
         self._hooked: int | None = None
-        self._snapped: tuple[tuple, torch.Tensor] | None = None  # (pool key, the pool on its grid)
+        self._snapped: tuple | None = None  # (pool key, the pool on its grid, grid minus latent values)
 
     @property
     def pool(self) -> nn.Parameter:
@@ -83,12 +83,16 @@ class RPSPool:
             self._hooked = id(pool)
         if not self.storage.quantized:
             return pool
-        if torch.is_grad_enabled() and pool.requires_grad:
+        training = torch.is_grad_enabled() and pool.requires_grad
+        if training and torch.compiler.is_compiling():
             return straight_through(self.storage, pool)
+        # rounded once per pool version (an optimizer step makes a new one), not once per weight:
+        # a forward reads the pool for every layer, and rounding it is many passes over it
         key = self._current_key()
         if self._snapped is None or self._snapped[0] != key:
-            self._snapped = (key, self.storage.snap(pool.detach()))
-        return self._snapped[1]
+            snapped = self.storage.snap(pool.detach())
+            self._snapped = (key, snapped, snapped - pool.detach())
+        return pool + self._snapped[2] if training else self._snapped[1]
 
     def _scale_gradient(self, grad: torch.Tensor) -> torch.Tensor:
         if not self.grad_scaling:
