@@ -8,7 +8,9 @@ differ. Byte counts:
   int16 column indices (and int32 row pointers), or a bitmask of the whole tensor;
 - low-rank SVD: both fp32 factors, rank r costs 4 * r * (rows + columns) bytes (a conv kernel is
   the matrix out x (in * kh * kw));
-- fp16: 2 bytes per weight; int8: 1 byte per weight plus one fp32 scale per output row;
+- fp16: 2 bytes per weight; int8: 1 byte per weight plus one fp32 scale per output row; int4: half
+  a byte per weight plus one fp16 scale per group of 32 weights of an output row (4.5 bits a weight
+  when a row's length is a multiple of 32);
 - small dense model: every parameter of a narrower model of the same architecture.
 """
 
@@ -19,10 +21,13 @@ import math
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
 from rpsconvert import convert, report
+
+INT4_GROUP = 32
 
 
 def compressed_names(model: nn.Module) -> list[str]:
@@ -179,11 +184,34 @@ def int8(model: nn.Module, names: list[str]) -> tuple[nn.Module, int]:
     return _quantized(model, names, _int8_roundtrip), size
 
 
+def _int4_roundtrip(w: torch.Tensor) -> torch.Tensor:
+    rows = w.reshape(w.shape[0], -1)
+    groups = F.pad(rows, (0, -rows.shape[1] % INT4_GROUP)).view(rows.shape[0], -1, INT4_GROUP)
+    scale = (groups.abs().amax(dim=2, keepdim=True) / 7).half().float().clamp(min=1e-12)
+    codes = (groups / scale).round().clamp(-7, 7)
+    return (codes * scale).flatten(1)[:, : rows.shape[1]].view_as(w)
+
+
+def int4(model: nn.Module, names: list[str]) -> tuple[nn.Module, int]:
+    """Group-wise int4 round-to-nearest (symmetric, the group's peak as level 7), the common
+    weight-only scheme: one fp16 scale per group of INT4_GROUP weights of an output row."""
+    weights = _weights(model, names)
+    size = sum(math.ceil(w.numel() / 2) + 2 * w.shape[0] * math.ceil(w[0].numel() / INT4_GROUP) for _, _, w in weights)
+    return _quantized(model, names, _int4_roundtrip), size
+
+
 # ---------------------------------------------------------------- smaller dense model
 
 
 def parameter_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def kept_bytes(model: nn.Module, names: list[str]) -> int:
+    """The bytes of every tensor of the state dict but the compressed weights (buffers included):
+    what every method stores as the original has it."""
+    compressed = set(names)
+    return sum(t.numel() * t.element_size() for n, t in model.state_dict().items() if n not in compressed)
 
 
 def small_width(build: Callable[[int], nn.Module], width: int, total_budget: int) -> int | None:

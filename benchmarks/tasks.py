@@ -3,7 +3,9 @@
 - digits: scikit-learn's 8x8 handwritten digits, a CNN and an MLP, test accuracy on a held-out split
   (data, models and metric from examples/digits.py, shared with the demo and the tests);
 - text: a byte-level transformer language model on the docstrings of Python's standard library,
-  bits per byte on held-out modules.
+  bits per byte on held-out modules;
+- mobilenet: torchvision's pretrained ImageNet MobileNetV2 (not trained here), top-1 agreement with
+  the original and logit cosine on held-out crops of real photos (pretrained.py).
 """
 
 from __future__ import annotations
@@ -26,25 +28,29 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for examples.digits
 
 from examples.digits import accuracy, digits_cnn, digits_mlp, digits_split  # noqa: E402
+from pretrained import Agreement, mobilenet_v2, photo_crops  # noqa: E402
 
 SEED = 0
 
 
 @dataclass
 class Task:
-    """A model family (built by width), its data, its training recipe and its quality metric."""
+    """A model (trained here from a family built by width, or pretrained), its data and its quality metric."""
 
     name: str
     metric: str
     higher_is_better: bool
-    build: Callable[[int], nn.Module]  # width -> a freshly initialized model
-    width: int  # the width of the dense reference model
-    train_steps: int
-    lr: float
-    sample: Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]  # a training batch
-    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     evaluate: Callable[[nn.Module], float]  # on held-out data only
     inputs: list[torch.Tensor]  # fixed training-input batches for calibration and recovery
+    # the training recipe of a task whose model is trained here (None for a pretrained one)
+    build: Callable[[int], nn.Module] | None = None  # width -> a freshly initialized model
+    width: int = 0  # the width of the dense reference model
+    train_steps: int = 0
+    lr: float = 0.0
+    sample: Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]] | None = None  # a training batch
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    pretrained: nn.Module | None = None  # the model to compress when it is not trained here
+    agreement: Callable[[nn.Module], Agreement] | None = None  # top-1 and cosine against the original
 
 
 def train(model: nn.Module, task: Task, steps: int, recipe: Callable | None = None) -> nn.Module:
@@ -202,4 +208,44 @@ def text_task(train_steps: int, eval_windows: int = 256, batch: int = 16, contex
         loss=lambda logits, y: F.cross_entropy(logits.flatten(0, 1), y.flatten()),
         evaluate=_bits_per_byte(held),
         inputs=[sample(gen)[0] for _ in range(64)],
+    )
+
+
+# ---------------------------------------------------------------- pretrained MobileNetV2
+
+
+def _frozen_batchnorm(model: nn.Module) -> nn.Module:
+    """Every BatchNorm2d replaced by a FrozenBatchNorm2d with the same statistics and affine (the
+    same function): recover() trains in train mode, where a BatchNorm would normalize by the
+    statistics of a few crops of two photos and overwrite ImageNet's running ones."""
+    from torchvision.ops import FrozenBatchNorm2d
+
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, nn.BatchNorm2d):
+                frozen = FrozenBatchNorm2d(child.num_features, child.eps)
+                frozen.load_state_dict(child.state_dict())
+                setattr(module, name, frozen)
+    return model
+
+
+def mobilenet_task(eval_crops: int, recovery_crops: int, batch: int) -> Task:
+    """The pretrained MobileNetV2 (frozen BatchNorm), scored against itself on `eval_crops` crops at
+    224 px (seed 2); recovery distills on `recovery_crops` other crops (seed 3) in batches of `batch`."""
+    model = _frozen_batchnorm(mobilenet_v2())
+    crops = photo_crops(eval_crops, seed=2)
+    with torch.no_grad():
+        reference = torch.cat([model(b) for b in crops.split(32)])
+
+    def agreement(candidate: nn.Module) -> Agreement:
+        return Agreement.measure(candidate.eval(), reference, crops)
+
+    return Task(
+        name="MobileNetV2",
+        metric="top-1 agreement (%) / logit cosine",
+        higher_is_better=True,
+        evaluate=lambda candidate: 100.0 * agreement(candidate).top1,
+        inputs=list(photo_crops(recovery_crops, seed=3).split(batch)),
+        pretrained=model,
+        agreement=agreement,
     )

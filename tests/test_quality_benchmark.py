@@ -33,13 +33,15 @@ def test_quick_run_writes_every_method_into_its_own_section(tmp_path):
     assert "someone else's section" in text
     assert text.count(quality.START) == text.count(quality.END) == 1
     headers = [line for line in text.splitlines() if line.startswith("| budget | bytes |")]
-    assert len(headers) == 3  # digits CNN, digits MLP, stdlib LM
+    assert len(headers) == 3  # digits CNN, digits MLP, stdlib LM (--quick leaves MobileNetV2 out)
     for header in headers:
         assert [c.strip() for c in header.strip("|").split("|")][2:] == list(quality.METHODS)
     rows = [line for line in text.splitlines() if line.startswith("| 1/")]
     assert [r.split("|")[1].strip() for r in rows] == list(quality.QUICK_BUDGETS) * 3
     assert all(len(r.strip("|").split("|")) == 2 + len(quality.METHODS) for r in rows)
     assert "n/a: SVD + recovery at 1/1000" in text  # infeasible cells say why
+    assert "n/a: int4 at 1/64, 1/1000: int4 needs 4.5/32 of the weight bytes" in text
+    assert "The plan's pools: 1/2: " in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -88,6 +90,31 @@ def test_quantized_bytes():
     numel = sum(w.numel() for w in weights)
     assert baselines.fp16(model, names)[1] == 2 * numel
     assert baselines.int8(model, names)[1] == numel + 4 * sum(w.shape[0] for w in weights)  # one scale per row
+    # int4: half a byte per weight, one fp16 scale per 32 weights of a row (every row here is a multiple of 32)
+    assert baselines.int4(model, names)[1] == numel // 2 + 2 * numel // 32
+
+
+def test_int4_rounds_each_group_of_a_row_to_its_own_grid():
+    torch.manual_seed(0)
+    w = torch.randn(3, 40) * torch.tensor([1.0, 10.0, 100.0])[:, None]
+    model = nn.Sequential(nn.Linear(40, 3, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(w)
+    quantized, size = baselines.int4(model, ["0.weight"])
+    q = quantized[0].weight.detach()
+    assert size == 60 + 2 * 3 * 2  # 120 codes of 4 bits, two groups (32 + 8 weights) a row
+    for row, qrow in zip(w, q):
+        for group, qgroup in ((row[:32], qrow[:32]), (row[32:], qrow[32:])):
+            scale = (group.abs().max() / 7).half().float()
+            assert torch.equal(qgroup, (group / scale).round().clamp(-7, 7) * scale)
+
+
+def test_kept_bytes_count_every_other_tensor_buffers_included():
+    model = nn.Sequential(nn.Conv2d(3, 64, 3), nn.BatchNorm2d(64), nn.Flatten(), nn.LazyLinear(10))
+    model(torch.randn(1, 3, 8, 8))
+    names = ["0.weight", "3.weight"]
+    # conv bias, BatchNorm weight, bias, running mean and var (fp32), its int64 batch count, linear bias
+    assert baselines.kept_bytes(model, names) == 4 * (64 + 4 * 64 + 10) + 8
 
 
 def test_small_width_is_the_widest_that_fits():
