@@ -1,6 +1,5 @@
 """convert(): lossless at ratio 1.0, layers keep their identity, gradients reach the pool, memory."""
 
-import warnings
 
 import pytest
 import torch

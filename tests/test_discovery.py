@@ -1,6 +1,5 @@
 """Discovery: which parameters are weights, through modules, functional calls and the fallback."""
 
-import pytest
 import torch
 from torch import nn
 

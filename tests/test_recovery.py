@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.nn.utils import prune
 
 from digits import accuracy, batches, digits_data, trained_mlp
