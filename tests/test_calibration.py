@@ -201,6 +201,20 @@ def test_calibration_runs_each_block_a_number_of_times_linear_in_depth():
     assert calls[2] == 2 * (3 + 3 * 2 * (2 + 1) + 3 * 2)
 
 
+def test_a_sequential_of_blocks_below_the_root_is_a_chain_too():
+    # as torchvision's CNNs hold their stages (MobileNetV2's features): calls linear in depth
+    def calls(depth):
+        torch.manual_seed(depth)
+        model = nn.Sequential(nn.Linear(64, 16), nn.Sequential(*(Block() for _ in range(depth))), nn.Linear(16, 10)).eval()
+        converted = convert(model, ratio=1 / 4, min_numel=100)
+        Block.calls = 0
+        calibrate(converted, model, batches("calib")[:3], quiet=True, iterations=2)
+        return Block.calls
+
+    counts = {depth: calls(depth) for depth in (2, 4, 8)}
+    assert counts[4] == 2 * counts[2] and counts[8] == 2 * counts[4]
+
+
 def test_blocks_solved_from_cached_activations_cut_every_layer_error_as_full_forwards_do():
     _, fits = _calibrated_stack(3)
     _, unchained = _calibrated_stack(3, chained=False)  # a copy between blocks: no chain, full forwards

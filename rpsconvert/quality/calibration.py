@@ -343,7 +343,8 @@ def _find_blocks(
 ) -> _Blocks | None:
     """The model's chain of blocks, if calibration may move through it block by block.
 
-    Candidates are the children of the ModuleList that holds the most solvable layers. One forward
+    Candidates are the children of the ModuleList or Sequential (below the root) that holds the
+    most solvable layers (a transformer's layers, a CNN's stages such as MobileNetV2's features). One forward
     of each model on `batch` must show a chain: every block called once, in order; block i+1 called
     with block i's output (the very tensor, or the first of a tuple) and otherwise with the very
     arguments of block 0, all tensors or plain values (an object such as a key-value cache may
@@ -354,7 +355,7 @@ def _find_blocks(
     def held(prefix):
         return sum(name.startswith(f"{prefix}.") for name, _ in layers)
 
-    lists = [(held(name), name, len(m)) for name, m in ours.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
+    lists = [(held(name), name, len(m)) for name, m in ours.named_modules() if name and isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) > 1]
     most, prefix, size = max(lists, default=(0, "", 0))
     if not most:
         return None
