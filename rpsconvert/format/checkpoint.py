@@ -15,6 +15,7 @@ import copy
 import json
 import os
 import sys
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -267,7 +268,11 @@ def load(
         model = _rebuild(ckpt.manifest.get("architecture"), path)
     _check_skeleton(model, ckpt, path, strict)
     install(model, ckpt.pool)
-    model.load_state_dict({**ckpt.dense_state(), POOL_TENSOR: ckpt.pool.pool.data}, strict=strict)
+    state = OrderedDict({**ckpt.dense_state(), POOL_TENSOR: ckpt.pool.pool.data})
+    # the layout versions of the skeleton's own modules: safetensors cannot carry torch's
+    # `_metadata`, and some modules refuse a state dict without it (torchvision's MNASNet 0.75)
+    state._metadata = model.state_dict()._metadata
+    model.load_state_dict(state, strict=strict)
     return set_mode(model.to(device), mode)  # after the move, so a cache is made where it is used
 
 
