@@ -77,3 +77,23 @@ def test_tracing_leaves_the_model_as_it_was():
     assert discover(model).weights == ["proj.weight"]
     assert model.cache == {}  # the trace ran on a copy: no proxy was cached in the user's model
     copy.deepcopy(model)(torch.randn(2, 40))
+
+
+class _WithTrainingOnlyHead(nn.Module):
+    """A head that only a training forward calls, as GoogLeNet's auxiliary classifiers."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.aux = nn.Linear(64, 64), nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+        self.attention = nn.MultiheadAttention(64, 2)  # called: its out_proj is inside a called layer
+
+    def forward(self, x):
+        h = self.body(x)
+        h = self.attention(h, h, h)[0]
+        return (h, self.aux(h)) if self.training else h
+
+
+def test_layers_the_traced_forward_never_reaches_are_found_by_their_kind():
+    found = discover(_WithTrainingOnlyHead().eval())
+    assert found.method == "fx"
+    assert {"aux.0.weight", "aux.2.weight", "body.weight", "attention.in_proj_weight", "attention.out_proj.weight"} <= set(found.weights)

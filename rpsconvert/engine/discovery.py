@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
-from rpsconvert.engine.kinds import weight_names
+from rpsconvert.engine.kinds import kind_of, weight_names
 from rpsconvert.errors import RPSWarning
 
 MOSTLY_DENSE = 0.5  # share of parameter bytes in matrices not found as weights that makes discover warn
@@ -156,7 +156,27 @@ def _fx_weights(model: nn.Module) -> list[str]:
     in_leaf_modules = [
         name for node in graph.nodes if node.op == "call_module" for name in weight_names(model.get_submodule(node.target), node.target)
     ]
-    return in_leaf_modules + _graph_weights(graph, leaves)
+    return in_leaf_modules + _graph_weights(graph, leaves) + _untraced_layers(model, graph)
+
+
+def _untraced_layers(model: nn.Module, graph: torch.fx.Graph) -> list[str]:
+    """The weights of known layers that the traced forward never reaches, neither by calling them
+    nor by reading their parameters: branches that run only in training, such as GoogLeNet's
+    auxiliary classifiers (the trace follows eval mode). A layer's weight is its weight whichever
+    branch calls it, so these are found as the module scan finds them, rather than kept dense."""
+    called = {node.target for node in graph.nodes if node.op == "call_module"}
+    used = set()  # every module called or read from, and every module above one
+    for target in called | {node.target.rpartition(".")[0] for node in graph.nodes if node.op == "get_attr"}:
+        parts = target.split(".")
+        used.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    found = []
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        inside_called = any(".".join(parts[:i]) in called for i in range(1, len(parts)))
+        kind = kind_of(module)
+        if name and kind is not None and name not in used and not inside_called:
+            found += [f"{name}.{attr}" for attr in kind.weights(module)]
+    return found
 
 
 class _Tensors(nn.Module):
