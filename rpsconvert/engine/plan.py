@@ -83,6 +83,11 @@ def row_block(row: int, target: int = 32) -> int:
     return best if target // 2 <= best <= 2 * target else target
 
 
+def _row(weight: CompressedWeight) -> int:
+    """The elements of one output row (a Linear's in_features, a conv's in/groups * kernel)."""
+    return weight.numel // weight.shape[0] if weight.shape else 1
+
+
 def _first_slots(operator: PoolOperator, layout: Sequence[CompressedWeight], device) -> list[int]:
     """The slot of each weight's first element (its run starts there in a lossless RandomFold pool)."""
     return [int(next(chunks(operator.mapping, w.offset, 1, operator.slots, operator.seed, device))[2][0]) for w in layout]
@@ -98,7 +103,7 @@ def aligned(
     one row."""
     m, runs = slots, []
     for weight, first, pieces in zip(layout, firsts, parts):
-        block = row_block(weight.numel // weight.shape[0]) if weight.shape else 1
+        block = row_block(_row(weight))
         for n, bits in pieces:
             storage = PoolStorage(dtype, bits=bits, block=block)
             runs += [(first, min(n, m - first), storage)] + ([(0, n - (m - first), storage)] if first + n > m else [])
@@ -135,23 +140,25 @@ def mixed(
         storage = aligned(operator.slots, layout, firsts, parts)
         return storage if storage.bytes(operator.slots) <= room(storage) else None
 
-    if fits([[(w.numel, widths[0])] for w in layout]) or not fits([[(w.numel, widths[-1])] for w in layout]):
-        return fits([[(w.numel, widths[0])] for w in layout])
-    theta = project(operator, list(zip(layout, weights)))
-    errors = []  # errors[l][k]: layer l's relative squared error at widths[k]
-    for first, weight in zip(firsts, layout):
-        run = theta[(first + torch.arange(weight.numel, device=device)) % operator.slots]
-        block, energy = row_block(weight.numel // weight.shape[0]), run.square().sum().clamp(min=1e-300)
-        errors.append([float((PoolStorage(torch.float16, bits, block).snap(run) - run).square().sum() / energy) for bits in widths])
     level = [0] * len(layout)  # index into widths of each layer's width
 
     def parts(step: int | None = None, rows: int = 0) -> list[list[tuple[int, int]]]:
         """Every layer at its level; layer `step`'s first `rows` rows one width lower."""
         out = [[(w.numel, widths[k])] for w, k in zip(layout, level)]
         if step is not None:
-            row = layout[step].numel // layout[step].shape[0]
+            row = _row(layout[step])
             out[step] = [(rows * row, widths[level[step] + 1]), (layout[step].numel - rows * row, widths[level[step]])]
         return out
+
+    widest = fits(parts())
+    if widest is not None or not fits([[(w.numel, widths[-1])] for w in layout]):
+        return widest
+    theta = project(operator, list(zip(layout, weights)))
+    errors = []  # errors[l][k]: layer l's relative squared error at widths[k]
+    for first, weight in zip(firsts, layout):
+        run = theta[(first + torch.arange(weight.numel, device=device)) % operator.slots]
+        block, energy = row_block(_row(weight)), run.square().sum().clamp(min=1e-300)
+        errors.append([float((PoolStorage(torch.float16, bits, block).snap(run) - run).square().sum() / energy) for bits in widths])
 
     def cost(l: int) -> float:  # error added per element moved one width down
         return (errors[l][level[l] + 1] - errors[l][level[l]]) / max(layout[l].numel, 1)

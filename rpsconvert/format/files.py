@@ -24,16 +24,13 @@ def write_atomic(path: str | os.PathLike, data: bytes, *, overwrite: bool = Fals
     untouched.
     """
     path = Path(path)
-    exists = OutputExistsError(f"{path} already exists: pass {{overwrite}} to replace it, or write to another path", overwrite=True)
+    exists = _exists(path)
     if path.exists() and not overwrite:
         raise exists
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    tmp = _beside(path)
     try:
-        with open(tmp, "xb") as f:  # created with the user's umask, like any file they write
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_synced(tmp, data)
         if overwrite:
             os.replace(tmp, path)
         else:
@@ -48,6 +45,24 @@ def write_atomic(path: str | os.PathLike, data: bytes, *, overwrite: bool = Fals
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _exists(path: Path) -> OutputExistsError:
+    return OutputExistsError(f"{path} already exists: pass {{overwrite}} to replace it, or write to another path", overwrite=True)
+
+
+def _beside(path: Path) -> Path:
+    """A fresh temporary name in `path`'s own folder, so that the final move is a rename."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    """Create `path` (never over an existing one) with `data`, flushed to disk before returning;
+    created with the user's umask, like any file they write."""
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def taken(path: str | os.PathLike) -> bool:
@@ -70,7 +85,7 @@ def write_directory_atomic(
     is as it was.
     """
     path = Path(path)
-    exists = OutputExistsError(f"{path} already exists: pass {{overwrite}} to replace it, or write to another path", overwrite=True)
+    exists = _exists(path)
     if path.exists() and not path.is_dir():
         raise OutputExistsError(f"{path} is a file, not a directory: write the model directory to another path")
     old = sorted(entry.name for entry in path.iterdir()) if path.is_dir() else []
@@ -80,15 +95,12 @@ def write_directory_atomic(
     if foreign:
         raise OutputExistsError(f"{path} holds files rpsconvert does not write ({', '.join(foreign[:3])}): write to a new or empty directory")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    tmp = _beside(path)
     aside = tmp.with_name(tmp.name + ".old")
     try:
         tmp.mkdir()
         for name, data in files.items():
-            with open(tmp / name, "xb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            _write_synced(tmp / name, data)
         if old:
             os.replace(path, aside)
         try:
