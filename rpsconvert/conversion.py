@@ -26,6 +26,7 @@ from rpsconvert.engine.projection import layer_scales, project
 from rpsconvert.engine.storage import MixedStorage, PoolStorage, dtype_name
 from rpsconvert.errors import RPSWarning
 from rpsconvert.format import provenance as format_provenance
+from rpsconvert.format.manifest import module_versions
 from rpsconvert.format.sizing import header_bound, stored_bytes
 from rpsconvert.quality.calibration import calibrate
 
@@ -280,13 +281,14 @@ def convert(
         storage, slots = (storages or [PoolStorage(weights[0].dtype)])[0], max(1, round(ratio * total))
     else:
         chosen_set = {alias for w in layout for alias in (w.name, *w.aliases)}
-        dense = {k: v for k, v in model.state_dict().items() if k not in chosen_set}
+        state = model.state_dict()
+        dense = {k: v for k, v in state.items() if k not in chosen_set}
         room = format_provenance.reserved(made_by, planned=storages is None, max_slots=total, budget=budget)
 
         def fixed_bytes(storage) -> int:  # the file's bytes outside the pool (the header depends on the storage)
             probe = RPSPool(torch.zeros(1, dtype=weights[0].dtype), mapping_impl, seed, layout, grad_scaling=False, storage=storage)
             probe.info.update(architecture=architecture, discovery=found.method, provenance=room)
-            return header_bound(probe, dense, budget_bytes) + stored_bytes(dense)
+            return header_bound(probe, dense, budget_bytes, module_versions(state)) + stored_bytes(dense)
 
         storage, slots, scored = _spend(budget_bytes, fixed_bytes, storages, dense, weights, layout_for, mapping_impl, seed)
         if len(scored) > 1:

@@ -127,6 +127,32 @@ def test_decompress_keeps_tied_weights_as_one_tensor_under_both_names(tmp_path):
     TiedLM().load_state_dict(state, strict=True)
 
 
+class _Versioned(nn.Module):
+    """A module that, like torchvision's MNASNet, refuses a state dict without its layout version."""
+
+    _version = 2
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(40, 40), nn.BatchNorm1d(40))
+
+    def forward(self, x):
+        return self.body(x)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):
+        assert local_metadata.get("version") == 2, f"version {local_metadata.get('version')}"
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+
+def test_decompress_gives_each_module_its_layout_version(tmp_path):
+    path = save(convert(_Versioned(), 0.5), tmp_path / "versioned.rps.safetensors")
+    state = decompress(path)
+    assert state._metadata[""] == {"version": 2} and state._metadata["body.1"] == {"version": 2}  # BatchNorm's
+    assert state._metadata["body.0"] == {"version": 1}
+    _Versioned().load_state_dict(state, strict=True)  # refused without the versions
+    tight = save(convert(_Versioned(), budget=4000), tmp_path / "tight.rps.safetensors")
+    assert tight.stat().st_size <= 4000  # the budget counts the versions' bytes in the header
+
 def test_the_same_model_and_seed_give_the_same_bytes_every_time(tmp_path):
     # safetensors writes its metadata map in an order that changes from call to call (two orders in
     # 30 calls, measured); the writer puts the entries back in key order

@@ -29,7 +29,9 @@ from rpsconvert.engine.pool import RPSPool, check_mode
 from rpsconvert.errors import ArchitectureError, CheckpointError
 from rpsconvert.format.architectures import build
 from rpsconvert.format.files import write_atomic, write_directory_atomic
-from rpsconvert.format.manifest import DIGEST_KEY, FORMAT_VERSION, MANIFEST_KEY, POOL_TENSOR, digest, manifest_json, parse
+from rpsconvert.format.manifest import (
+    DIGEST_KEY, FORMAT_VERSION, MANIFEST_KEY, POOL_TENSOR, digest, manifest_json, module_versions, parse, state_metadata,
+)
 from rpsconvert.format.sizing import dedupe
 
 
@@ -50,9 +52,10 @@ def _metadata(manifest: dict, tensors: dict[str, torch.Tensor]) -> dict[str, str
 def encode(model: nn.Module) -> bytes:
     """The bytes of a converted model's checkpoint file (what `save` writes)."""
     pool = find_pool(model)
-    tensors, aliases = dedupe(model.state_dict())
+    state = model.state_dict()
+    tensors, aliases = dedupe(state)
     tensors.update({POOL_TENSOR + suffix: t for suffix, t in pool.storage.encode(tensors[POOL_TENSOR]).items()})
-    manifest = manifest_json(pool, aliases, pool.info.get("original_bytes", 0))
+    manifest = manifest_json(pool, aliases, pool.info.get("original_bytes", 0), module_versions(state))
     metadata = _metadata(manifest, tensors)
     return _in_key_order(safetensors.torch.save(tensors, metadata=metadata), metadata)
 
@@ -313,9 +316,10 @@ def decompress(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The dense state dict of a checkpoint: it loads with `load_state_dict(sd, strict=True)` into
     the original architecture, and needs no rpsconvert afterwards (deploy anywhere PyTorch runs)."""
     ckpt = read(path)
-    state = ckpt.dense_state()
+    state = OrderedDict(ckpt.dense_state())
     with torch.no_grad():
         for weight in ckpt.pool.weights.values():
             dense = ckpt.pool.weight(weight.name).to(weight.dtype).contiguous()
             state.update(dict.fromkeys((weight.name, *weight.aliases), dense))
+    state._metadata = state_metadata(state, ckpt.manifest.get("module_versions", {}))
     return state

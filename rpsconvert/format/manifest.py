@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from typing import Iterable
 
 import torch
 
@@ -29,7 +30,7 @@ _V1_MAPPING_PARAMS = {"randomfold": {}, "hashednet": {}, "roast": {"tile": 1024}
 _V3_WIDTHS = {2, 4, 8}  # the integer widths version 3 knew
 
 
-def manifest_json(pool: RPSPool, dense_aliases: dict[str, str], original_bytes: int) -> dict:
+def manifest_json(pool: RPSPool, dense_aliases: dict[str, str], original_bytes: int, module_versions: dict[str, int] | None = None) -> dict:
     """The manifest of a checkpoint: everything but the tensor data and the digest."""
     params = mapping_params(pool.mapping)
     return {
@@ -55,10 +56,29 @@ def manifest_json(pool: RPSPool, dense_aliases: dict[str, str], original_bytes: 
         "original_bytes": original_bytes,
         "architecture": pool.info.get("architecture"),
         "discovery": pool.info.get("discovery"),
+        **({"module_versions": module_versions} if module_versions else {}),
         "rpsconvert_version": __version__,
         # what made the file (format/provenance.py); a pool that was loaded, not converted, has none
         **({"provenance": pool.info["provenance"]} if pool.info.get("provenance") is not None else {}),
     }
+
+
+def module_versions(state: dict[str, torch.Tensor]) -> dict[str, int]:
+    """The layout versions (`Module._version`) in a module's state dict that are not torch's default 1.
+
+    load_state_dict hands each module its version from the state dict's `_metadata`, which a
+    safetensors file cannot hold, and some modules refuse a state dict without theirs
+    (torchvision's MNASNet raises on None): the manifest keeps them for `decompress`.
+    """
+    metadata = getattr(state, "_metadata", {})
+    return {prefix: meta["version"] for prefix, meta in metadata.items() if meta.get("version", 1) != 1}
+
+
+def state_metadata(keys: Iterable[str], versions: dict[str, int]) -> dict[str, dict[str, int]]:
+    """A state dict's `_metadata` for the modules that hold `keys`: their recorded version, else 1."""
+    prefixes = {""} | {key.rsplit(".", 1)[0] for key in keys if "." in key}
+    prefixes |= {prefix[:i] for prefix in prefixes for i, c in enumerate(prefix) if c == "."}
+    return {prefix: {"version": versions.get(prefix, 1)} for prefix in sorted(prefixes)}
 
 
 def _version(storage, v1_params: bool) -> int:
@@ -110,6 +130,9 @@ def parse(manifest: dict, tensors: dict[str, torch.Tensor]) -> RPSPool:
     if not set(manifest["dense_aliases"].values()) <= set(tensors):
         raise ValueError("a dense alias names a tensor the file does not hold")
     compute_dtype = weights[0].dtype if weights else values.dtype  # the pool works in the weights' dtype
+    versions = manifest.get("module_versions", {})
+    if not isinstance(versions, dict) or not all(isinstance(k, str) and type(v) is int for k, v in versions.items()):
+        raise ValueError("module_versions must map module names to integer versions")
     pool = RPSPool(values.to(compute_dtype), mapping, manifest["seed"], weights, storage=storage)
     pool.info.update(
         architecture=manifest.get("architecture"), discovery=manifest.get("discovery"), original_bytes=manifest.get("original_bytes", 0)

@@ -42,7 +42,7 @@ def dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dic
     return tensors, aliases
 
 
-def header_bound(pool: RPSPool, dense: dict[str, torch.Tensor], max_file_bytes: int) -> int:
+def header_bound(pool: RPSPool, dense: dict[str, torch.Tensor], max_file_bytes: int, module_versions: dict[str, int] | None = None) -> int:
     """An upper bound of the bytes a checkpoint spends outside tensor data (length, header, padding).
 
     The header is built as it will be written, with every number the converter does not know yet
@@ -54,7 +54,7 @@ def header_bound(pool: RPSPool, dense: dict[str, torch.Tensor], max_file_bytes: 
     tensors, aliases = dedupe(dense)
     dense_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     original = dense_bytes + sum(w.numel * w.dtype.itemsize for w in pool.weights.values())
-    manifest = manifest_json(pool, aliases, 10 ** len(str(original)) - 1)
+    manifest = manifest_json(pool, aliases, 10 ** len(str(original)) - 1, module_versions)
     digits = len(str(max_file_bytes))
     while True:
         big = 10**digits - 1
