@@ -45,12 +45,12 @@ def _one(name: str) -> None:
     print(json.dumps(conform(entry)))
 
 
-def _run(name: str) -> dict:
+def _run(name: str, timeout: float) -> dict:
     start = time.perf_counter()
     try:
-        done = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True, timeout=TIMEOUT_S)
+        done = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"name": name, "status": f"fail: no result within {TIMEOUT_S} s", "seconds": TIMEOUT_S}
+        return {"name": name, "status": f"fail: no result within {timeout:g} s", "seconds": timeout}
     seconds = time.perf_counter() - start
     if done.returncode == 0:
         return {"name": name, "status": "ok", "seconds": seconds, **json.loads(done.stdout.strip().splitlines()[-1])}
@@ -112,6 +112,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="model names (library:model); default: the whole zoo")
     parser.add_argument("--out", default=str(ROOT / "docs" / "coverage.md"), help="where the table goes ('-': stdout)")
     parser.add_argument("--resume", action="store_true", help="keep the passing rows of the last run (the .json beside --out), run the others")
+    parser.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds one model may take (more on a loaded machine)")
     args = parser.parse_args()
     if args.one:
         return _one(args.one)
@@ -123,7 +124,7 @@ def main() -> None:
     rows = [kept[n] for n in names if n in kept]
     todo = [n for n in names if n not in kept]
     for i, name in enumerate(todo):
-        rows.append(_run(name))
+        rows.append(_run(name, args.timeout))
         print(f"{name}: {rows[-1]['status']} ({rows[-1]['seconds']:.1f} s)", file=sys.stderr, flush=True)
         if args.out != "-":  # after every model, so that a run stopped early still lists what it did not reach
             pending = [{"name": n, "status": "not run: the run was stopped before it", "seconds": 0.0} for n in todo[i + 1:]]
