@@ -15,12 +15,15 @@ model's size; a faster generation or a quantized pool changes this file only.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable, Iterable, Iterator
 
 import torch
 
+from rpsconvert.engine import kernels
 from rpsconvert.engine.hashing import STREAM_ROTATION, STREAM_SIGN, hash32, stream_key
 from rpsconvert.engine.mapping import CHUNK, Mapping, RandomFold, chunks
 
@@ -71,9 +74,16 @@ class PoolOperator:
         """A_w(theta): the weight `theta` generates, in theta's dtype (differentiable in theta).
 
         RandomFold (the default) reads each fold as one or two slices of the pool and applies the
-        signs eight at a time from a byte table; other mappings gather one slot per element. Both
-        give the same bits (`generate_elementwise` is the reference the tests compare with).
+        signs eight at a time from a byte table, or on a GPU runs one fused kernel (kernels.py);
+        other mappings gather one slot per element. All give the same bits (`generate_elementwise`
+        is the reference the tests compare with).
         """
+        if isinstance(self.mapping, RandomFold) and torch.compiler.is_compiling():
+            return self._generate_expression(theta, weight)
+        if isinstance(self.mapping, RandomFold) and kernels.available(theta):
+            if torch.is_grad_enabled() and theta.requires_grad:
+                return _FusedGeneration.apply(theta, self, weight)
+            return self._generate_fused(theta, (weight,)).view(weight.shape)
         if not self._folded():
             return self.generate_elementwise(theta, weight)
         pieces = self._fold_pieces(theta, weight)
@@ -83,6 +93,31 @@ class PoolOperator:
         for lo, hi, values, factors in pieces:
             torch.mul(values, factors, out=out[lo:hi])
         return out.view(weight.shape)
+
+    def generate_all(self, theta: torch.Tensor, weights: Iterable[CompressedWeight]) -> dict[str, torch.Tensor]:
+        """Every weight of `weights` by name, without gradients: on a GPU one kernel launch
+        generates them all, into views of one buffer."""
+        weights = tuple(weights)
+        if not (isinstance(self.mapping, RandomFold) and kernels.available(theta)):
+            return {weight.name: self.generate(theta, weight) for weight in weights}
+        flat = self._generate_fused(theta, weights)
+        starts = [0, *itertools.accumulate(weight.numel for weight in weights)]
+        return {weight.name: flat[start : start + weight.numel].view(weight.shape) for weight, start in zip(weights, starts)}
+
+    def _generate_fused(self, theta: torch.Tensor, weights: tuple[CompressedWeight, ...]) -> torch.Tensor:
+        plan = _launch(self, weights, theta.dtype, theta.device)
+        return kernels.generate(theta, plan, self.slots, self._rotation_key, self._sign_key)
+
+    def _generate_expression(self, theta: torch.Tensor, weight: CompressedWeight) -> torch.Tensor:
+        """RandomFold's slot and sign of every element from its index, as one expression of tensor
+        operations: what torch.compile fuses into a single loop (the fold path would unroll into
+        thousands of operations, minutes of compilation). In eager mode its int64 temporaries
+        would be many times the weight, so it only runs under the compiler."""
+        m = self.slots
+        i = torch.arange(weight.offset, weight.offset + weight.numel, device=theta.device)
+        slot = (hash32(i // m, self._rotation_key) % m + i % m) % m
+        bit = (hash32(i >> 5, self._sign_key) >> (i & 31)) & 1
+        return (theta[slot] * self.signed(theta, weight.scale)[bit]).view(weight.shape)
 
     def generate_elementwise(self, theta: torch.Tensor, weight: CompressedWeight) -> torch.Tensor:
         """A_w(theta) by gathering `theta[h(i)] * g(i) * scale` element by element, for any mapping."""
@@ -98,7 +133,7 @@ class PoolOperator:
         dtype, rounded exactly as `generate_elementwise` rounds them.
         """
         m, device = self.slots, theta.device
-        signed = torch.tensor([1, -1], dtype=theta.dtype, device=device) * (weight.scale if scale is None else scale)
+        signed = self.signed(theta, weight.scale if scale is None else scale)
         bits = (torch.arange(256, device=device).unsqueeze(1) >> torch.arange(8, device=device)) & 1
         table = signed[bits]  # (256, 8): the factors of the 8 elements whose sign bits are one byte
         for lo in range(0, weight.numel, FOLD_CHUNK):
@@ -112,6 +147,11 @@ class PoolOperator:
                 yield first - weight.offset, split - weight.offset, theta[begin : begin + split - first], factors[first - start : split - start]
                 if split < last:
                     yield split - weight.offset, last - weight.offset, theta[: last - split], factors[split - start : last - start]
+
+    @staticmethod
+    def signed(theta: torch.Tensor, scale: float) -> torch.Tensor:
+        """(+scale, -scale) rounded in theta's dtype: the factors of sign bits 0 and 1."""
+        return torch.tensor([1, -1], dtype=theta.dtype, device=theta.device) * scale
 
     def _sign_factors(self, start: int, stop: int, table: torch.Tensor) -> torch.Tensor:
         """table's factors for the global indices [start, stop): bit i mod 32 of H(i // 32) picks
@@ -159,3 +199,25 @@ class PoolOperator:
     def diagonal(self, weights: Iterable[CompressedWeight], device: torch.device | str = "cpu") -> torch.Tensor:
         """The diagonal of sum_w A_w^T A_w: the sum of scale^2 over the elements in each slot."""
         return self.counts(weights, device, lambda weight: weight.scale**2)
+
+
+@lru_cache(maxsize=1024)
+def _launch(operator: PoolOperator, weights: tuple[CompressedWeight, ...], dtype: torch.dtype, device: torch.device) -> kernels.Launch:
+    """The fused kernel's tables for these weights, kept: a lean forward then copies nothing to
+    the GPU per layer."""
+    empty = torch.empty(0, dtype=dtype, device=device)
+    factors = torch.stack([operator.signed(empty, weight.scale) for weight in weights])
+    return kernels.launch([weight.offset for weight in weights], [weight.numel for weight in weights], factors)
+
+
+class _FusedGeneration(torch.autograd.Function):
+    """The GPU kernel's generation, differentiable: the gradient of A_w(theta) is A_w^T(grad)."""
+
+    @staticmethod
+    def forward(ctx, theta: torch.Tensor, operator: PoolOperator, weight: CompressedWeight) -> torch.Tensor:
+        ctx.operator, ctx.weight = operator, weight
+        return operator._generate_fused(theta, (weight,)).view(weight.shape)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return ctx.operator.adjoint(ctx.weight, grad), None, None

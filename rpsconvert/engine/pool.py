@@ -133,7 +133,7 @@ class RPSPool:
         self.mode, self._cache = "cached", None  # the old cache's memory goes before the new one is made
         with torch.no_grad():
             pool = self._pool_for_autograd()
-            self._cache = {name: self.operator.generate(pool, weight) for name, weight in self.weights.items()}
+            self._cache = self.operator.generate_all(pool, self.weights.values())
         self._cache_key = self._current_key()
 
     def clear_cache(self) -> None:
