@@ -65,6 +65,22 @@ def test_a_model_that_is_not_rps_converted_is_fine_tuned_too():
     assert float((model[2].weight == 0).float().mean()) >= 0.95
 
 
+
+def test_batchnorm_keeps_the_teachers_statistics_while_recovering():
+    # a few small distillation batches would overwrite them (a pretrained MobileNetV2 lost its
+    # ImageNet statistics that way); the affine parameters still train
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.BatchNorm1d(128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+    teacher[1].running_mean.normal_(0, 3)
+    teacher[1].running_var.uniform_(0.5, 4)
+    model = convert(teacher.eval(), ratio=1 / 2)
+    model.train()
+    history = recover(model, teacher, [torch.randn(4, 64) * 5 for _ in range(8)], steps=20, quiet=True)
+    assert torch.equal(model[1].running_mean, teacher[1].running_mean) and torch.equal(model[1].running_var, teacher[1].running_var)
+    assert int(model[1].num_batches_tracked) == 0
+    assert not torch.equal(model[1].weight, teacher[1].weight)  # trained
+    assert model.training and model[1].training and history.steps == 20  # modes as they were before
+
 def test_labeled_batches_need_only_a_way_to_find_the_inputs():
     teacher = trained_mlp()
     model = convert(teacher, ratio=1 / 8)

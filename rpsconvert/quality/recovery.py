@@ -122,7 +122,9 @@ def recover(
     Distillation needs no labels: the converted model learns the original's outputs. Adam after a
     linear warmup, then cosine decay to zero; with `eval_data`, training stops early once the
     held-out loss stops improving and the best evaluated parameters are kept, so recovery never
-    returns a model worse than it got. Works under torchrun (DistributedDataParallel): every
+    returns a model worse than it got. BatchNorm layers stay in eval mode: they keep the teacher's
+    running statistics, which a few small distillation batches would overwrite (a pretrained
+    MobileNetV2 lost its ImageNet statistics that way). Works under torchrun (DistributedDataParallel): every
     process passes the same global batches and takes its share of each.
 
     Args:
@@ -204,6 +206,9 @@ def recover(
     teacher.eval()
     was_training = model.training
     model.train()
+    for module in model.modules():  # normalization keeps the teacher's statistics (see the docstring)
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
     progress = Progress(
         TextColumn("[bold]recovering"),
         BarColumn(),
