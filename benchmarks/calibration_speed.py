@@ -13,12 +13,17 @@ held-out output cosine and relative error (last hidden state and pooler) of weig
 data-aware projection. The CPU time is the one to compare on a shared machine. Set PYTHONPATH to another copy of rpsconvert to time that copy.
 
     .venv/bin/python benchmarks/calibration_speed.py [--layers 6 12] [--ratio 0.25] [--batches 16]
+    .venv/bin/python benchmarks/calibration_speed.py --layers 6 --budget 0.25   # the whole --budget conversion
+
+`--budget F` times instead the whole conversion a user runs, `convert(model, budget=F x the fp32
+bytes, calibration=...)`: the plan, the projection and the calibration, with the peak RSS.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+import resource
 import tempfile
 import time
 import warnings
@@ -30,6 +35,7 @@ import transformers
 
 import rpsconvert
 from rpsconvert import convert
+from rpsconvert.engine.modules import find_pool
 from rpsconvert.quality.calibration import calibrate
 from rpsconvert.quality.fidelity import fidelity
 from tasks import stdlib_text
@@ -74,12 +80,38 @@ def batches(tokenizer, text: bytes, count: int) -> list[dict[str, torch.Tensor]]
     ]
 
 
+def whole_conversion(depths: list[int], fraction: float, count: int) -> None:
+    train_text, held_text = stdlib_text()
+    print("| layers | weights | budget | convert s (wall / CPU) | peak RSS | storage | cosine / rel. error |\n| --- | --- | --- | --- | --- | --- | --- |")
+    for layers in depths:
+        with tempfile.TemporaryDirectory() as folder:
+            model, tokenizer = minilm(layers, Path(folder))
+        calib, heldout = batches(tokenizer, train_text, count), batches(tokenizer, held_text, 8)
+        budget = int(fraction * sum(p.numel() * p.element_size() for p in model.parameters()))
+        start, cpu = time.perf_counter(), time.process_time()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            converted = convert(model, budget=budget, calibration=calib)
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        after = fidelity(converted, model, heldout)
+        weights = sum(p.numel() for p in model.parameters())
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(
+            f"| {layers} | {weights / 1e6:.1f} M | {budget / 1e6:.1f} MB | {seconds:.1f} / {cpu:.1f} | {peak:.0f} MB | {find_pool(converted).storage} "
+            f"| {after.cosine:.4f} / {after.relative_error:.4f} |",
+            flush=True,
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[6, 12])
     parser.add_argument("--ratio", type=float, default=0.25)
     parser.add_argument("--batches", type=int, default=16)
+    parser.add_argument("--budget", type=float, help="time the whole conversion at this fraction of the fp32 bytes")
     args = parser.parse_args()
+    if args.budget is not None:
+        return whole_conversion(args.layers, args.budget, args.batches)
     print(f"rpsconvert from {Path(rpsconvert.__file__).parent}, {torch.get_num_threads()} torch threads")
     train_text, held_text = stdlib_text()
     print("| layers | calibrate s (wall / CPU) | projection: cosine / rel. error | data-aware: cosine / rel. error |")

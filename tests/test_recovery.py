@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.nn.utils import prune
 
 from digits import accuracy, batches, digits_data, trained_mlp
+from models import tiny_bert
 from rpsconvert import convert
 from rpsconvert.quality.fidelity import fidelity
 from rpsconvert.quality.recovery import distillation_loss, recover
@@ -119,6 +120,35 @@ def test_a_transformer_with_dict_batches_and_model_outputs_recovers():
     assert history.before.top1_agreement is None  # hidden states and pooler output: no logits
     assert history.after.relative_error < 0.7 * history.before.relative_error
 
+
+
+def _block_errors(model, teacher, batch) -> list[float]:
+    """Relative MSE of each encoder layer's output against the teacher's."""
+    with torch.no_grad():
+        ours = model(**batch, output_hidden_states=True).hidden_states[1:]
+        theirs = teacher(**batch, output_hidden_states=True).hidden_states[1:]
+    return [float(distillation_loss(a, b, "mse")) for a, b in zip(ours, theirs)]
+
+
+def test_hidden_state_distillation_adds_each_blocks_error_and_brings_the_blocks_back():
+    teacher = tiny_bert()
+    for module in teacher.modules():  # recovery trains in train mode: no dropout, so step one is exact
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    batches = [{"input_ids": torch.randint(5, 500, (8, 16), generator=torch.Generator().manual_seed(i))} for i in range(6)]
+    runs = {}
+    hooks = lambda *models: sum(len(m._forward_hooks) for model in models for m in model.modules())  # noqa: E731
+    for hidden in (False, True):
+        model = convert(teacher, ratio=1 / 8)
+        before = _block_errors(model, teacher, batches[0])
+        present = hooks(model, teacher)  # Hugging Face's own, put in by output_hidden_states
+        history = recover(model, teacher, batches, steps=40, lr=3e-3, hidden=hidden, quiet=True)
+        runs[hidden] = (before, history, _block_errors(model, teacher, batches[0]))
+        assert hooks(model, teacher) == present  # recovery's hooks are gone
+    (before, plain, _), (_, deep, after) = runs[False], runs[True]
+    # the same model, seed and batch at step one: the hidden loss adds the mean of the blocks' errors
+    assert deep.loss[0] == pytest.approx(plain.loss[0] + sum(before) / len(before), rel=1e-4)
+    assert all(a < 0.5 * b for a, b in zip(after, before))  # every layer's output moved toward the teacher's
 
 def test_quiet_mode_prints_nothing_and_the_progress_bar_shows_loss_and_fidelity_on_stderr(capsys):
     teacher = trained_mlp()

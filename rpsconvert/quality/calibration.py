@@ -93,6 +93,7 @@ from rpsconvert.engine.kinds import grouped, kind_of
 from rpsconvert.engine.modules import densify, find_pool, is_converted
 from rpsconvert.engine.operator import CompressedWeight
 from rpsconvert.engine.pool import RPSPool
+from rpsconvert.quality.blocks import repeated_blocks
 from rpsconvert.quality.rounding import round_layer, sole_slots
 
 ROWS = 1 << 22  # patch matrix elements processed at once (16 MB in float32)
@@ -343,8 +344,8 @@ def _find_blocks(
 ) -> _Blocks | None:
     """The model's chain of blocks, if calibration may move through it block by block.
 
-    Candidates are the children of the ModuleList or Sequential (below the root) that holds the
-    most solvable layers (a transformer's layers, a CNN's stages such as MobileNetV2's features). One forward
+    Candidates are the `repeated_blocks` holding the most solvable layers (a transformer's layers,
+    a CNN's stages such as MobileNetV2's features). One forward
     of each model on `batch` must show a chain: every block called once, in order; block i+1 called
     with block i's output (the very tensor, or the first of a tuple) and otherwise with the very
     arguments of block 0, all tensors or plain values (an object such as a key-value cache may
@@ -352,14 +353,9 @@ def _find_blocks(
     block, or after the last. Otherwise (None) every layer gets full forwards. The reference's trace
     is taken from `cache` when it holds it.
     """
-    def held(prefix):
-        return sum(name.startswith(f"{prefix}.") for name, _ in layers)
-
-    lists = [(held(name), name, len(m)) for name, m in ours.named_modules() if name and isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) > 1]
-    most, prefix, size = max(lists, default=(0, "", 0))
-    if not most:
+    names = repeated_blocks(ours, [name for name, _ in layers])
+    if not names:
         return None
-    names = [f"{prefix}.{i}" for i in range(size)]
     segment = _block_trace(ours, names, layers, batch)
     if segment is None:
         return None

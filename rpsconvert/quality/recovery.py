@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Iterable, Union
 
 import torch
@@ -25,6 +26,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
+from rpsconvert.engine.modules import find_pool, is_converted
+from rpsconvert.quality.blocks import repeated_blocks
 from rpsconvert.quality.batches import Batch, cycle, device_of, eval_mode, is_logits, outputs, process_group, run, shard, size, to_device
 from rpsconvert.quality.fidelity import Fidelity, fidelity, paired_outputs
 from rpsconvert.quality.resume import Checkpointer, fidelity_from_dict, fidelity_to_dict
@@ -87,6 +90,40 @@ def distillation_loss(output, target_output, loss: Loss = "auto") -> torch.Tenso
     return torch.stack(terms).mean()
 
 
+class _BlockOutputs:
+    """Forward hooks on the repeated blocks of the student and the teacher (none unless `hidden`):
+    the outputs of one training step's forwards (`start` to `loss`), and the relative MSE between
+    them, averaged over the blocks. Evaluations in between record nothing."""
+
+    def __init__(self, model: nn.Module, teacher: nn.Module, hidden: bool):
+        weights = find_pool(model).weights if is_converted(model) else dict(model.named_parameters())
+        names = repeated_blocks(model, weights) if hidden else []
+        self.outputs: dict[str, list] = {"model": [], "teacher": []}
+        self.recording = False
+        modules = {"model": dict(model.named_modules()), "teacher": dict(teacher.named_modules())}
+        self.handles = [
+            modules[side][name].register_forward_hook(partial(self._record, side)) for side in modules for name in names if name in modules[side]
+        ]
+
+    def _record(self, side: str, module: nn.Module, args: tuple, output) -> None:
+        if self.recording:
+            self.outputs[side].append(output)
+
+    def start(self) -> None:
+        self.recording = True
+
+    def loss(self) -> torch.Tensor | float:
+        pairs = list(zip(self.outputs["model"], self.outputs["teacher"]))
+        self.recording = False
+        for recorded in self.outputs.values():
+            recorded.clear()
+        return sum(distillation_loss(ours, theirs, "mse") for ours, theirs in pairs) / len(pairs) if pairs else 0.0
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 def _global_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean over the global batch (all processes), a constant for autograd."""
     _, world = process_group()
@@ -111,6 +148,7 @@ def recover(
     eval_every: int | None = None,
     patience: int = 3,
     warmup: float = 0.05,
+    hidden: bool = False,
     quiet: bool = False,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int | None = None,
@@ -144,6 +182,8 @@ def recover(
         patience: evaluations without a 0.1 % gain in the held-out loss before stopping (without
             `eval_data` the stop watches the training loss).
         warmup: fraction of the steps spent warming the learning rate up.
+        hidden: also distill every block's output (`repeated_blocks`: a transformer's layers, a
+            CNN's stages), as TinyBERT and BRECQ do, with relative MSE, added to the output's loss.
         quiet: hide the progress bar (shown on stderr).
         checkpoint: a file where the whole state of the run is saved (atomically) every
             `checkpoint_every` steps and every `checkpoint_seconds` seconds (default: at every
@@ -202,6 +242,7 @@ def recover(
         history.heldout_loss.append(heldout_loss(model, teacher, eval_data, loss, inputs))
         best_value, best_state, history.best_step = history.heldout_loss[-1], _snapshot(model), 0
 
+    taps = _BlockOutputs(model, teacher, hidden)
     teacher_modes = [(m, m.training) for m in teacher.modules()]
     teacher.eval()
     was_training = model.training
@@ -236,10 +277,11 @@ def recover(
                     })
                 batch = next(batches)
                 x = shard(to_device(inputs(batch) if inputs else batch, device), rank, world)
+                taps.start()
                 with torch.no_grad():
                     target = run(teacher, x)
                 output = run(net, x)
-                value = distillation_loss(output, target, loss)
+                value = distillation_loss(output, target, loss) + taps.loss()
                 if labels is not None:
                     value = value + _label_loss(output, shard(to_device(labels(batch), device), rank, world))
                 optimizer.zero_grad(set_to_none=True)
@@ -270,6 +312,7 @@ def recover(
                     history.stopped_early = True
                     break
     finally:
+        taps.remove()
         model.train(was_training)
         for m, training in teacher_modes:
             m.training = training
