@@ -182,23 +182,25 @@ class PoolOperator:
         weights: Iterable[CompressedWeight],
         device: torch.device | str = "cpu",
         factor: Callable[[CompressedWeight], float] = lambda weight: 1.0,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """sum over `weights` of factor(w) * (elements of w in each slot), float64.
+        """sum over `weights` of factor(w) * (elements of w in each slot), float64, added into
+        `out` (a fresh zero vector of the pool's size by default).
 
         With factor = scale^2 this is the diagonal of A^T A; with factor = scale, the sum of the
         scales of each slot's elements (STABLE-RPS).
         """
         weights = list(weights)
-        out = torch.zeros(self.slots, dtype=torch.float64, device=device)
+        out = torch.zeros(self.slots, dtype=torch.float64, device=device) if out is None else out
         ones = torch.ones(min(CHUNK, max((w.numel for w in weights), default=0)), dtype=torch.float64, device=device)
         for weight in weights:
             for lo, hi, slots, _ in self._chunks(weight, device):
                 out.index_add_(0, slots, ones[: hi - lo], alpha=factor(weight))
         return out
 
-    def diagonal(self, weights: Iterable[CompressedWeight], device: torch.device | str = "cpu") -> torch.Tensor:
+    def diagonal(self, weights: Iterable[CompressedWeight], device: torch.device | str = "cpu", out: torch.Tensor | None = None) -> torch.Tensor:
         """The diagonal of sum_w A_w^T A_w: the sum of scale^2 over the elements in each slot."""
-        return self.counts(weights, device, lambda weight: weight.scale**2)
+        return self.counts(weights, device, lambda weight: weight.scale**2, out)
 
 
 @lru_cache(maxsize=1024)

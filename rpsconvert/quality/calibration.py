@@ -162,17 +162,22 @@ def calibrate(
         TextColumn("{task.fields[layer]}"), disable=quiet, console=Console(stderr=True),
     )
     with eval_mode(model, reference), torch.no_grad(), progress:
+        # a slot that only unsolved layers use sees their anchors alone, whose minimum is one
+        # division: taken once here; a slot they share with solved layers is pulled back toward
+        # it by every solve that does not touch it (`_Penalties.linked`); every other slot moves
+        # only when its own layer is solved, so a solve costs its layer's size, not the pool's
+        theta = pool.pool.detach()
+        alone = ((proximal_diagonal == 0) & (anchor_diagonal > 0)).nonzero().squeeze(1)
+        pull = anchor_linear[alone] - anchor_diagonal[alone] * theta[alone].double()
+        theta.index_add_(0, alone, (pull / anchor_diagonal[alone]).to(theta.dtype))
+        linked = ((proximal_diagonal > 0) & (anchor_diagonal > 0)).nonzero().squeeze(1)
+        work = _Workspace(pool.size, device)
         task = progress.add_task("calibrate", total=len(layers), layer="")
         for name, stats in _layer_statistics(model, reference, pool, layers, batches, originals, cache):
             weight = pool.weights[name]
             progress.update(task, layer=name)
-            others = proximal_diagonal - shared[name] * operator.diagonal([weight], device)  # kept near where they are now
-            theta = pool.pool.detach().double()
-            fits.append(
-                _solve(
-                    pool, weight, stats, anchor_diagonal + others, anchor_linear + others * theta, damping, iterations, tolerance
-                )
-            )
+            penalties = _Penalties(anchor_diagonal, anchor_linear, proximal_diagonal, shared[name], linked)
+            fits.append(_solve(pool, weight, stats, penalties, work, damping, iterations, tolerance))
             if sole is not None:
                 round_layer(pool, weight, stats.H, sole, damping)
             progress.advance(task)
@@ -559,13 +564,46 @@ def _penalty_diagonal(pool: RPSPool, factors: dict[str, float]) -> torch.Tensor:
     return pool.operator.counts(weights, pool.pool.device, lambda weight: factors[weight.name] * weight.scale**2)
 
 
-def _solve(pool, weight, stats, anchor_diagonal, anchor_linear, damping, iterations, tolerance) -> LayerFit:
+@dataclass(frozen=True)
+class _Penalties:
+    """The terms of layer l's problem besides its data term, as pool-sized vectors: the anchors of
+    the layers that are not solved (diagonal Hessian and linear term), the proximal terms of every
+    solved layer, and layer l's own proximal factor, which its problem leaves out."""
+
+    anchor_diagonal: torch.Tensor
+    anchor_linear: torch.Tensor
+    proximal_diagonal: torch.Tensor
+    own_proximal: float
+    linked: torch.Tensor  # the slots both solved and unsolved layers use
+
+
+class _Workspace:
+    """Pool-sized buffers that every solve reuses: made once per calibration, and only the slots
+    a solve touches are written and zeroed again, so a solve costs its layer's size."""
+
+    def __init__(self, slots: int, device: torch.device):
+        self.ones = torch.ones(slots, dtype=torch.float32, device=device)
+        self.scattered = torch.zeros(slots, dtype=torch.float32, device=device)
+        self.gathered = torch.zeros(slots, dtype=torch.float32, device=device)
+        self.counts = torch.zeros(slots, dtype=torch.float64, device=device)
+
+    def touched(self, operator, weight: CompressedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slots `weight` uses and, for each, the sum of scale^2 over its elements there."""
+        own = operator.diagonal([weight], self.counts.device, out=self.counts)
+        touched = own.nonzero().squeeze(1)
+        values = own[touched]
+        own.index_fill_(0, touched, 0.0)
+        return touched, values
+
+
+def _solve(pool, weight, stats, penalties: _Penalties, work: _Workspace, damping, iterations, tolerance) -> LayerFit:
     """Preconditioned conjugate gradients on layer l's problem (see the module docstring).
 
-    The other layers' anchors enter as their diagonal Hessian and linear term, without layer l's own.
-    Only the slots layer l touches are coupled (through its data term); every other slot sees its
-    diagonal penalties alone, so its step is exact in one division. The iterations run on the
-    touched slots only: their cost follows the layer's size, not the pool's, which grows with depth.
+    Only the slots layer l touches are coupled (through its data term): the other layers' anchors
+    and proximal terms enter as their diagonal Hessian and linear term on those slots, without
+    layer l's own proximal term. Of the other slots only the linked ones move, each to its
+    penalties' minimum in one division. Every vector is the touched or linked slots', so the cost
+    follows the layer's size (and the sharing), not the pool's, which grows with depth.
     """
     theta = pool.pool.detach()
     dtype = torch.float32
@@ -573,18 +611,19 @@ def _solve(pool, weight, stats, anchor_diagonal, anchor_linear, damping, iterati
     H = (stats.H / stats.yy).to(dtype)
     B = (stats.B / stats.yy).to(dtype)
     ridge = damping * float(torch.diagonal(H, dim1=1, dim2=2).mean())
-    ones = torch.ones(pool.size, dtype=dtype, device=theta.device)
     A = pool.operator
-    signs = A.generate(ones, weight)  # scale * sign of every element: A^T (signs * c) sums scale^2 * c per slot
-    anchor_diagonal = anchor_diagonal.clamp(min=0)
-    own = A.diagonal([weight], theta.device)
-    touched = own.nonzero().squeeze(1)
-    full_diagonal = anchor_diagonal + ridge * own
-    pull = anchor_linear - anchor_diagonal * theta  # minus the penalties' gradient at delta = 0
-    step = (pull / full_diagonal.clamp(min=1e-30)).to(dtype)  # the exact step of every untouched slot
-    diagonal = full_diagonal[touched].to(dtype)
-    scattered = torch.zeros_like(ones)  # only the touched slots are ever written: the rest stays zero
-    gathered = torch.zeros_like(ones)
+    signs = A.generate(work.ones, weight)  # scale * sign of every element: A^T (signs * c) sums scale^2 * c per slot
+    touched, own = work.touched(A, weight)
+    others = penalties.proximal_diagonal[touched] - penalties.own_proximal * own  # kept near where they are now
+    anchored = (penalties.anchor_diagonal[touched] + others).clamp(min=0)
+    current = theta[touched].double()
+    pull = penalties.anchor_linear[touched] + others * current - anchored * current  # minus the penalties' gradient at delta = 0
+    diagonal = (anchored + ridge * own).to(dtype)
+    # the linked slots this layer does not use: each sees its penalties alone, exact in one division
+    free = penalties.linked[~torch.isin(penalties.linked, touched)]
+    drift = penalties.anchor_linear[free] - penalties.anchor_diagonal[free] * theta[free].double()
+    drift = (drift / (penalties.anchor_diagonal[free] + penalties.proximal_diagonal[free])).to(dtype)
+    scattered, gathered = work.scattered, work.gathered  # zero but on the touched slots, while solving
 
     def generate(v):  # A_l of a vector on the touched slots
         return A.generate(scattered.index_copy_(0, touched, v), weight)
@@ -608,7 +647,7 @@ def _solve(pool, weight, stats, anchor_diagonal, anchor_linear, damping, iterati
 
     w0 = A.generate(theta.to(dtype), weight)
     before = error(w0)
-    rhs = adjoint(B.reshape(weight.shape) - data_term(w0)) + pull[touched].to(dtype)
+    rhs = adjoint(B.reshape(weight.shape) - data_term(w0)) + pull.to(dtype)
     h_diag = torch.diagonal(H, dim1=1, dim2=2)  # (G, d): the data term's diagonal, per weight element
     precondition = adjoint(signs * h_diag.unsqueeze(1).expand(by_group(w0).shape).reshape(weight.shape))
     precondition = 1.0 / (precondition + diagonal).clamp(min=1e-30)
@@ -635,5 +674,8 @@ def _solve(pool, weight, stats, anchor_diagonal, anchor_linear, damping, iterati
         z = precondition * r
         rz, previous = float(r @ z), rz
         p = z + (rz / previous) * p
-    theta.add_(step.index_copy_(0, touched, delta).to(theta.dtype))
+    theta.index_add_(0, touched, delta.to(theta.dtype))
+    theta.index_add_(0, free, drift.to(theta.dtype))
+    scattered.index_fill_(0, touched, 0.0)
+    gathered.index_fill_(0, touched, 0.0)
     return LayerFit(weight.name, before, error(A.generate(theta.to(dtype), weight)), done)
