@@ -198,3 +198,24 @@ def test_between_two_widths_the_plan_gives_each_layer_its_width_and_the_file_fit
     x = torch.randn(4, 64)
     with torch.no_grad():
         assert torch.equal(loaded(x), converted(x))
+
+
+def test_a_change_at_some_slots_re_rounds_only_the_runs_that_hold_them(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    converted = convert(model, budget=int(0.2 * sum(p.numel() * 4 for p in model.parameters())))
+    pool = converted.rps
+    with torch.no_grad():
+        converted(torch.randn(2, 64))  # rounds the pool once and keeps it
+        slots = torch.tensor([3, 70_000])  # in the first layer's run and in the second's
+        pool.pool[slots] += 0.37
+    snapped = []
+    snap = PoolStorage.snap
+    monkeypatch.setattr(PoolStorage, "snap", lambda self, values: snapped.append(len(values)) or snap(self, values))
+    pool.resnap(slots)
+    assert sum(snapped) < 0.9 * pool.size  # the runs of two layers of three, not the pool
+    calls = len(snapped)
+    with torch.no_grad():
+        kept = pool._pool_for_autograd()
+    assert len(snapped) == calls  # the next forward rounds nothing again
+    assert torch.equal(kept, pool.storage.snap(pool.pool.detach()))  # the values of a full re-rounding

@@ -94,6 +94,18 @@ class RPSPool:
             self._snapped = (key, snapped, snapped - pool.detach())
         return pool + self._snapped[2] if training else self._snapped[1]
 
+    def resnap(self, slots: torch.Tensor) -> None:
+        """Tell a quantized pool that its values changed in place at `slots` only (calibration's
+        solves): the cached rounding is brought up to date where they lie, not redone for the
+        whole pool at the next forward."""
+        if not self.storage.quantized or self._snapped is None:
+            return
+        pool = self.pool.detach()
+        _, snapped, delta = self._snapped
+        self.storage.resnap(pool, snapped, slots)
+        delta.copy_(snapped - pool)
+        self._snapped = (self._current_key(), snapped, delta)
+
     def _scale_gradient(self, grad: torch.Tensor) -> torch.Tensor:
         if not self.grad_scaling:
             return grad

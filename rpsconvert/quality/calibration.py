@@ -177,9 +177,11 @@ def calibrate(
             weight = pool.weights[name]
             progress.update(task, layer=name)
             penalties = _Penalties(anchor_diagonal, anchor_linear, proximal_diagonal, shared[name], linked)
-            fits.append(_solve(pool, weight, stats, penalties, work, damping, iterations, tolerance))
+            fit, changed = _solve(pool, weight, stats, penalties, work, damping, iterations, tolerance)
+            fits.append(fit)
             if sole is not None:
                 round_layer(pool, weight, stats.H, sole, damping)
+            pool.resnap(changed)
             progress.advance(task)
     return fits
 
@@ -596,14 +598,15 @@ class _Workspace:
         return touched, values
 
 
-def _solve(pool, weight, stats, penalties: _Penalties, work: _Workspace, damping, iterations, tolerance) -> LayerFit:
+def _solve(pool, weight, stats, penalties: _Penalties, work: _Workspace, damping, iterations, tolerance) -> tuple[LayerFit, torch.Tensor]:
     """Preconditioned conjugate gradients on layer l's problem (see the module docstring).
 
     Only the slots layer l touches are coupled (through its data term): the other layers' anchors
     and proximal terms enter as their diagonal Hessian and linear term on those slots, without
     layer l's own proximal term. Of the other slots only the linked ones move, each to its
     penalties' minimum in one division. Every vector is the touched or linked slots', so the cost
-    follows the layer's size (and the sharing), not the pool's, which grows with depth.
+    follows the layer's size (and the sharing), not the pool's, which grows with depth. Returns
+    the fit and the slots that moved (a quantized pool re-rounds only those: `RPSPool.resnap`).
     """
     theta = pool.pool.detach()
     dtype = torch.float32
@@ -678,4 +681,4 @@ def _solve(pool, weight, stats, penalties: _Penalties, work: _Workspace, damping
     theta.index_add_(0, free, drift.to(theta.dtype))
     scattered.index_fill_(0, touched, 0.0)
     gathered.index_fill_(0, touched, 0.0)
-    return LayerFit(weight.name, before, error(A.generate(theta.to(dtype), weight)), done)
+    return LayerFit(weight.name, before, error(A.generate(theta.to(dtype), weight)), done), torch.cat([touched, free])
