@@ -102,8 +102,8 @@ class RPSPool:
             return
         pool = self.pool.detach()
         _, snapped, delta = self._snapped
-        self.storage.resnap(pool, snapped, slots)
-        delta.copy_(snapped - pool)
+        for lo, hi in self.storage.resnap(pool, snapped, slots):
+            torch.sub(snapped[lo:hi], pool[lo:hi], out=delta[lo:hi])
         self._snapped = (self._current_key(), snapped, delta)
 
     def _scale_gradient(self, grad: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,6 @@ straight-through for gradients), so the model that runs is the model that is sav
 from __future__ import annotations
 
 import itertools
-
 import math
 from dataclasses import dataclass
 
@@ -106,11 +105,12 @@ class PoolStorage:
         codes, scales = self._codes_and_scales(values)
         return self._dequantize(codes, scales, len(values)).to(values.dtype)
 
-
-    def resnap(self, values: torch.Tensor, snapped: torch.Tensor, slots: torch.Tensor) -> None:
+    def resnap(self, values: torch.Tensor, snapped: torch.Tensor, slots: torch.Tensor) -> list[tuple[int, int]]:
         """Bring `snapped` (the snap of values before they changed at `slots`) up to date, in
-        place: one run, so the whole of it."""
+        place, and return the ranges rewritten: one run, so the whole of it."""
         snapped.copy_(self.snap(values))
+        return [(0, len(values))]
+
     def grid(self, values: torch.Tensor, lo: int = 0, hi: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The step (block scale, float32) and largest code of the slots [lo, hi) of the pool
         `values`, as `snap` would round them: the grid that data-aware rounding
@@ -211,14 +211,17 @@ class MixedStorage:
         self._check(len(values))
         return torch.cat([part.snap(v) for v, part in self._parts(values)])
 
-    def resnap(self, values: torch.Tensor, snapped: torch.Tensor, slots: torch.Tensor) -> None:
+    def resnap(self, values: torch.Tensor, snapped: torch.Tensor, slots: torch.Tensor) -> list[tuple[int, int]]:
         """As PoolStorage.resnap, re-rounding only the runs that hold `slots`: at ratio 1.0 a
         layer's own runs, so calibration's refresh after a solve costs the layer, not the pool."""
         self._check(len(values))
         edges = torch.tensor([0, *itertools.accumulate(n for n, _ in self.runs)], device=slots.device)
+        ranges = []
         for run in torch.unique(torch.bucketize(slots, edges, right=True) - 1).tolist():
             lo, hi = int(edges[run]), int(edges[run + 1])
             snapped[lo:hi] = self.runs[run][1].snap(values[lo:hi])
+            ranges.append((lo, hi))
+        return ranges
 
     def grid(self, values: torch.Tensor, lo: int = 0, hi: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(len(values))

@@ -167,17 +167,16 @@ def calibrate(
         # it by every solve that does not touch it (`_Penalties.linked`); every other slot moves
         # only when its own layer is solved, so a solve costs its layer's size, not the pool's
         theta = pool.pool.detach()
-        alone = ((proximal_diagonal == 0) & (anchor_diagonal > 0)).nonzero().squeeze(1)
-        pull = anchor_linear[alone] - anchor_diagonal[alone] * theta[alone].double()
-        theta.index_add_(0, alone, (pull / anchor_diagonal[alone]).to(theta.dtype))
         linked = ((proximal_diagonal > 0) & (anchor_diagonal > 0)).nonzero().squeeze(1)
+        penalties = _Penalties(anchor_diagonal, anchor_linear, proximal_diagonal, linked)
+        alone = ((proximal_diagonal == 0) & (anchor_diagonal > 0)).nonzero().squeeze(1)
+        theta.index_add_(0, alone, penalties.minimum_step(alone, theta).to(theta.dtype))
         work = _Workspace(pool.size, device)
         task = progress.add_task("calibrate", total=len(layers), layer="")
         for name, stats in _layer_statistics(model, reference, pool, layers, batches, originals, cache):
             weight = pool.weights[name]
             progress.update(task, layer=name)
-            penalties = _Penalties(anchor_diagonal, anchor_linear, proximal_diagonal, shared[name], linked)
-            fit, changed = _solve(pool, weight, stats, penalties, work, damping, iterations, tolerance)
+            fit, changed = _solve(pool, weight, stats, penalties, shared[name], work, damping, iterations, tolerance)
             fits.append(fit)
             if sole is not None:
                 round_layer(pool, weight, stats.H, sole, damping)
@@ -568,15 +567,20 @@ def _penalty_diagonal(pool: RPSPool, factors: dict[str, float]) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class _Penalties:
-    """The terms of layer l's problem besides its data term, as pool-sized vectors: the anchors of
-    the layers that are not solved (diagonal Hessian and linear term), the proximal terms of every
-    solved layer, and layer l's own proximal factor, which its problem leaves out."""
+    """The terms of every layer's problem besides its data term, as pool-sized vectors: the anchors
+    of the layers that are not solved (diagonal Hessian and linear term) and the proximal terms of
+    every solved layer (layer l's problem leaves its own out)."""
 
     anchor_diagonal: torch.Tensor
     anchor_linear: torch.Tensor
     proximal_diagonal: torch.Tensor
-    own_proximal: float
     linked: torch.Tensor  # the slots both solved and unsolved layers use
+
+    def minimum_step(self, slots: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        """The step (float64) that takes each of `slots`, where no solved layer's data term
+        reaches, to its penalties' minimum: one division, the penalties being diagonal."""
+        pull = self.anchor_linear[slots] - self.anchor_diagonal[slots] * theta[slots].double()
+        return pull / (self.anchor_diagonal[slots] + self.proximal_diagonal[slots])
 
 
 class _Workspace:
@@ -598,7 +602,9 @@ class _Workspace:
         return touched, values
 
 
-def _solve(pool, weight, stats, penalties: _Penalties, work: _Workspace, damping, iterations, tolerance) -> tuple[LayerFit, torch.Tensor]:
+def _solve(
+    pool, weight, stats, penalties: _Penalties, own_proximal: float, work: _Workspace, damping, iterations, tolerance
+) -> tuple[LayerFit, torch.Tensor]:
     """Preconditioned conjugate gradients on layer l's problem (see the module docstring).
 
     Only the slots layer l touches are coupled (through its data term): the other layers' anchors
@@ -617,15 +623,14 @@ def _solve(pool, weight, stats, penalties: _Penalties, work: _Workspace, damping
     A = pool.operator
     signs = A.generate(work.ones, weight)  # scale * sign of every element: A^T (signs * c) sums scale^2 * c per slot
     touched, own = work.touched(A, weight)
-    others = penalties.proximal_diagonal[touched] - penalties.own_proximal * own  # kept near where they are now
+    others = penalties.proximal_diagonal[touched] - own_proximal * own  # kept near where they are now
     anchored = (penalties.anchor_diagonal[touched] + others).clamp(min=0)
     current = theta[touched].double()
     pull = penalties.anchor_linear[touched] + others * current - anchored * current  # minus the penalties' gradient at delta = 0
     diagonal = (anchored + ridge * own).to(dtype)
     # the linked slots this layer does not use: each sees its penalties alone, exact in one division
     free = penalties.linked[~torch.isin(penalties.linked, touched)]
-    drift = penalties.anchor_linear[free] - penalties.anchor_diagonal[free] * theta[free].double()
-    drift = (drift / (penalties.anchor_diagonal[free] + penalties.proximal_diagonal[free])).to(dtype)
+    drift = penalties.minimum_step(free, theta).to(dtype)
     scattered, gathered = work.scattered, work.gathered  # zero but on the touched slots, while solving
 
     def generate(v):  # A_l of a vector on the touched slots
