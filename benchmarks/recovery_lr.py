@@ -1,6 +1,6 @@
 """Recovery learning rate and starting point on the byte-level LM of quality.py.
 
-    .venv/bin/python benchmarks/recovery_lr.py     # about 3 minutes on 2 cores; prints a markdown table
+    .venv/bin/python benchmarks/recovery_lr.py     # about 6 minutes on 2 cores; prints a markdown table
 
 Held-out bits per byte after 300 KL distillation steps, from the weight-space projection and from
 the data-aware projection, at two learning rates (results in docs/recovery.md).
@@ -21,22 +21,22 @@ from rpsconvert import convert  # noqa: E402
 from rpsconvert.quality.recovery import recover  # noqa: E402
 
 RATIOS = (1 / 2, 1 / 8)
-RATES = (3e-3, 1e-2)
+RATES = (3e-3, 1e-2, "auto")
 
 
 def main() -> None:
     task = tasks.text_task(1000, eval_windows=256)
     teacher = tasks.train(tasks.build_seeded(task, task.width), task, task.train_steps)
     print(f"dense: {task.evaluate(teacher):.3f} bits per byte\n")
-    print("| ratio | start | " + " | ".join(f"lr {lr:g}" for lr in RATES) + " |")
+    print("| ratio | start | " + " | ".join(f"lr {lr}" for lr in RATES) + " |")
     print("| --- | --- |" + " --- |" * len(RATES))
     for ratio in RATIOS:
         for start, calibration in (("projection", None), ("data-aware", task.inputs[:8])):
             row = []
             for lr in RATES:
                 model = convert(teacher, ratio=ratio, calibration=calibration, quiet=True)
-                recover(model, teacher, task.inputs, steps=300, lr=lr, loss="kl", patience=300, quiet=True)
-                row.append(f"{task.evaluate(model):.3f}")
+                history = recover(model, teacher, task.inputs, steps=300, lr=lr, loss="kl", patience=300, quiet=True)
+                row.append(f"{task.evaluate(model):.3f}" + (f" ({max(history.lr):.0e})" if lr == "auto" else ""))
             print(f"| 1/{round(1 / ratio)} | {start} | " + " | ".join(row) + " |", flush=True)
 
 

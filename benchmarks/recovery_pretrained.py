@@ -4,6 +4,7 @@ distilling the blocks' outputs (`hidden=True`). Agreement (top-1) and logit cosi
 original on held-out crops of real photos (benchmarks/pretrained.py). Results in docs/recovery.md.
 
     .venv/bin/python benchmarks/recovery_pretrained.py --fraction 0.125 --lrs 1e-3 1e-4 --steps 60 --batch 8
+    .venv/bin/python benchmarks/recovery_pretrained.py --fraction 0.25 --lrs auto --outputs-only --steps 20 --batch 4
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from rpsconvert import convert, recover  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fraction", type=float, default=0.125, help="budget, as a fraction of the fp32 bytes")
-    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 1e-4])
+    parser.add_argument("--lrs", type=_rate, nargs="+", default=[1e-3, 1e-4], help='rates, or "auto" (recover chooses)')
+    parser.add_argument("--outputs-only", action="store_true", help="skip the runs that also distill the blocks' outputs")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--crops", type=int, default=96, help="training crops (64 other crops are held out)")
@@ -44,14 +46,19 @@ def main() -> None:
     print(f"plan at {args.fraction:g} of the bytes: {start.top1:.1%} / {start.cosine:.4f}\n")
     print("| lr | distilled | agreement | cosine | seconds |\n| --- | --- | --- | --- | --- |")
     for lr in args.lrs:
-        for hidden in (False, True):
+        for hidden in (False,) if args.outputs_only else (False, True):
             model = copy.deepcopy(small)
             torch.manual_seed(1)
             began = time.perf_counter()
-            recover(model, teacher, list(train.split(args.batch)), steps=args.steps, lr=lr, quiet=True, hidden=hidden)
+            history = recover(model, teacher, list(train.split(args.batch)), steps=args.steps, lr=lr, quiet=True, hidden=hidden)
             after = Agreement.measure(model.eval(), reference, held)
             where = "output and blocks" if hidden else "output"
-            print(f"| {lr:g} | {where} | {after.top1:.1%} | {after.cosine:.4f} | {time.perf_counter() - began:.0f} |", flush=True)
+            rate = f"auto: {max(history.lr):.0e} of " + ", ".join(f"{r:g}" for r, _ in history.lr_probe) if lr == "auto" else f"{lr:g}"
+            print(f"| {rate} | {where} | {after.top1:.1%} | {after.cosine:.4f} | {time.perf_counter() - began:.0f} |", flush=True)
+
+
+def _rate(text: str) -> float | str:
+    return text if text == "auto" else float(text)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ def case():
     """The converted digits classifier, its original, and a recovery run: what both runs share."""
     teacher = trained_mlp()
     model = convert(teacher, ratio=1 / 8)
-    history = recover(model, teacher, batches("calib", 64), steps=STEPS, eval_data=batches("heldout"), eval_every=4, quiet=True)
+    history = recover(model, teacher, batches("calib", 64), steps=STEPS, lr=3e-3, eval_data=batches("heldout"), eval_every=4, quiet=True)
     return model, history
 
 

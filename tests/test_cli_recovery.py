@@ -40,6 +40,18 @@ def test_the_table_shows_fidelity_before_and_after_recovery(files):
     assert result.exit_code == 0, result.output
     assert "fidelity to mlp.pt on 80 held-out inputs" in result.stdout
     assert "after recovery" in result.stdout and "top-1 agreement" in result.stdout
+    assert "recovery: 20 steps, peak learning rate" in result.stdout and "(chosen by short trials)" in result.stdout
+
+
+def test_recover_lr_sets_the_rate_and_a_bad_one_is_refused_before_any_work(files):
+    result = _run("mlp.pt", "--ratio", "0.25", "--calibrate", "calib.safetensors", "--recover-steps", "10", "--recover-lr", "2e-3", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["quality"]["recovery lr"] == pytest.approx(2e-3)
+    for bad in ("fast", "0", "-1e-3", "inf"):
+        result = _run("mlp.pt", "--ratio", "0.25", "--calibrate", "calib.safetensors", "--recover-steps", "10", "--recover-lr", bad, "-o", "bad.rps.safetensors")
+        assert result.exit_code == 1, bad
+        assert "--recover-lr takes a positive learning rate (such as 1e-4) or auto" in result.stderr
+        assert not (files / "bad.rps.safetensors").exists()
 
 
 def test_without_calibration_the_command_warns_and_gives_the_weight_space_error_only(files):

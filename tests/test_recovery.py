@@ -38,6 +38,32 @@ def test_learning_rate_warms_up_then_decays_to_zero_along_a_cosine():
     assert history.lr[55] == pytest.approx(0.5e-3, rel=0.05)  # half-way down the cosine
 
 
+def test_auto_rate_is_small_for_a_model_near_its_original_and_large_for_one_far_from_it():
+    """Measured: int8 at ratio 1 (relative error 0.002) takes 1e-4, the 1/8 projection (at chance)
+    3e-2; the trials' losses differ by 20 % and more between neighbouring rates, so no tie decides."""
+    teacher = trained_mlp()
+    near = recover(convert(teacher, ratio=1.0, bits=8), teacher, batches("calib", 50), steps=60, eval_data=batches("heldout"), quiet=True)
+    far = recover(convert(teacher, ratio=1 / 8), teacher, batches("calib", 50), steps=60, eval_data=batches("heldout"), quiet=True)
+    assert max(near.lr) <= 3e-4 and max(far.lr) >= 1e-2
+    for history in (near, far):  # the rate run is the trial with the lowest loss; its neighbours were tried
+        rates = [rate for rate, _ in history.lr_probe]
+        best = min(history.lr_probe, key=lambda trial: trial[1])[0]
+        assert max(history.lr) == pytest.approx(best) and len(rates) == len(set(rates)) >= 3
+
+
+def test_auto_rate_then_runs_exactly_the_recovery_an_explicit_rate_runs():
+    """The trials restore the parameters and the random generator (dropout draws included)."""
+    teacher = torch.nn.Sequential(*trained_mlp(), torch.nn.Dropout(0.2)).eval()  # draws in every training step
+    auto_model, explicit_model = convert(teacher, ratio=1 / 8), convert(teacher, ratio=1 / 8)
+    torch.manual_seed(0)
+    auto = recover(auto_model, teacher, batches("calib", 50), steps=30, quiet=True)
+    torch.manual_seed(0)
+    explicit = recover(explicit_model, teacher, batches("calib", 50), steps=30, lr=max(auto.lr), quiet=True)
+    assert auto.loss == explicit.loss and explicit.lr_probe == []
+    for (name, a), b in zip(auto_model.state_dict().items(), explicit_model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_recovery_never_returns_a_model_worse_than_it_got():
     teacher = trained_mlp()
     model = convert(teacher, ratio=1 / 2)
@@ -167,6 +193,8 @@ def test_misused_arguments_are_refused_with_the_fix():
         recover(model, teacher, digits_data()["calib"][0], steps=5)
     with pytest.raises(ValueError, match="unknown loss"):
         recover(model, teacher, batches("calib"), steps=5, loss="huber", quiet=True)
+    with pytest.raises(ValueError, match="positive number or 'auto'"):
+        recover(model, teacher, batches("calib"), steps=5, lr="fast", quiet=True)
     with pytest.raises(ValueError, match="nothing to train"):
         recover(model, teacher, batches("calib"), steps=5, trainable=lambda name, p: False)
 

@@ -47,10 +47,11 @@ def test_a_resumed_recovery_ends_exactly_where_an_uninterrupted_one_does(tmp_pat
     state = tmp_path / "state.pt"
     whole, whole_history = _recover(train)
     with pytest.raises(KeyboardInterrupt):
-        _recover(Interrupted(train, after=7), checkpoint=state, checkpoint_every=3)
+        _recover(Interrupted(train, after=10), checkpoint=state, checkpoint_every=3)  # lr="auto" trials train on 3
     assert torch.load(state, weights_only=True)["step"] == 6  # the last save before the kill
     resumed, history = _recover(train, checkpoint=state, resume=True)
     assert history.loss == whole_history.loss and history.lr == whole_history.lr
+    assert history.lr_probe == whole_history.lr_probe and len(history.lr_probe) >= 2  # saved, not tried again
     assert history.best_step == whole_history.best_step and history.after == whole_history.after
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name

@@ -169,6 +169,7 @@ def convert_command(
     bits: Annotated[Optional[Literal[2, 3, 4, 5, 6, 7, 8, 16, 32]], typer.Option(help="Bits per pool slot: 2 to 8 (integer codes, a scale per block of 32) or 16, 32 (float). Default: with --budget the plan chooses; with --ratio the weights' dtype.", show_default=False)] = None,  # type: ignore[valid-type]
     calibrate: Annotated[Optional[Path], typer.Option("--calibrate", metavar="FILE", help="Example inputs (.safetensors, .npy or tensors-only .pt; or .txt, one example per line, for a Hugging Face MODEL with its tokenizer): the pool is refit to the original's layer outputs on them, and a fifth is held out to measure fidelity.", show_default=False)] = None,
     recover_steps: Annotated[int, typer.Option("--recover-steps", metavar="N", min=0, help="Distill the original into the converted model for N steps on the --calibrate inputs.")] = 0,
+    recover_lr: Annotated[str, typer.Option("--recover-lr", metavar="RATE", help="Recovery's peak learning rate (Adam), or auto: short trials of the first steps at rates from 1e-5 to 3e-2 choose it (a pretrained model near its original wants a far smaller rate than one far from it).")] = "auto",
     checkpoint_every: Annotated[Optional[str], typer.Option("--checkpoint-every", metavar="INTERVAL", help="Save the recovery state every INTERVAL (50 steps, or 90s, 5min, 1h) to OUTPUT.recovery.pt, so that --resume continues an interrupted run.", show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the recovery saved in OUTPUT.recovery.pt by an interrupted run of the same command.")] = False,
     verify: Annotated[bool, typer.Option("--verify", help="Load the written file afresh and compare it with MODEL on the held-out inputs (random ones without --calibrate).")] = False,
@@ -193,6 +194,7 @@ def convert_command(
         budget_bytes = parse_bytes(budget) if budget is not None else None
         if recover_steps and calibrate is None:
             raise ValueError("--recover-steps needs --calibrate FILE: recovery distills the original on example inputs")
+        lr = _learning_rate(recover_lr)
         if (checkpoint_every or resume) and not recover_steps:
             raise ValueError("--checkpoint-every and --resume save and continue a recovery: pass --recover-steps N too")
         every_steps, every_seconds = parse_interval(checkpoint_every) if checkpoint_every else (None, None)
@@ -225,7 +227,7 @@ def convert_command(
                 with stage("recover", "recovering", own_bar=True):
                     try:
                         history = recover(
-                            converted, source.model, calibration, steps=recover_steps, eval_data=heldout or None, quiet=quiet,
+                            converted, source.model, calibration, steps=recover_steps, lr=lr, eval_data=heldout or None, quiet=quiet,
                             checkpoint=state_file if saving else None, checkpoint_every=every_steps, checkpoint_seconds=every_seconds, resume=resume,
                         )
                     except KeyboardInterrupt:
@@ -233,6 +235,7 @@ def convert_command(
                             typer.secho(f"recovery state kept in {state_file}: rerun the same command with --resume to continue", err=True)
                         raise
                 quality["after recovery"] = history.after
+                quality["recovery lr"] = max(history.lr)  # the peak: chosen by the trials under --recover-lr auto
             if quality.get("after recovery") or quality.get("converted"):
                 on = "recovered" if quality.get("after recovery") else "converted"
                 _record(converted, "fidelity", provenance.fidelity(on, asdict(quality.get("after recovery") or quality["converted"])))
@@ -278,6 +281,9 @@ def convert_command(
                 _stdout.print(f"budget {budget} = {budget_bytes:,} bytes; the file takes {len(data):,}")
             if heldout:
                 _stdout.print(_quality_table(quality, model))
+            if recover_steps:
+                chosen = " (chosen by short trials)" if lr == "auto" else ""
+                _stdout.print(f"recovery: {len(history.loss)} steps, peak learning rate {quality['recovery lr']:g}{chosen}")
             if verify:
                 _stdout.print(verification_table(checked, written, model, checked_on, budget_bytes))
         if verify and checked.failures(max_drop, atol):
@@ -341,6 +347,19 @@ def _sweep(
         typer.echo(f"wrote {len(files)} files, {table_path}" + ("" if note else f" and {png_path}"))
     if note:
         typer.secho(note, err=True)
+
+
+def _learning_rate(text: str) -> float | str:
+    """--recover-lr: "auto" or a positive number."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = 0.0
+    if not rate > 0 or rate == float("inf"):
+        raise ValueError(f"--recover-lr takes a positive learning rate (such as 1e-4) or auto, not {text!r}")
+    return rate
 
 
 def _read(model: str, arch: str | None, trust_pickle: bool) -> ModelInput:

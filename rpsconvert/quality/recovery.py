@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Iterable, Union
+from typing import Callable, Iterable, Iterator, Literal, Union
 
 import torch
 import torch.distributed
@@ -35,6 +36,7 @@ from rpsconvert.quality.resume import Checkpointer, fidelity_from_dict, fidelity
 Loss = Union[str, Callable[[object, object], torch.Tensor]]
 LOSSES = ("auto", "kl", "mse", "cosine")
 DEFAULT_LR = 3e-3  # measured: see docs/recovery.md
+LR_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)  # the rates lr="auto" tries (half decades)
 
 
 @dataclass
@@ -49,6 +51,7 @@ class RecoveryHistory:
     after: Fidelity | None = None  # of the parameters kept (the best evaluated ones)
     best_step: int | None = None
     stopped_early: bool = False
+    lr_probe: list[tuple[float, float]] = field(default_factory=list)  # lr="auto": (rate, loss) of each trial
 
     @property
     def steps(self) -> int:
@@ -139,7 +142,7 @@ def recover(
     data: Iterable[Batch],
     *,
     steps: int,
-    lr: float | None = None,
+    lr: float | Literal["auto"] = "auto",
     loss: Loss = "auto",
     eval_data: Iterable[Batch] | None = None,
     inputs: Callable[[Batch], Batch] | None = None,
@@ -170,7 +173,12 @@ def recover(
         teacher: the original model, unchanged.
         data: a list or DataLoader of batches (tensor, tuple or dict), cycled for `steps` steps.
         steps: optimizer steps.
-        lr: Adam's learning rate (default DEFAULT_LR, measured: docs/recovery.md).
+        lr: Adam's peak learning rate, or "auto" (the default): short trials of the run's first
+            steps at rates of LR_GRID, from DEFAULT_LR towards the better side, keep the rate with
+            the lowest loss on `eval_data` (or on batches they did not train on). A pretrained model a few
+            collisions away from its original wants a rate 100x smaller than a model far from it,
+            and no single default suits both (docs/recovery.md). The trials cost 2 to 8 times a
+            tenth of `steps` (3 to 50 steps each); pass a number to skip them.
         loss: "auto" (KL on logits, relative MSE elsewhere), "kl", "mse" or "cosine".
         eval_data: held-out batches, never the training ones: fidelity and the distillation loss
             are measured on them every `eval_every` steps (default: a tenth of the steps).
@@ -206,15 +214,16 @@ def recover(
         raise TypeError("data must be a list or DataLoader of batches: split a tensor into a list first, e.g. list(x.split(32))")
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
-    lr = DEFAULT_LR if lr is None else lr
+    if lr != "auto" and not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"lr must be a positive number or 'auto', got {lr!r}")
     params = [p for n, p in model.named_parameters() if p.requires_grad and (trainable is None or trainable(n, p))]
     if not params:
         raise ValueError("nothing to train: no parameter requires grad (or the trainable filter kept none)")
     rank, world = process_group()
     device = device_of(model)
     net = _distributed(model, device) if world > 1 else model
-    optimizer = torch.optim.Adam(params, lr=lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps, max(1, round(warmup * steps))))
+    objective = _Objective(teacher, loss, inputs, labels, _BlockOutputs(model, teacher, hidden), device, rank, world)
+    warm = max(1, round(warmup * steps))
     eval_every = eval_every or max(1, steps // 10)
     history = RecoveryHistory()
     best_value, best_state, stale = math.inf, None, 0
@@ -223,35 +232,8 @@ def recover(
         saver = Checkpointer(checkpoint, checkpoint_every or (None if checkpoint_seconds else eval_every), checkpoint_seconds)
     elif resume:
         raise ValueError("resume=True needs the checkpoint file to resume from: pass checkpoint=PATH")
-    start = 0
-    if resume:
-        saved = saver.load(steps)
-        start, best_value, stale = saved["step"], saved["best_value"], saved["stale"]
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        schedule.load_state_dict(saved["schedule"])
-        best_state = saved["best_state"]
-        torch.set_rng_state(saved["rng"])
-        history = RecoveryHistory(
-            loss=saved["loss"], lr=saved["lr"], heldout_loss=saved["heldout_loss"], best_step=saved["best_step"],
-            evals=[(s, fidelity_from_dict(f)) for s, f in saved["evals"]], before=fidelity_from_dict(saved["before"]),
-        )
-    elif eval_data is not None:
-        history.before = fidelity(model, teacher, eval_data, inputs=inputs)
-        history.evals.append((0, history.before))
-        history.heldout_loss.append(heldout_loss(model, teacher, eval_data, loss, inputs))
-        best_value, best_state, history.best_step = history.heldout_loss[-1], _snapshot(model), 0
-
-    taps = _BlockOutputs(model, teacher, hidden)
-    teacher_modes = [(m, m.training) for m in teacher.modules()]
-    teacher.eval()
-    was_training = model.training
-    model.train()
-    for module in model.modules():  # normalization keeps the teacher's statistics (see the docstring)
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.eval()
     progress = Progress(
-        TextColumn("[bold]recovering"),
+        TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
@@ -260,9 +242,34 @@ def recover(
         transient=False,
         console=Console(stderr=True),
     )
+    start = 0
     try:
-        with progress:
-            task = progress.add_task("recover", total=steps, completed=start, status=_status(None, history.before))
+        with _distillation_modes(model, teacher), progress:
+            if resume:
+                saved = saver.load(steps)
+                start, best_value, stale = saved["step"], saved["best_value"], saved["stale"]
+                model.load_state_dict(saved["model"])
+                best_state = saved["best_state"]
+                history = RecoveryHistory(
+                    loss=saved["loss"], lr=saved["lr"], heldout_loss=saved["heldout_loss"], best_step=saved["best_step"],
+                    evals=[(s, fidelity_from_dict(f)) for s, f in saved["evals"]], before=fidelity_from_dict(saved["before"]),
+                    lr_probe=[tuple(trial) for trial in saved["lr_probe"]],
+                )
+            elif eval_data is not None:
+                history.before = fidelity(model, teacher, eval_data, inputs=inputs)
+                history.evals.append((0, history.before))
+                history.heldout_loss.append(heldout_loss(model, teacher, eval_data, loss, inputs))
+                best_value, best_state, history.best_step = history.heldout_loss[-1], _snapshot(model), 0
+            if lr == "auto" and not resume:
+                history.lr_probe = _probe_rates(net, model, params, objective, data, eval_data, _probe_steps(steps), progress)
+                lr = min(history.lr_probe, key=lambda trial: trial[1])[0]
+            optimizer = torch.optim.Adam(params, lr=DEFAULT_LR if lr == "auto" else lr)  # resuming loads the run's rate
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps, warm))
+            if resume:
+                optimizer.load_state_dict(saved["optimizer"])
+                schedule.load_state_dict(saved["schedule"])
+                torch.set_rng_state(saved["rng"])
+            task = progress.add_task("recovering", total=steps, completed=start, status=_status(None, history.before))
             batches = cycle(data)
             for _ in range(start):  # the batches the saved run has used
                 next(batches)
@@ -273,23 +280,11 @@ def recover(
                         "schedule": schedule.state_dict(), "rng": torch.get_rng_state(), "best_value": best_value,
                         "best_state": best_state, "stale": stale, "best_step": history.best_step, "loss": history.loss,
                         "lr": history.lr, "heldout_loss": history.heldout_loss, "before": fidelity_to_dict(history.before),
-                        "evals": [(s, fidelity_to_dict(f)) for s, f in history.evals],
+                        "evals": [(s, fidelity_to_dict(f)) for s, f in history.evals], "lr_probe": history.lr_probe,
                     })
-                batch = next(batches)
-                x = shard(to_device(inputs(batch) if inputs else batch, device), rank, world)
-                taps.start()
-                with torch.no_grad():
-                    target = run(teacher, x)
-                output = run(net, x)
-                value = distillation_loss(output, target, loss) + taps.loss()
-                if labels is not None:
-                    value = value + _label_loss(output, shard(to_device(labels(batch), device), rank, world))
-                optimizer.zero_grad(set_to_none=True)
-                value.backward()
-                optimizer.step()
+                history.loss.append(objective.step(net, next(batches), optimizer))
                 history.lr.append(schedule.get_last_lr()[0])
                 schedule.step()
-                history.loss.append(_global_mean(value.detach()).item())
                 latest = history.evals[-1][1] if history.evals else None
                 progress.update(task, advance=1, status=_status(history.loss[-1], latest))
                 if step % eval_every and step != steps:
@@ -312,14 +307,117 @@ def recover(
                     history.stopped_early = True
                     break
     finally:
-        taps.remove()
-        model.train(was_training)
-        for m, training in teacher_modes:
-            m.training = training
+        objective.taps.remove()
     if best_state is not None:
         model.load_state_dict(best_state)
         history.after = next(f for s, f in history.evals if s == history.best_step)
     return history
+
+
+@dataclass
+class _Objective:
+    """One distillation step: the teacher's outputs, the student's loss against them (plus the
+    block outputs' and the labels' terms), the gradient and the optimizer's step."""
+
+    teacher: nn.Module
+    loss: Loss
+    inputs: Callable[[Batch], Batch] | None
+    labels: Callable[[Batch], torch.Tensor] | None
+    taps: _BlockOutputs
+    device: torch.device
+    rank: int
+    world: int
+
+    def step(self, net: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer) -> float:
+        """Trains on `batch`; returns the loss over the global batch (all processes)."""
+        x = shard(to_device(self.inputs(batch) if self.inputs else batch, self.device), self.rank, self.world)
+        self.taps.start()
+        with torch.no_grad():
+            target = run(self.teacher, x)
+        output = run(net, x)
+        value = distillation_loss(output, target, self.loss) + self.taps.loss()
+        if self.labels is not None:
+            value = value + _label_loss(output, shard(to_device(self.labels(batch), self.device), self.rank, self.world))
+        optimizer.zero_grad(set_to_none=True)
+        value.backward()
+        optimizer.step()
+        return _global_mean(value.detach()).item()
+
+
+@contextmanager
+def _distillation_modes(model: nn.Module, teacher: nn.Module) -> Iterator[None]:
+    """The student in train mode (dropout on) but its BatchNorm layers in eval mode, keeping the
+    teacher's running statistics (see recover's docstring); the teacher in eval mode; afterwards
+    every module as it was."""
+    modes = [(m, m.training) for m in (*model.modules(), *teacher.modules())]
+    teacher.eval()
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _probe_steps(steps: int) -> int:
+    """Steps of each rate's trial: a tenth of the run, at least 3 (fewer is noise) and at most 50."""
+    return min(steps, max(3, min(50, steps // 10)))
+
+
+def _probe_rates(
+    net: nn.Module,
+    model: nn.Module,
+    params: list[nn.Parameter],
+    objective: _Objective,
+    data: Iterable[Batch],
+    eval_data: Iterable[Batch] | None,
+    steps: int,
+    progress: Progress,
+) -> list[tuple[float, float]]:
+    """lr="auto": short trials on the grid of LR_GRID, walking from DEFAULT_LR towards the side that
+    does better until the loss rises again (the loss is close to unimodal in the log of the rate).
+
+    Each trial starts from the model as received, takes `steps` Adam steps on the run's first
+    batches (warming up over the first half), then measures the distillation loss on `eval_data`
+    (without it, on the 8 batches that follow, which the trials do not train on). The model and
+    the random generator are restored after each, so the run that follows is the run an explicit
+    `lr=` would make. Returns (rate, loss) of every trial, in the order run.
+    """
+    start = _snapshot(model)
+    batches = cycle(data)
+    used = [next(batches) for _ in range(steps)]
+    measure_on = eval_data if eval_data is not None else [next(batches) for _ in range(8)]
+    devices = [objective.device] if objective.device.type == "cuda" else []
+    trials: dict[float, float] = {}
+    task = progress.add_task("choosing lr", total=None, status="")
+
+    def trial(i: int) -> float:
+        rate = LR_GRID[i]
+        if rate not in trials:
+            with torch.random.fork_rng(devices=devices):
+                optimizer = torch.optim.Adam(params, lr=rate)
+                ramp = max(1, steps // 2)
+                schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / ramp))
+                for batch in used:
+                    objective.step(net, batch, optimizer)
+                    schedule.step()
+                trials[rate] = heldout_loss(model, objective.teacher, measure_on, objective.loss, objective.inputs)
+            model.load_state_dict(start)
+            progress.update(task, advance=1, status="  ".join(f"{r:g}: {v:.4g}" for r, v in trials.items()))
+        return trials[rate]
+
+    i = LR_GRID.index(DEFAULT_LR)
+    here, lower = trial(i), trial(i - 1)
+    direction = -1 if lower < here else 1
+    if direction == -1:
+        i -= 1
+    while 0 <= i + direction < len(LR_GRID) and trial(i + direction) < trial(i):
+        i += direction
+    progress.remove_task(task)
+    return list(trials.items())
 
 
 def _warmup_cosine(steps: int, warm: int) -> Callable[[int], float]:
