@@ -1,5 +1,6 @@
 """Recovery by distillation: a short fine-tune brings a compressed model back to its original."""
 
+import math
 import os
 import subprocess
 import sys
@@ -49,6 +50,19 @@ def test_auto_rate_is_small_for_a_model_near_its_original_and_large_for_one_far_
         rates = [rate for rate, _ in history.lr_probe]
         best = min(history.lr_probe, key=lambda trial: trial[1])[0]
         assert max(history.lr) == pytest.approx(best) and len(rates) == len(set(rates)) >= 3
+
+
+def test_auto_rate_counts_a_trial_that_diverged_as_the_worst(monkeypatch):
+    """The trials' losses in the order run: 3e-3 diverges (nan), then 1e-3, 3e-4, 1e-4: the walk goes
+    down from the diverged rate and stops where the loss rises again."""
+    import rpsconvert.quality.recovery as recovery
+
+    losses = iter([float("nan"), 1.0, 0.5, 0.7])
+    monkeypatch.setattr(recovery, "heldout_loss", lambda *args: next(losses))
+    teacher = trained_mlp()
+    history = recover(convert(teacher, ratio=1 / 4), teacher, batches("calib"), steps=10, quiet=True)
+    assert history.lr_probe == [(3e-3, math.inf), (1e-3, 1.0), (3e-4, 0.5), (1e-4, 0.7)]
+    assert max(history.lr) == pytest.approx(3e-4)
 
 
 def test_auto_rate_then_runs_exactly_the_recovery_an_explicit_rate_runs():

@@ -404,7 +404,8 @@ def _probe_rates(
                 for batch in used:
                     objective.step(net, batch, optimizer)
                     schedule.step()
-                trials[rate] = heldout_loss(model, objective.teacher, measure_on, objective.loss, objective.inputs)
+                value = heldout_loss(model, objective.teacher, measure_on, objective.loss, objective.inputs)
+                trials[rate] = value if math.isfinite(value) else math.inf  # a rate that diverged is the worst
             model.load_state_dict(start)
             progress.update(task, advance=1, status="  ".join(f"{r:g}: {v:.4g}" for r, v in trials.items()))
         return trials[rate]
