@@ -131,7 +131,7 @@ def digits(ratio: float, recovery_steps: int) -> None:
     for unit in UNITS:
         model = in_unit(convert(teacher, ratio=ratio), teacher, names, unit)
         projected = task.evaluate(model)
-        recover(model, teacher, task.inputs, steps=recovery_steps, loss="kl", patience=recovery_steps, quiet=True)
+        recover(model, teacher, task.inputs, steps=recovery_steps, lr=DEFAULT_LR, loss="kl", patience=recovery_steps, quiet=True)
         print(f"| {unit} | {projected:.1f} | {task.evaluate(model):.1f} |", flush=True)
 
 

@@ -35,7 +35,7 @@ from rpsconvert.quality.resume import Checkpointer, fidelity_from_dict, fidelity
 
 Loss = Union[str, Callable[[object, object], torch.Tensor]]
 LOSSES = ("auto", "kl", "mse", "cosine")
-DEFAULT_LR = 3e-3  # measured: see docs/recovery.md
+DEFAULT_LR = 3e-3  # where lr="auto" starts its walk: the best fixed rate on models trained here (docs/recovery.md)
 LR_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)  # the rates lr="auto" tries (half decades)
 
 
@@ -204,7 +204,8 @@ def recover(
 
     Raises:
         TypeError: `data` is one tensor or dict rather than a sequence of batches.
-        ValueError: `steps` < 1, an unknown `loss`, or nothing to train.
+        ValueError: `steps` < 1, an `lr` that is neither positive nor "auto", an unknown `loss`, or
+            nothing to train.
 
     Example:
         >>> history = recover(small, model, train_batches, steps=1000, eval_data=heldout_batches)
@@ -253,7 +254,7 @@ def recover(
                 history = RecoveryHistory(
                     loss=saved["loss"], lr=saved["lr"], heldout_loss=saved["heldout_loss"], best_step=saved["best_step"],
                     evals=[(s, fidelity_from_dict(f)) for s, f in saved["evals"]], before=fidelity_from_dict(saved["before"]),
-                    lr_probe=[tuple(trial) for trial in saved["lr_probe"]],
+                    lr_probe=[tuple(trial) for trial in saved.get("lr_probe", [])],  # none in states saved before lr="auto"
                 )
             elif eval_data is not None:
                 history.before = fidelity(model, teacher, eval_data, inputs=inputs)
