@@ -45,6 +45,18 @@ def test_error_feedback_cuts_the_output_error_of_rounding_and_stays_on_the_grid(
         assert torch.equal(storage.snap(rounded.reshape(-1)), rounded.reshape(-1))
 
 
+def test_error_feedback_in_blocks_of_columns_gives_the_codes_of_feeding_every_column_to_all_the_rest():
+    """The lazy batches change only the order of the sums: a code would differ only where a weight
+    lands within rounding of a code's midpoint, about 1e-16 of the time, so none of 4,608 does."""
+    x, weight = _layer(seed=3)
+    storage = PoolStorage(torch.float16, bits=4, block=32)
+    steps, levels = (t.view_as(weight).unsqueeze(0) for t in storage.grid(weight.reshape(-1)))
+    hessian = (x.T @ x).double().unsqueeze(0)
+    whole = round_with_feedback(weight.unsqueeze(0), hessian, steps, levels, block=weight.shape[1])
+    for block in (1, 7, 32):
+        assert torch.equal(round_with_feedback(weight.unsqueeze(0), hessian, steps, levels, block=block), whole)
+
+
 def test_calibrating_a_planned_pool_rounds_each_layer_with_error_feedback_exactly_onto_its_grid(tmp_path):
     model = trained_mlp()
     full = save(convert(model, ratio=1.0), tmp_path / "full.rps.safetensors").stat().st_size
