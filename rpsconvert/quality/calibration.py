@@ -195,7 +195,7 @@ class ReferenceCache:
     them here and the others read them instead of running the original again. They are the tensors
     the original would compute again, so every pool comes out bit for bit as without the cache.
 
-    The outputs are kept while they fit in `limit_bytes` (float64, one value per sample, position
+    The outputs are kept while they fit in `limit_bytes` (float32, one value per sample, position
     and output of every solved layer); past it, what was kept is dropped and each conversion
     computes its own, as without the cache.
     """
@@ -522,14 +522,18 @@ def _chunk(module: nn.Module, x: torch.Tensor) -> int:
 
 def _targets(reference: nn.Module, name: str, calls: int, feeds: list[Feed], original: torch.Tensor) -> Iterator[Targets]:
     """The original layer's outputs Y = X_orig W_orig^T on each batch (one per feed of the
-    reference), computed on the original's own activations: they depend on nothing converted."""
+    reference), computed on the original's own activations: they depend on nothing converted.
+
+    Y and the products below are float32 matmuls summed into float64 across chunks and batches:
+    half the time of float64 products (the largest part of calibrating a 33M-weight encoder), and
+    the same held-out cosine on it (0.9975 against 0.9974); GPTQ keeps its X^T X in float32 too."""
     module_name = _module_name(name)
     module = reference.get_submodule(module_name)
     patches = kind_of(module).patches
-    target = grouped(original.detach(), getattr(module, "groups", 1)).double()
+    target = grouped(original.detach(), getattr(module, "groups", 1)).float()
     for feed in feeds:
         yield [
-            [torch.einsum("ngd,god->ngo", patches(module, rows).double(), target) for rows in x.split(_chunk(module, x))]
+            [torch.einsum("ngd,god->ngo", patches(module, rows).float(), target) for rows in x.split(_chunk(module, x))]
             for (x, *_), _ in _capture(reference, module_name, calls, feed)  # each call's first argument
         ]
 
@@ -546,10 +550,10 @@ def _statistics(model: nn.Module, name: str, calls: int, feeds: list[Feed], targ
         ours = _capture(model, module_name, calls, feed)
         for ((x, *_), _), chunks in zip(ours, next(targets)):  # each call's first argument
             for rows, y in zip(x.split(_chunk(module, x)), chunks):
-                p = patches(module, rows).double()
-                h, b = torch.einsum("ngd,nge->gde", p, p), torch.einsum("ngo,ngd->god", y, p)
+                p = patches(module, rows).float()
+                h, b = torch.einsum("ngd,nge->gde", p, p).double(), torch.einsum("ngo,ngd->god", y, p).double()
                 H, B = (h, b) if H is None else (H + h, B + b)
-                yy += float(y.square().sum())
+                yy += float(y.double().square().sum())
     if H is None:
         raise ValueError(f"layer {module_name} was not called on the calibration data")
     return _Stats(H, B, yy)
