@@ -493,7 +493,7 @@ def section(results: list[TaskResult], command: str, seconds: float, settings: S
         "recovery is that model after the same recovery. Recovery is the same for "
         "every method that gets it: `rpsconvert.quality.recovery.recover` "
         "(distillation, KL against the dense model's logits; Adam with warmup and cosine decay at the rate "
-        "`lr=\"auto\"` chooses for each model from short trials of 3e-5 to 3e-2 on training batches, never on the "
+        "`lr=\"auto\"` chooses for each model from short trials of 1e-5 to 3e-2 on training batches, never on the "
         f"test numbers, its trials' steps not counted; early stopping off), {trained[0].recovery_steps} steps on digits and "
         f"{trained[-1].recovery_steps} on text, on the same training inputs. fp16, int8 and int4 get no recovery.",
     ]
