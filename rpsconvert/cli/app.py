@@ -283,7 +283,7 @@ def convert_command(
                 _stdout.print(_quality_table(quality, model))
             if recover_steps:
                 chosen = " (chosen by short trials)" if lr == "auto" else ""
-                _stdout.print(f"recovery: {len(history.loss)} steps, peak learning rate {quality['recovery lr']:g}{chosen}")
+                _stdout.print(f"recovery: {history.steps} steps, peak learning rate {quality['recovery lr']:g}{chosen}")
             if verify:
                 _stdout.print(verification_table(checked, written, model, checked_on, budget_bytes))
         if verify and checked.failures(max_drop, atol):

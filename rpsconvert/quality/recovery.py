@@ -350,17 +350,12 @@ def _distillation_modes(model: nn.Module, teacher: nn.Module) -> Iterator[None]:
     """The student in train mode (dropout on) but its BatchNorm layers in eval mode, keeping the
     teacher's running statistics (see recover's docstring); the teacher in eval mode; afterwards
     every module as it was."""
-    modes = [(m, m.training) for m in (*model.modules(), *teacher.modules())]
-    teacher.eval()
-    model.train()
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.eval()
-    try:
+    with eval_mode(model, teacher):  # which puts every module back as it was
+        model.train()
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
         yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def _probe_steps(steps: int) -> int:
