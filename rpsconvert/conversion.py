@@ -318,4 +318,5 @@ def convert(
     install(result, pool)
     if calibration is not None:
         calibrate(result, model, calibration, quiet=quiet)
+    pool.pack()  # the model runs from the pool as it is stored: the budget holds in memory too
     return result

@@ -65,6 +65,8 @@ def test_calibrating_a_planned_pool_rounds_each_layer_with_error_feedback_exactl
     fed = convert(model, budget=budget, calibration=batches("calib"), quiet=True)
     pool = find_pool(fed)
     assert pool.size == sum(w.numel for w in pool.weights.values())  # lossless: every slot one layer's own
+    assert pool.packed  # calibration ends with the pool in its stored form
+    pool.unpack()
     values = pool.pool.detach()
     assert torch.equal(pool.storage.snap(values), values)  # on the grid: what was rounded is what runs
     heldout = batches("heldout")

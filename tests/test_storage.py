@@ -205,6 +205,7 @@ def test_a_change_at_some_slots_re_rounds_only_the_runs_that_hold_them(monkeypat
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
     converted = convert(model, budget=int(0.2 * sum(p.numel() * 4 for p in model.parameters())))
     pool = converted.rps
+    pool.unpack()  # the float latent pool calibration solves on
     with torch.no_grad():
         converted(torch.randn(2, 64))  # rounds the pool once and keeps it
         slots = torch.tensor([3, 70_000])  # in the first layer's run and in the second's

@@ -27,8 +27,9 @@ BLOCK = 1024  # elements per program
 
 
 def available(theta: torch.Tensor) -> bool:
-    """Whether the kernel can generate from `theta`: a CUDA tensor, and Triton installed."""
-    return triton is not None and theta.is_cuda
+    """Whether the kernel can generate from `theta`: a CUDA tensor (a pool held packed is read by
+    the fold path, which dequantizes run by run), and Triton installed."""
+    return triton is not None and isinstance(theta, torch.Tensor) and theta.is_cuda
 
 
 @dataclass(frozen=True)

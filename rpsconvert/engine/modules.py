@@ -26,17 +26,24 @@ def _rps_class(cls: type, attrs: tuple[str, ...]) -> type:
         _CLASSES[key] = type(
             f"RPS{cls.__name__}",
             (cls,),
-            {**props, "_rps_original_class": cls, "__reduce_ex__": _reduce_converted, "train": _train_without_cache},
+            {**props, "_rps_original_class": cls, "__reduce_ex__": _reduce_converted, "train": _train_and_pack},
         )
     return _CLASSES[key]
 
 
-def _train_without_cache(module: nn.Module, mode: bool = True) -> nn.Module:
-    """nn.Module.train, which also drops the pool's cache: training changes the pool at every step,
-    so cached weights would only hold memory (eval() keeps it)."""
+def _train_and_pack(module: nn.Module, mode: bool = True) -> nn.Module:
+    """nn.Module.train, which also drops the pool's cache (training changes the pool at every step,
+    so cached weights would only hold memory); eval() keeps the cache and packs the pool back into
+    its stored form once the whole model leaves training (a submodule's eval() inside a training
+    model leaves the pool to the training). The latent pool itself comes back at the first forward
+    that trains it."""
+    module._rps_original_class.train(module, mode)
+    pool = module._rps_pool
     if mode:
-        module._rps_pool.clear_cache()
-    return module._rps_original_class.train(module, mode)
+        pool.clear_cache()
+    elif pool._owner is None or not pool._owner.training:
+        pool.pack()
+    return module
 
 
 def _reduce_converted(module: nn.Module, protocol: int):
@@ -76,7 +83,8 @@ def install(model: nn.Module, pool: RPSPool) -> None:
         raise ValueError("the model is already converted (it has an RPS pool): pass the original model")
     if hasattr(model, POOL_ATTR):
         raise ValueError(f"the model has an attribute {POOL_ATTR!r} of its own, where rpsconvert keeps its pool: rename it")
-    model.register_parameter(POOL_PARAM, pool.pool)
+    for name, tensor in pool.tensors.items():
+        model.register_parameter(name, tensor) if name == POOL_PARAM else model.register_buffer(name, tensor)
     pool._owner, pool._detached = model, None
     object.__setattr__(model, POOL_ATTR, pool)
     for module, names in _by_module(model, pool).items():
@@ -121,7 +129,8 @@ def densify(model: nn.Module) -> nn.Module:
             module.register_parameter(attr, dense[name])
         params = module._parameters  # back in the original order, so state dicts list the same keys
         module._parameters = {**{k: params[k] for k in order if k in params}, **params}
-    del model._parameters[POOL_PARAM]
+    for name in pool.tensors:
+        delattr(model, name)
     del model.__dict__[POOL_ATTR]
     return model
 

@@ -1,8 +1,10 @@
-"""RPSPool: the shared pool Parameter, the operator that generates weights from it, and its cache.
+"""RPSPool: the shared pool, the operator that generates weights from it, and its cache.
 
-The pool trains and generates in the weights' dtype; a checkpoint stores it as `storage` says (a
-float dtype, or integer codes with block scales: engine/storage.py), and generation reads it
-through the stored grid, so the model that runs is the model that is saved.
+A pool lives in memory as it is stored (`storage`: integer codes with block scales, or a float
+dtype; engine/storage.py) and generation reads the codes, so a model converted to a budget runs in
+that budget and the model that runs is the model that is saved. Only while the pool is trained
+does it exist as float values in the weights' dtype (the latent pool, read through the stored grid
+with straight-through gradients); leaving training packs it back (`RPSPool.pack`).
 """
 
 from __future__ import annotations
@@ -12,10 +14,15 @@ from torch import nn
 
 from rpsconvert.engine.mapping import Mapping, get_mapping
 from rpsconvert.engine.operator import CompressedWeight, PoolOperator
-from rpsconvert.engine.storage import PoolStorage, straight_through
+from rpsconvert.engine.storage import MixedStorage, PackedPool, PoolStorage, straight_through, validate
 
 POOL_ATTR = "rps"  # the RPSPool object on the converted model's root (a plain attribute)
 POOL_PARAM = "rps_pool"  # the pool Parameter, registered on the root (so never called by Sequential)
+# The stored tensors of a packed pool by their file suffix: buffers on the root beside the (then
+# empty) Parameter. Float ones are held as their bits in an integer dtype, so that `model.half()`
+# or `.to(torch.bfloat16)`, which cast every float tensor, cannot round them.
+POOL_BUFFERS = {"": "rps_pool_packed", ".scales": "rps_pool_scales"}
+_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 MODES = ("lean", "cached")  # RPSPool.set_mode
 
 
@@ -34,12 +41,14 @@ class RPSPool:
         seed: int,
         weights: list[CompressedWeight],
         grad_scaling: bool = True,
-        storage: PoolStorage | None = None,
+        storage: PoolStorage | MixedStorage | None = None,
+        slots: int | None = None,
     ):
-        self._detached: nn.Parameter | None = nn.Parameter(pool)
+        # the pool's tensors by attribute name while no model holds them (install moves them there)
+        self._detached: dict[str, torch.Tensor] | None = {POOL_PARAM: nn.Parameter(pool)}
         self.storage = storage or PoolStorage(pool.dtype)
         self._owner: nn.Module | None = None
-        self.operator = PoolOperator(get_mapping(mapping), pool.numel(), seed)
+        self.operator = PoolOperator(get_mapping(mapping), pool.numel() if slots is None else slots, seed)
         self.weights = {weight.name: weight for weight in weights}
         self.grad_scaling = grad_scaling
         self.grad_scale: torch.Tensor | None = None  # computed at the first backward
@@ -50,9 +59,86 @@ class RPSPool:
         self._hooked: int | None = None
         self._snapped: tuple | None = None  # (pool key, the pool on its grid, grid minus latent values)
 
+    @classmethod
+    def from_stored(
+        cls, stored: dict[str, torch.Tensor], storage: PoolStorage | MixedStorage, slots: int, dtype: torch.dtype,
+        mapping: str | Mapping, seed: int, weights: list[CompressedWeight],
+    ) -> RPSPool:
+        """A pool held packed, from the tensors a file stores (`load`): the codes are kept as they
+        are read, and no float copy is made. Raises ValueError on tensors that are not such a pool."""
+        validate(storage, stored, slots)
+        pool = cls(torch.empty(0, dtype=dtype, device=stored[""].device), mapping, seed, weights, storage=storage, slots=slots)
+        pool._detached.update({POOL_BUFFERS[suffix]: _as_bits(tensor) for suffix, tensor in stored.items()})
+        if not storage.packs(dtype):
+            pool.unpack()
+        return pool
+
     @property
     def pool(self) -> nn.Parameter:
-        return self._detached if self._owner is None else getattr(self._owner, POOL_PARAM)
+        """The pool Parameter: the float latent pool while it trains, empty while the pool is packed
+        (it keeps the weights' dtype and device, and the optimizers that hold it keep working)."""
+        return self._tensor(POOL_PARAM)
+
+    @property
+    def packed(self) -> bool:
+        """Whether the pool is held as it is stored (codes and scales), not as float values."""
+        return self._tensor(POOL_BUFFERS[""]) is not None
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor the pool holds, by attribute name (the Parameter, and the packed buffers)."""
+        names = (POOL_PARAM, *POOL_BUFFERS.values())
+        return {name: self._tensor(name) for name in names if self._tensor(name) is not None}
+
+    def _tensor(self, name: str) -> torch.Tensor | None:
+        if self._owner is None:
+            return self._detached.get(name)
+        return (self._owner._parameters if name == POOL_PARAM else self._owner._buffers).get(name)
+
+    def _set_buffer(self, name: str, tensor: torch.Tensor | None) -> None:
+        if self._owner is None:
+            self._detached.pop(name, None) if tensor is None else self._detached.update({name: tensor})
+        elif tensor is None:
+            self._owner._buffers.pop(name, None)
+        else:
+            self._owner.register_buffer(name, tensor)
+
+    def stored(self) -> dict[str, torch.Tensor]:
+        """The pool's tensors as a file stores them, by name suffix (`storage.tensors`)."""
+        if not self.packed:
+            return self.storage.encode(self.pool.detach())
+        dtypes = {suffix: dtype for suffix, dtype, _ in self.storage.tensors(self.size)}
+        return {suffix: self._tensor(name).view(dtypes[suffix]) for suffix, name in POOL_BUFFERS.items() if self._tensor(name) is not None}
+
+    def pack(self) -> None:
+        """Hold the pool as it is stored and free the float latent pool and its rounding: eval(),
+        set_mode(model, "lean"), and the end of convert, calibrate and recover do it. The codes are
+        the latent pool's rounding, so the weights do not change. A pool whose storage is its
+        compute dtype (a float32 pool of a float32 model) has nothing to pack and stays as it is."""
+        latent = self.pool
+        if self.packed or not self.storage.packs(latent.dtype):
+            return
+        for suffix, tensor in self.storage.encode(latent.detach()).items():
+            self._set_buffer(POOL_BUFFERS[suffix], _as_bits(tensor))
+        latent.data = torch.empty(0, dtype=latent.dtype, device=latent.device)
+        latent.grad = None
+        self._snapped = None
+        self.clear_cache()
+
+    def unpack(self) -> None:
+        """Make the pool a float latent pool in the weights' dtype, to train it: a forward with
+        gradients in train mode does it by itself, as recover and calibrate do. It costs the
+        dtype's bytes a slot, and a quantized pool's training forward keeps two more such vectors
+        (its rounding and the difference), until `pack`."""
+        if not self.packed:
+            return
+        latent = self.pool
+        values = self.storage.decode(self.stored(), self.size)
+        latent.data = values.to(dtype=latent.dtype, device=latent.device)
+        for name in POOL_BUFFERS.values():
+            self._set_buffer(name, None)
+        self._snapped = None
+        self.clear_cache()
 
     @property
     def mapping(self) -> Mapping:
@@ -73,11 +159,18 @@ class RPSPool:
         # The hook bookkeeping and the cache refer to objects of this process: a copy starts fresh.
         return {**self.__dict__, "_cache": None, "_cache_key": None, "_hooked": None, "_snapped": None}
 
-    def _pool_for_autograd(self) -> torch.Tensor:
-        """The pool weights are generated from: the Parameter, with the STABLE-RPS gradient hook
-        attached once per Parameter object, read on the stored grid when the pool is quantized
-        (straight-through while training, so the latent values can move by less than a step)."""
+    def _pool_for_autograd(self) -> torch.Tensor | PackedPool:
+        """The pool weights are generated from: the packed codes, or the latent Parameter, with the
+        STABLE-RPS gradient hook attached once per Parameter object, read on the stored grid when
+        the pool is quantized (straight-through while training, so the latent values can move by
+        less than a step)."""
         pool = self.pool
+        if self.packed:
+            if not (torch.is_grad_enabled() and pool.requires_grad and self._owner is not None and self._owner.training):
+                return PackedPool(self.storage, self.stored(), self.size, pool.dtype)
+            if torch.compiler.is_compiling():
+                raise RuntimeError("a packed pool cannot start training inside torch.compile: call model.train() and run one forward first")
+            self.unpack()  # a forward that can train the pool: it needs its float values
         if self._hooked != id(pool) and pool.requires_grad:
             pool.register_hook(self._scale_gradient)
             self._hooked = id(pool)
@@ -98,7 +191,7 @@ class RPSPool:
         """Tell a quantized pool that its values changed in place at `slots` only (calibration's
         solves): the cached rounding is brought up to date where they lie, not redone for the
         whole pool at the next forward."""
-        if not self.storage.quantized or self._snapped is None:
+        if not self.storage.quantized or self._snapped is None or self.packed:
             return
         pool = self.pool.detach()
         _, snapped, delta = self._snapped
@@ -134,11 +227,16 @@ class RPSPool:
         return self.operator.generate(self._pool_for_autograd(), self.weights[name])
 
     def set_mode(self, mode: str) -> None:
-        """"lean": every weight is generated when it is used, so the resident tensors are the pool,
-        the dense tensors and the weights in use (the memory the budget promised). "cached": every
-        weight is generated now and served from a cache, dense-model speed for dense-model memory."""
+        """"lean": every weight is generated when it is used, from the pool packed as it is stored,
+        so the resident tensors are the stored pool, the dense tensors and the weight in use (the
+        memory the budget promised). "cached": every weight is generated now and served from a
+        cache, dense-model speed for dense-model memory."""
         self.mode = check_mode(mode)
-        self.materialize() if mode == "cached" else self.clear_cache()
+        if mode == "cached":
+            self.materialize()
+        else:
+            self.clear_cache()
+            self.pack()
 
     def materialize(self) -> None:
         """Switch to cached mode and generate every weight now (fast inference)."""
@@ -152,6 +250,11 @@ class RPSPool:
         """Drop the cached weights (train(), or on demand); cached mode rebuilds them at the next
         use without gradients, lean mode never does."""
         self._cache = self._cache_key = None
+
+
+def _as_bits(tensor: torch.Tensor) -> torch.Tensor:
+    """A float tensor as its bits in an integer dtype of its size (POOL_BUFFERS); others as they are."""
+    return tensor.view(_BITS[tensor.element_size()]) if tensor.is_floating_point() else tensor
 
 
 def check_mode(mode: str) -> str:

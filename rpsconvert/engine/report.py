@@ -78,9 +78,9 @@ def report(model: nn.Module) -> ConversionReport:
     ]
     reasons = pool.info.get("dense_reasons", {})
     seen: set[int] = set()
-    dense_bytes = 0
+    dense_bytes, held = 0, pool.tensors
     for name, tensor in model.state_dict(keep_vars=True).items():
-        if tensor is pool.pool or id(tensor) in seen:
+        if name in held or id(tensor) in seen:
             continue
         seen.add(id(tensor))
         size = tensor.numel() * tensor.element_size()

@@ -13,6 +13,8 @@ straight-through for gradients), so the model that runs is the model that is sav
 
 from __future__ import annotations
 
+import bisect
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -131,14 +133,46 @@ class PoolStorage:
 
     def decode(self, stored: dict[str, torch.Tensor], slots: int) -> torch.Tensor:
         """The pool values `encode` stored, float32 when quantized (a bad file raises ValueError)."""
-        check_stored(self, stored, slots)
+        validate(self, stored, slots)
+        return self.read(stored, 0, slots)
+
+    def read(self, stored: dict[str, torch.Tensor], lo: int, hi: int) -> torch.Tensor:
+        """The values of slots [lo, hi) of a stored pool, exactly as `decode` gives them, read from
+        the bytes and scales that hold them only: generation dequantizes the runs it reads this way,
+        so no float copy of the pool is ever made (a float pool: a slice in its own dtype)."""
         if not self.quantized:
-            return stored[""]
-        codes = _unpack(stored[""], self.bits, slots).to(torch.int16) - 2 ** (self.bits - 1)
-        scales = stored[".scales"]
-        if not torch.isfinite(scales).all():
-            raise ValueError("a block scale of the pool is not finite")
-        return self._dequantize(codes.clamp(-self.levels, self.levels), scales, slots)
+            return stored[""][lo:hi]
+        pieces = []
+        for start in range(lo, hi, _CHUNK):  # bounded temporaries for any range
+            stop = min(start + _CHUNK, hi)
+            first = start // self.block * self.block  # whole blocks, so each multiplies by one scale
+            blocks = -(-(stop - first) // self.block)
+            group = first // 8  # whole groups of 8 codes, which are `bits` whole bytes
+            end = -(-(first + blocks * self.block) // 8)
+            fields = _unpack_groups(stored[""][group * self.bits : end * self.bits], self.bits, end - group)
+            codes = fields[first - 8 * group : first - 8 * group + blocks * self.block].float()
+            codes = codes.sub_(2 ** (self.bits - 1)).clamp_(-self.levels, self.levels).view(blocks, self.block)
+            scales = stored[".scales"][first // self.block : first // self.block + blocks].float()
+            pieces.append((codes * scales.unsqueeze(1)).view(-1)[start - first : stop - first])
+        return torch.cat(pieces) if len(pieces) != 1 else pieces[0]
+
+    def gather(self, stored: dict[str, torch.Tensor], slots: torch.Tensor) -> torch.Tensor:
+        """The values of the pool at `slots` (any int64 indices), exactly as `decode` gives them:
+        each code is read from the one or two bytes that hold its bits (mappings other than
+        RandomFold read one slot per element)."""
+        if not self.quantized:
+            return stored[""][slots]
+        stream = stored[""]
+        bit = slots * self.bits
+        byte = bit >> 3
+        word = stream[byte].int() | (stream[(byte + 1).clamp_(max=len(stream) - 1)].int() << 8)  # a field spans at most 2 bytes
+        codes = ((word >> (bit & 7)) & (2**self.bits - 1)) - 2 ** (self.bits - 1)
+        return codes.clamp_(-self.levels, self.levels).float() * stored[".scales"][slots // self.block].float()
+
+    def packs(self, dtype: torch.dtype) -> bool:
+        """Whether a pool computing in `dtype` is held in memory as stored rather than as `dtype`
+        values: integer codes, or a narrower float (RPSPool.pack)."""
+        return self.quantized or (self.dtype != dtype and self.dtype.itemsize < dtype.itemsize)
 
     def _dequantize(self, codes: torch.Tensor, scales: torch.Tensor, slots: int) -> torch.Tensor:
         per_slot = scales.float().repeat_interleave(self.block)[:slots]
@@ -240,15 +274,47 @@ class MixedStorage:
         return {suffix: torch.cat([e[suffix] for e in encoded]) for suffix in ("", ".scales")}
 
     def decode(self, stored: dict[str, torch.Tensor], slots: int) -> torch.Tensor:
-        check_stored(self, stored, slots)
-        values, start = [], {"": 0, ".scales": 0}
+        validate(self, stored, slots)
+        return self.read(stored, 0, slots)
+
+    @functools.cached_property
+    def _starts(self) -> list[tuple[int, int, int]]:
+        """(first slot, first code byte, first scale) of every run, and one past the last."""
+        starts = [(0, 0, 0)]
         for n, part in self.runs:
-            piece = {}
-            for suffix, _, shape in part.tensors(n):
-                piece[suffix] = stored[suffix][start[suffix] : start[suffix] + shape[0]]
-                start[suffix] += shape[0]
-            values.append(part.decode(piece, n))
-        return torch.cat(values)
+            size = {suffix: shape[0] for suffix, _, shape in part.tensors(n)}
+            slot, byte, scale = starts[-1]
+            starts.append((slot + n, byte + size[""], scale + size[".scales"]))
+        return starts
+
+    def _run(self, stored: dict[str, torch.Tensor], run: int) -> dict[str, torch.Tensor]:
+        """The stored tensors of run `run` alone (views)."""
+        (_, byte, scale), (_, byte_end, scale_end) = self._starts[run], self._starts[run + 1]
+        return {"": stored[""][byte:byte_end], ".scales": stored[".scales"][scale:scale_end]}
+
+    def read(self, stored: dict[str, torch.Tensor], lo: int, hi: int) -> torch.Tensor:
+        """As PoolStorage.read, each run read by its own part."""
+        first = bisect.bisect_right(self._starts, lo, key=lambda start: start[0]) - 1
+        pieces = []
+        for run in range(first, len(self.runs)):
+            begin, end = self._starts[run][0], self._starts[run + 1][0]
+            if begin >= hi:
+                break
+            pieces.append(self.runs[run][1].read(self._run(stored, run), max(lo, begin) - begin, min(hi, end) - begin))
+        return torch.cat(pieces) if len(pieces) != 1 else pieces[0]
+
+    def gather(self, stored: dict[str, torch.Tensor], slots: torch.Tensor) -> torch.Tensor:
+        """As PoolStorage.gather, the slots of each run read by its part."""
+        edges = torch.tensor([start[0] for start in self._starts], device=slots.device)
+        runs = torch.bucketize(slots, edges, right=True) - 1
+        out = torch.empty(slots.shape, dtype=torch.float32, device=slots.device)
+        for run in torch.unique(runs).tolist():
+            where = runs == run
+            out[where] = self.runs[run][1].gather(self._run(stored, run), slots[where] - self._starts[run][0])
+        return out
+
+    def packs(self, dtype: torch.dtype) -> bool:
+        return True
 
     def to_json(self) -> dict:
         return {"dtype": "uint8", "scale_dtype": dtype_name(self.dtype), "runs": [[n, part.bits, part.block] for n, part in self.runs]}
@@ -272,15 +338,21 @@ def _pack(fields: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.uint8)
 
 
-def _unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """The first `count` fields of `_pack`'s bit stream, as uint8."""
-    shifts = torch.arange(8, dtype=torch.uint8)
-    out = []
-    for chunk in packed.split(_CHUNK // 8 * bits):
-        stream = ((chunk.unsqueeze(1) >> shifts) & 1).reshape(-1)
-        stream = stream[: len(stream) // bits * bits].view(-1, bits)
-        out.append((stream << shifts[:bits]).sum(dim=1, dtype=torch.int32).to(torch.uint8))
-    return torch.cat(out)[:count] if out else torch.zeros(0, dtype=torch.uint8)
+def _unpack_groups(packed: torch.Tensor, bits: int, groups: int) -> torch.Tensor:
+    """The 8 * `groups` fields of `_pack`'s bit stream that start at `packed[0]`, as uint8 (bytes
+    past the end of `packed` read as zeros). Eight fields of b bits are b bytes: widths that divide
+    8 shift each byte; the others assemble each group's bytes into one integer and shift that."""
+    packed = torch.nn.functional.pad(packed, (0, groups * bits - len(packed)))
+    mask = 2**bits - 1
+    if 8 % bits == 0:
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        return ((packed.unsqueeze(1) >> shifts) & mask).reshape(-1)
+    octets = packed.view(groups, bits).long()
+    word = octets[:, 0].clone()
+    for k in range(1, bits):
+        word |= octets[:, k] << (8 * k)
+    shifts = torch.arange(0, 8 * bits, bits, device=packed.device)
+    return ((word.unsqueeze(1) >> shifts) & mask).to(torch.uint8).reshape(-1)
 
 
 def _share(fraction: float) -> str:
@@ -298,6 +370,15 @@ def check_stored(storage: PoolStorage | MixedStorage, stored: dict[str, torch.Te
         tensor = stored[suffix]
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise ValueError(f"the pool tensor{suffix} must be {dtype_name(dtype)} of shape {shape}, got {dtype_name(tensor.dtype)} {tuple(tensor.shape)}")
+
+
+def validate(storage: PoolStorage | MixedStorage, stored: dict[str, torch.Tensor], slots: int) -> None:
+    """Raise ValueError unless `stored` is a well-formed stored pool of `slots` slots: the tensors
+    `storage.tensors` names, and finite block scales (a loaded pool is read as it is stored, so it is
+    checked once, when it is read from the file)."""
+    check_stored(storage, stored, slots)
+    if ".scales" in stored and not torch.isfinite(stored[".scales"]).all():
+        raise ValueError("a block scale of the pool is not finite")
 
 
 def storage_from_json(entry: dict) -> PoolStorage | MixedStorage:
@@ -319,3 +400,27 @@ def parse_dtype(name: str) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"unknown dtype {name!r}")
     return dtype
+
+
+@dataclass(frozen=True)
+class PackedPool:
+    """A pool read where it is stored: what generation indexes in place of a float tensor (a slice
+    for each RandomFold run, an index tensor for the other mappings), dequantizing just the slots
+    it reads into `dtype` values, so that no float copy of the pool is made."""
+
+    storage: PoolStorage | MixedStorage
+    stored: dict[str, torch.Tensor]  # the tensors `storage.tensors` names, as the file holds them
+    slots: int
+    dtype: torch.dtype  # the values read, the weights' dtype
+
+    requires_grad = False  # read only: training unpacks the pool into a float Parameter first
+
+    @property
+    def device(self) -> torch.device:
+        return self.stored[""].device
+
+    def __getitem__(self, index: slice | torch.Tensor) -> torch.Tensor:
+        if isinstance(index, slice):
+            lo, hi, _ = index.indices(self.slots)
+            return self.storage.read(self.stored, lo, hi).to(self.dtype)
+        return self.storage.gather(self.stored, index).to(self.dtype)

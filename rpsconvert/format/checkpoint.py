@@ -53,8 +53,8 @@ def encode(model: nn.Module) -> bytes:
     """The bytes of a converted model's checkpoint file (what `save` writes)."""
     pool = find_pool(model)
     state = model.state_dict()
-    tensors, aliases = dedupe(state)
-    tensors.update({POOL_TENSOR + suffix: t for suffix, t in pool.storage.encode(tensors[POOL_TENSOR]).items()})
+    tensors, aliases = dedupe({name: t for name, t in state.items() if name not in pool.tensors})
+    tensors.update({POOL_TENSOR + suffix: t for suffix, t in pool.stored().items()})
     manifest = manifest_json(pool, aliases, pool.info.get("original_bytes", 0), module_versions(state))
     metadata = _metadata(manifest, tensors)
     return _in_key_order(safetensors.torch.save(tensors, metadata=metadata), metadata)
@@ -271,7 +271,7 @@ def load(
         model = _rebuild(ckpt.manifest.get("architecture"), path)
     _check_skeleton(model, ckpt, path, strict)
     install(model, ckpt.pool)
-    state = OrderedDict({**ckpt.dense_state(), POOL_TENSOR: ckpt.pool.pool.data})
+    state = OrderedDict({**ckpt.dense_state(), **{name: t.data for name, t in ckpt.pool.tensors.items()}})
     # the layout versions of the skeleton's own modules: safetensors cannot carry torch's
     # `_metadata`, and some modules refuse a state dict without it (torchvision's MNASNet 0.75)
     state._metadata = model.state_dict()._metadata

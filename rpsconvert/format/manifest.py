@@ -126,14 +126,14 @@ def parse(manifest: dict, tensors: dict[str, torch.Tensor]) -> RPSPool:
     if storage.quantized and manifest["format_version"] < _version(storage, True):
         raise ValueError(f"a pool of {'/'.join(map(str, sorted(storage.widths)))}-bit codes needs format version {_version(storage, True)}")
     names = {suffix: pool_entry["tensor"] + suffix for suffix, _, _ in storage.tensors(slots)}
-    values = storage.decode({suffix: tensors.pop(name) for suffix, name in names.items()}, slots)
+    stored = {suffix: tensors.pop(name) for suffix, name in names.items()}
     if not set(manifest["dense_aliases"].values()) <= set(tensors):
         raise ValueError("a dense alias names a tensor the file does not hold")
-    compute_dtype = weights[0].dtype if weights else values.dtype  # the pool works in the weights' dtype
+    compute_dtype = weights[0].dtype if weights else torch.float32  # the pool works in the weights' dtype
     versions = manifest.get("module_versions", {})
     if not isinstance(versions, dict) or not all(isinstance(k, str) and type(v) is int for k, v in versions.items()):
         raise ValueError("module_versions must map module names to integer versions")
-    pool = RPSPool(values.to(compute_dtype), mapping, manifest["seed"], weights, storage=storage)
+    pool = RPSPool.from_stored(stored, storage, slots, compute_dtype, mapping, manifest["seed"], weights)  # held as stored
     pool.info.update(
         architecture=manifest.get("architecture"), discovery=manifest.get("discovery"), original_bytes=manifest.get("original_bytes", 0)
     )

@@ -129,12 +129,14 @@ def calibrate(
 
     `batches` are example inputs (a list: it is iterated once per layer); `inputs` picks the model's
     input out of a batch that also holds labels. Returns one LayerFit per layer solved, in forward
-    order. The pool is updated in place. Inside `reusing_reference()`, calibrations of the same
-    reference on the same batches run the reference once (see `ReferenceCache`).
+    order. The pool is updated in place: solved as float values, then packed back into its stored
+    form. Inside `reusing_reference()`, calibrations of the same reference on the same batches run
+    the reference once (see `ReferenceCache`).
     """
     if is_converted(reference):
         raise ValueError("the reference must be the original model (convert without inplace=True to calibrate)")
     pool = find_pool(model)
+    pool.unpack()
     batches = [inputs(b) if inputs else b for b in batches]
     if not batches:
         raise ValueError("calibration needs at least one batch of example inputs")
@@ -182,6 +184,7 @@ def calibrate(
                 round_layer(pool, weight, stats.H, sole, damping)
             pool.resnap(changed)
             progress.advance(task)
+    pool.pack()
     return fits
 
 

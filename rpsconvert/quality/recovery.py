@@ -217,6 +217,9 @@ def recover(
         raise ValueError(f"steps must be at least 1, got {steps}")
     if lr != "auto" and not (isinstance(lr, (int, float)) and lr > 0):
         raise ValueError(f"lr must be a positive number or 'auto', got {lr!r}")
+    pool = find_pool(model) if is_converted(model) else None
+    if pool is not None:
+        pool.unpack()  # trained as float values, packed back into its stored form at the end
     params = [p for n, p in model.named_parameters() if p.requires_grad and (trainable is None or trainable(n, p))]
     if not params:
         raise ValueError("nothing to train: no parameter requires grad (or the trainable filter kept none)")
@@ -312,6 +315,8 @@ def recover(
     if best_state is not None:
         model.load_state_dict(best_state)
         history.after = next(f for s, f in history.evals if s == history.best_step)
+    if pool is not None:
+        pool.pack()
     return history
 
 
