@@ -17,6 +17,7 @@ import bisect
 import functools
 import itertools
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -149,9 +150,8 @@ class PoolStorage:
             blocks = -(-(stop - first) // self.block)
             group = first // 8  # whole groups of 8 codes, which are `bits` whole bytes
             end = -(-(first + blocks * self.block) // 8)
-            fields = _unpack_groups(stored[""][group * self.bits : end * self.bits], self.bits, end - group)
-            codes = fields[first - 8 * group : first - 8 * group + blocks * self.block].float()
-            codes = codes.sub_(2 ** (self.bits - 1)).clamp_(-self.levels, self.levels).view(blocks, self.block)
+            codes = _codes(stored[""][group * self.bits : end * self.bits], self.bits, end - group)
+            codes = codes[first - 8 * group : first - 8 * group + blocks * self.block].view(blocks, self.block)
             scales = stored[".scales"][first // self.block : first // self.block + blocks].float()
             pieces.append((codes * scales.unsqueeze(1)).view(-1)[start - first : stop - first])
         return torch.cat(pieces) if len(pieces) != 1 else pieces[0]
@@ -341,18 +341,48 @@ def _pack(fields: torch.Tensor, bits: int) -> torch.Tensor:
 def _unpack_groups(packed: torch.Tensor, bits: int, groups: int) -> torch.Tensor:
     """The 8 * `groups` fields of `_pack`'s bit stream that start at `packed[0]`, as uint8 (bytes
     past the end of `packed` read as zeros). Eight fields of b bits are b bytes: widths that divide
-    8 shift each byte; the others assemble each group's bytes into one integer and shift that."""
-    packed = torch.nn.functional.pad(packed, (0, groups * bits - len(packed)))
+    8 shift each byte; the others read each group's bytes as one 64-bit word and shift that. Each
+    field position is one whole-tensor operation: a broadcast shift over all of them costs twice."""
+    need = groups * bits
+    if len(packed) < need:
+        packed = torch.nn.functional.pad(packed, (0, need - len(packed)))
     mask = 2**bits - 1
     if 8 % bits == 0:
-        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-        return ((packed.unsqueeze(1) >> shifts) & mask).reshape(-1)
-    octets = packed.view(groups, bits).long()
-    word = octets[:, 0].clone()
-    for k in range(1, bits):
-        word |= octets[:, k] << (8 * k)
-    shifts = torch.arange(0, 8 * bits, bits, device=packed.device)
-    return ((word.unsqueeze(1) >> shifts) & mask).to(torch.uint8).reshape(-1)
+        out = torch.empty(need, 8 // bits, dtype=torch.uint8, device=packed.device)
+        for k in range(8 // bits):
+            torch.bitwise_and(packed >> (k * bits), mask, out=out[:, k])
+        return out.view(-1)
+    octets = torch.zeros(groups, 8, dtype=torch.uint8, device=packed.device)
+    octets[:, :bits] = packed.view(groups, bits)
+    if sys.byteorder == "little":  # the stream's byte order: a group's 8 bytes read as one integer
+        word = octets.view(torch.int64).view(-1)
+    else:
+        word = sum(octets[:, k].long() << (8 * k) for k in range(bits))
+    out = torch.empty(groups, 8, dtype=torch.uint8, device=packed.device)
+    for k in range(8):
+        out[:, k] = (word >> (k * bits)) & mask
+    return out.view(-1)
+
+
+def _codes(packed: torch.Tensor, bits: int, groups: int) -> torch.Tensor:
+    """The codes of `_unpack_groups`'s fields as float32, clamped to [-levels, levels] as decode
+    clamps them (field 0, below -levels, is in no valid file). Where several codes share a byte,
+    a table gives a byte's codes in one lookup: fewer passes than shifting, masking and converting."""
+    offset = 2 ** (bits - 1)
+    if bits in _BYTE_CODES:
+        table = _BYTE_CODES[bits].to(packed.device)
+        return table.index_select(0, torch.nn.functional.pad(packed, (0, groups * bits - len(packed))).int()).view(-1)
+    fields = _unpack_groups(packed, bits, groups).clamp_(min=1)
+    return fields.float().sub_(offset)
+
+
+def _byte_codes(bits: int) -> torch.Tensor:
+    """(256, 8 // bits) float32: the codes a byte holds, the earliest in the lowest bits."""
+    fields = (torch.arange(256).unsqueeze(1) >> torch.arange(0, 8, bits)) & (2**bits - 1)
+    return (fields.clamp(min=1) - 2 ** (bits - 1)).float()
+
+
+_BYTE_CODES = {bits: _byte_codes(bits) for bits in (2, 4)}  # 8 bits: one code a byte, converting is faster
 
 
 def _share(fraction: float) -> str:
