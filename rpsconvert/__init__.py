@@ -31,7 +31,7 @@ from rpsconvert.engine.mapping import HashedNet, RandomFold, RoastTile, register
 from rpsconvert.engine.modules import clear_cache, densify, is_converted, materialize, set_mode
 from rpsconvert.engine.pool import RPSPool
 from rpsconvert.engine.storage import PoolStorage
-from rpsconvert.engine.report import ConversionReport, WeightReport, report
+from rpsconvert.engine.report import ConversionReport, WeightReport, report, resident_bytes
 from rpsconvert.format.checkpoint import decompress, from_pretrained, load, save
 from rpsconvert.quality.batches import load_calibration
 from rpsconvert.quality.calibration import LayerFit, calibrate
@@ -44,6 +44,7 @@ __all__ = [
     # convert, run, save and load
     "convert",
     "report",
+    "resident_bytes",
     "save",
     "load",
     "from_pretrained",

@@ -127,8 +127,10 @@ def test_selection_by_patterns_and_min_numel():
 def test_half_precision_pool_is_stored_in_half_and_trains_in_the_weights_dtype(tmp_path):
     model = nn.Sequential(nn.Linear(50, 80))
     converted = convert(model, ratio=1.0, min_numel=1, dtype=torch.float16)
+    assert converted.rps.packed and converted.rps_pool_packed.numel() == 4000  # held in half, as stored
+    converted.rps.unpack()  # to train: float32 values, exact in float16
     assert converted.rps_pool.dtype == torch.float32
-    assert torch.equal(converted.rps_pool.half().float(), converted.rps_pool)  # exact in float16
+    assert torch.equal(converted.rps_pool.half().float(), converted.rps_pool)
     assert report(converted).pool_bytes == 2 * 4000
     x = torch.randn(2, 50)
     assert converted(x).dtype == torch.float32

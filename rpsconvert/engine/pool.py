@@ -90,6 +90,11 @@ class RPSPool:
         names = (POOL_PARAM, *POOL_BUFFERS.values())
         return {name: self._tensor(name) for name in names if self._tensor(name) is not None}
 
+    def kept(self) -> list[torch.Tensor]:
+        """What the pool keeps besides the model's parameters and buffers: the weights of cached
+        mode, and a quantized latent pool's rounding while it trains."""
+        return [*(self._cache or {}).values(), *(self._snapped[1:] if self._snapped else ())]
+
     def _tensor(self, name: str) -> torch.Tensor | None:
         if self._owner is None:
             return self._detached.get(name)

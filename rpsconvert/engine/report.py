@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import torch
 from torch import nn
 
 from rpsconvert.engine.budget import format_bytes
-from rpsconvert.engine.modules import find_pool
+from rpsconvert.engine.modules import find_pool, is_converted
 
 
 @dataclass(frozen=True)
@@ -101,3 +102,13 @@ def report(model: nn.Module) -> ConversionReport:
         fallback_reason=pool.info.get("fallback_reason"),
         notes=list(pool.info.get("notes", [])),
     )
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes of the tensors `model` holds now, each storage counted once: its parameters and
+    buffers, and what a converted model's pool keeps (`RPSPool.kept`). The memory a budget
+    promises: a lean model holds its stored pool and dense tensors, and each weight exists only
+    while its layer runs (generation's temporaries are not held, so they are not counted)."""
+    tensors = [*model.parameters(), *model.buffers(), *(find_pool(model).kept() if is_converted(model) else [])]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t.numel()}
+    return sum(storages.values())

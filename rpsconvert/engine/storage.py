@@ -143,7 +143,7 @@ class PoolStorage:
         so no float copy of the pool is ever made (a float pool: a slice in its own dtype)."""
         if not self.quantized:
             return stored[""][lo:hi]
-        pieces = []
+        pieces = [torch.zeros(0, device=stored[""].device)]  # what an empty range reads
         for start in range(lo, hi, _CHUNK):  # bounded temporaries for any range
             stop = min(start + _CHUNK, hi)
             first = start // self.block * self.block  # whole blocks, so each multiplies by one scale
@@ -154,7 +154,7 @@ class PoolStorage:
             codes = codes[first - 8 * group : first - 8 * group + blocks * self.block].view(blocks, self.block)
             scales = stored[".scales"][first // self.block : first // self.block + blocks].float()
             pieces.append((codes * scales.unsqueeze(1)).view(-1)[start - first : stop - first])
-        return torch.cat(pieces) if len(pieces) != 1 else pieces[0]
+        return torch.cat(pieces[1:]) if len(pieces) > 2 else pieces[-1]
 
     def gather(self, stored: dict[str, torch.Tensor], slots: torch.Tensor) -> torch.Tensor:
         """The values of the pool at `slots` (any int64 indices), exactly as `decode` gives them:
@@ -294,7 +294,7 @@ class MixedStorage:
 
     def read(self, stored: dict[str, torch.Tensor], lo: int, hi: int) -> torch.Tensor:
         """As PoolStorage.read, each run read by its own part."""
-        first = bisect.bisect_right(self._starts, lo, key=lambda start: start[0]) - 1
+        first = min(bisect.bisect_right(self._starts, lo, key=lambda start: start[0]), len(self.runs)) - 1
         pieces = []
         for run in range(first, len(self.runs)):
             begin, end = self._starts[run][0], self._starts[run + 1][0]
