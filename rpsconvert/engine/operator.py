@@ -27,7 +27,7 @@ from rpsconvert.engine import kernels
 from rpsconvert.engine.hashing import STREAM_ROTATION, STREAM_SIGN, hash32, stream_key
 from rpsconvert.engine.mapping import CHUNK, Mapping, RandomFold, chunks
 
-FOLD_CHUNK = 1 << 18  # RandomFold elements generated at once: about 1 MB of sign factors and bytes
+FOLD_CHUNK = 1 << 20  # RandomFold elements generated at once: about 1 MB of sign factors and bytes
 _MIN_RUN = 1 << 12  # RandomFold pools smaller than this are gathered: a slice per fold would cost more
 
 
