@@ -32,7 +32,7 @@ import torch
 import torchvision
 from torch import nn
 
-from rpsconvert import convert, load, save, set_mode
+from rpsconvert import convert, load, resident_bytes, save, set_mode
 from rpsconvert.engine import kernels
 
 RATIO = 0.01
@@ -68,13 +68,11 @@ MODELS = {
 
 
 def _resident_bytes(model: nn.Module) -> int:
-    """Tensors the model holds: parameters and buffers (the pool and the dense parts), the cache in
-    cached mode, and in lean mode the largest weight, which exists while its layer runs."""
-    held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    """Tensors the model holds (`resident_bytes`: the stored pool, the dense parts, the cache in
+    cached mode) and, in lean mode, the largest weight, which exists while its layer runs."""
     pool = model.rps
-    if pool._cache is not None:
-        return held + sum(t.numel() * t.element_size() for t in pool._cache.values())
-    return held + max(w.numel for w in pool.weights.values()) * pool.pool.element_size()
+    largest = 0 if pool._cache is not None else max(w.numel * w.dtype.itemsize for w in pool.weights.values())
+    return resident_bytes(model) + largest
 
 
 def forward_rows(rounds: int, device: torch.device, compiled: bool, models: list[str]) -> list[tuple]:
@@ -127,8 +125,9 @@ def generation_throughput(model: nn.Module, rounds: int) -> tuple[float, float]:
     source = torch.randn(numel, dtype=pool.pool.dtype, device=pool.pool.device)
     generate, copy_ = [], []
     with torch.no_grad():
+        theta = pool._pool_for_autograd()  # the float pool, or the codes of a packed one
         for _ in range(rounds + 1):  # the first is a warm-up (the kernel's compilation on a GPU)
-            generate.append(_seconds(lambda: pool.operator.generate_all(pool.pool, pool.weights.values())))
+            generate.append(_seconds(lambda: pool.operator.generate_all(theta, pool.weights.values())))
             copy_.append(_seconds(source.clone))
     return statistics.median(generate[1:]), statistics.median(copy_[1:]) / statistics.median(generate[1:])
 

@@ -6,9 +6,10 @@ bytes. So the pool can be stored as symmetric round-to-nearest integer codes, on
 consecutive slots (at ratio 1.0 RandomFold lays every weight out contiguously, so a block is a run
 of one weight: group-wise weight quantization).
 
-In memory the pool stays a float Parameter in the weights' dtype, so training, recovery and
-`model.half()` work unchanged; generation reads it through `snap` (values on the stored grid,
-straight-through for gradients), so the model that runs is the model that is saved.
+In memory the pool is held as it is stored (PackedPool: `read` dequantizes a range of slots from
+the bytes and scales that hold it, `gather` any slots), so a model runs in the bytes of its file.
+While it trains it is a float latent pool in the weights' dtype, read through `snap` (values on the
+stored grid, straight-through for gradients), so the model that runs is the model that is saved.
 """
 
 from __future__ import annotations
