@@ -60,11 +60,14 @@ def test_a_mixed_pool_reads_each_run_with_its_own_width():
     assert torch.equal(storage.gather(stored, picks), decoded[picks])
 
 
-def test_codes_below_the_lowest_level_read_as_decode_clamps_them():
-    storage = PoolStorage(torch.float16, 3, 8)
-    stored = {"": torch.zeros(3, dtype=torch.uint8), ".scales": torch.ones(1, dtype=torch.float16)}  # 8 fields of 0
-    assert torch.equal(storage.read(stored, 0, 8), torch.full((8,), -3.0))
-    assert torch.equal(storage.gather(stored, torch.arange(8)), torch.full((8,), -3.0))
+@pytest.mark.parametrize("bits", [2, 3, 8])
+def test_codes_below_the_lowest_level_read_as_decode_clamps_them_and_stay_stored(bits):
+    storage = PoolStorage(torch.float16, bits, 8)
+    stored = {"": torch.zeros(bits, dtype=torch.uint8), ".scales": torch.ones(1, dtype=torch.float16)}  # 8 fields of 0
+    lowest = torch.full((8,), -float(storage.levels))
+    assert torch.equal(storage.read(stored, 0, 8), lowest) and torch.equal(storage.decode(stored, 8), lowest)
+    assert torch.equal(storage.gather(stored, torch.arange(8)), lowest)
+    assert not stored[""].any()  # reading never writes into the stored codes
 
 
 MAPPINGS = [("randomfold", 0.5, 128), ("randomfold", 0.5, 16), ("hashednet", 0.5, 128), (RoastTile(tile=100), 0.5, 128), ("randomfold", 1.0, 128)]

@@ -112,7 +112,7 @@ class RPSPool:
         """The pool's tensors as a file stores them, by name suffix (`storage.tensors`)."""
         if not self.packed:
             return self.storage.encode(self.pool.detach())
-        dtypes = {suffix: dtype for suffix, dtype, _ in self.storage.tensors(self.size)}
+        dtypes = {"": torch.uint8 if self.storage.quantized else self.storage.dtype, ".scales": self.storage.dtype}
         return {suffix: self._tensor(name).view(dtypes[suffix]) for suffix, name in POOL_BUFFERS.items() if self._tensor(name) is not None}
 
     def pack(self) -> None:

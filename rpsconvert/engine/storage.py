@@ -348,6 +348,8 @@ def _unpack_groups(packed: torch.Tensor, bits: int, groups: int) -> torch.Tensor
     if len(packed) < need:
         packed = torch.nn.functional.pad(packed, (0, need - len(packed)))
     mask = 2**bits - 1
+    if bits == 8:
+        return packed[:need]
     if 8 % bits == 0:
         out = torch.empty(need, 8 // bits, dtype=torch.uint8, device=packed.device)
         for k in range(8 // bits):
@@ -373,7 +375,7 @@ def _codes(packed: torch.Tensor, bits: int, groups: int) -> torch.Tensor:
     if bits in _BYTE_CODES:
         table = _BYTE_CODES[bits].to(packed.device)
         return table.index_select(0, torch.nn.functional.pad(packed, (0, groups * bits - len(packed))).int()).view(-1)
-    fields = _unpack_groups(packed, bits, groups).clamp_(min=1)
+    fields = _unpack_groups(packed, bits, groups).clamp(min=1)  # not in place: 8-bit fields are the stored bytes
     return fields.float().sub_(offset)
 
 
