@@ -76,12 +76,12 @@ def test_fold_adjoint_is_the_element_wise_scatter_and_the_gradient_of_generation
         torch.testing.assert_close(theta.grad, expected, rtol=1e-12, atol=1e-12)
 
 
-def _mlp(width: int = 256) -> nn.Module:
+def _mlp(width: int = 256, **options) -> nn.Module:
     """At ratio 0.2 a 256-wide MLP has a pool of over 4096 slots: the production fold path."""
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return convert(nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 5)), ratio=0.2, min_numel=1).eval()
+        return convert(nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 5)), min_numel=1, **(options or {"ratio": 0.2})).eval()
 
 
 def test_lean_mode_generates_at_every_use_and_cached_mode_serves_one_cache():
@@ -122,9 +122,13 @@ def test_load_returns_the_mode_asked_for_and_checks_it_first(tmp_path):
         assert torch.equal(lean.eval()(x), cached.eval()(x))
 
 
+POOLS = {"float32": {}, "int4, packed": {"ratio": 0.2, "bits": 4}, "mixed widths, packed": {"budget": 40_000}}
+
+
+@pytest.mark.parametrize("pool", POOLS)
 @pytest.mark.parametrize("mode", ["lean", "cached"])
-def test_torch_compile_and_export_follow_the_pool(mode):
-    model, x = _mlp(), torch.randn(3, 256)
+def test_torch_compile_and_export_follow_the_pool(mode, pool):
+    model, x = _mlp(**POOLS[pool]), torch.randn(3, 256)
     set_mode(model, mode)
     with torch.no_grad():
         reference = model(x)

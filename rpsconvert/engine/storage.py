@@ -15,7 +15,6 @@ stored grid, straight-through for gradients), so the model that runs is the mode
 from __future__ import annotations
 
 import bisect
-import functools
 import itertools
 import math
 import sys
@@ -163,12 +162,7 @@ class PoolStorage:
         RandomFold read one slot per element)."""
         if not self.quantized:
             return stored[""][slots]
-        stream = stored[""]
-        bit = slots * self.bits
-        byte = bit >> 3
-        word = stream[byte].int() | (stream[(byte + 1).clamp_(max=len(stream) - 1)].int() << 8)  # a field spans at most 2 bytes
-        codes = ((word >> (bit & 7)) & (2**self.bits - 1)) - 2 ** (self.bits - 1)
-        return codes.clamp_(-self.levels, self.levels).float() * stored[".scales"][slots // self.block].float()
+        return _gather(stored, slots * self.bits, self.bits, slots // self.block)
 
     def packs(self, dtype: torch.dtype) -> bool:
         """Whether a pool computing in `dtype` is held in memory as stored rather than as `dtype`
@@ -199,6 +193,16 @@ class MixedStorage:
     def __post_init__(self):
         if not self.runs or any(n < 1 or not part.quantized or part.dtype != self.runs[0][1].dtype for n, part in self.runs):
             raise ValueError("a mixed pool is runs of at least one slot, all quantized, all with the same scale dtype")
+        # where each run starts (made here, not on first use: torch.compile may be tracing then)
+        starts = [(0, 0, 0)]  # (first slot, first code byte, first scale) of every run, and one past the last
+        for n, part in self.runs:
+            size = {suffix: shape[0] for suffix, _, shape in part.tensors(n)}
+            slot, byte, scale = starts[-1]
+            starts.append((slot + n, byte + size[""], scale + size[".scales"]))
+        object.__setattr__(self, "_starts", starts)
+        # (runs, 5) int64: each run's first slot, first code byte, first scale, bits and block
+        rows = [(*start, part.bits, part.block) for start, (_, part) in zip(starts, self.runs)]
+        object.__setattr__(self, "_table", torch.tensor(rows, dtype=torch.int64))
 
     quantized = True
 
@@ -278,16 +282,6 @@ class MixedStorage:
         validate(self, stored, slots)
         return self.read(stored, 0, slots)
 
-    @functools.cached_property
-    def _starts(self) -> list[tuple[int, int, int]]:
-        """(first slot, first code byte, first scale) of every run, and one past the last."""
-        starts = [(0, 0, 0)]
-        for n, part in self.runs:
-            size = {suffix: shape[0] for suffix, _, shape in part.tensors(n)}
-            slot, byte, scale = starts[-1]
-            starts.append((slot + n, byte + size[""], scale + size[".scales"]))
-        return starts
-
     def _run(self, stored: dict[str, torch.Tensor], run: int) -> dict[str, torch.Tensor]:
         """The stored tensors of run `run` alone (views)."""
         (_, byte, scale), (_, byte_end, scale_end) = self._starts[run], self._starts[run + 1]
@@ -305,14 +299,13 @@ class MixedStorage:
         return torch.cat(pieces) if len(pieces) != 1 else pieces[0]
 
     def gather(self, stored: dict[str, torch.Tensor], slots: torch.Tensor) -> torch.Tensor:
-        """As PoolStorage.gather, the slots of each run read by its part."""
-        edges = torch.tensor([start[0] for start in self._starts], device=slots.device)
-        runs = torch.bucketize(slots, edges, right=True) - 1
-        out = torch.empty(slots.shape, dtype=torch.float32, device=slots.device)
-        for run in torch.unique(runs).tolist():
-            where = runs == run
-            out[where] = self.runs[run][1].gather(self._run(stored, run), slots[where] - self._starts[run][0])
-        return out
+        """As PoolStorage.gather, each slot read with its run's width, block and offsets: one
+        expression for all runs (which torch.compile and torch.export trace)."""
+        table = self._table.to(slots.device)
+        run = torch.bucketize(slots, table[:, 0].contiguous(), right=True) - 1
+        first, byte, scale, bits, block = table[run].unbind(1)
+        local = slots - first
+        return _gather(stored, byte * 8 + local * bits, bits, scale + local // block)
 
     def packs(self, dtype: torch.dtype) -> bool:
         return True
@@ -365,6 +358,18 @@ def _unpack_groups(packed: torch.Tensor, bits: int, groups: int) -> torch.Tensor
     for k in range(8):
         out[:, k] = (word >> (k * bits)) & mask
     return out.view(-1)
+
+
+def _gather(stored: dict[str, torch.Tensor], bit: torch.Tensor, bits: int | torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The codes whose fields start at stream bit `bit`, `bits` wide (one width, or one per code),
+    times the block scales at `scale`, clamped as decode clamps them: each field spans at most two
+    bytes, read as one 16-bit word."""
+    stream = stored[""]
+    byte = bit >> 3
+    word = stream[byte].int() | (stream[(byte + 1).clamp(max=len(stream) - 1)].int() << 8)
+    half = 2 ** (bits - 1)  # the offset of the stored fields; codes run from 1 - half to half - 1
+    codes = (((word >> (bit & 7)) & (2 * half - 1)) - half).clamp(min=1 - half)
+    return codes.float() * stored[".scales"][scale].float()
 
 
 def _codes(packed: torch.Tensor, bits: int, groups: int) -> torch.Tensor:
