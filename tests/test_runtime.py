@@ -220,3 +220,15 @@ def test_cuda_runs_both_modes():
         # cuBLAS sums in another order than the CPU: float32 agreement to ~1e-6 relative
         torch.testing.assert_close(model(x.cuda()).cpu(), reference, rtol=1e-4, atol=1e-5)
         assert torch.equal(model(x.cuda()), lean)  # the same kernels on the same weights
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("pool", ["int4, packed", "mixed widths, packed"])
+def test_cuda_generates_from_packed_codes_the_bits_of_the_cpu(pool):
+    model = _mlp(**POOLS[pool])
+    with torch.no_grad():
+        cpu = {name: model.rps.weight(name) for name in model.rps.weights}
+        model.cuda()
+        assert model.rps.packed and model.rps_pool_packed.is_cuda  # the codes moved, still packed
+        for name, weight in cpu.items():
+            assert torch.equal(model.rps.weight(name).cpu(), weight), name
