@@ -143,7 +143,9 @@ class PoolStorage:
         so no float copy of the pool is ever made (a float pool: a slice in its own dtype)."""
         if not self.quantized:
             return stored[""][lo:hi]
-        pieces = [torch.zeros(0, device=stored[""].device)]  # what an empty range reads
+        if hi <= lo:
+            return torch.zeros(0, device=stored[""].device)
+        pieces = []
         for start in range(lo, hi, _CHUNK):  # bounded temporaries for any range
             stop = min(start + _CHUNK, hi)
             first = start // self.block * self.block  # whole blocks, so each multiplies by one scale
@@ -154,7 +156,7 @@ class PoolStorage:
             codes = codes[first - 8 * group : first - 8 * group + blocks * self.block].view(blocks, self.block)
             scales = stored[".scales"][first // self.block : first // self.block + blocks].float()
             pieces.append((codes * scales.unsqueeze(1)).view(-1)[start - first : stop - first])
-        return torch.cat(pieces[1:]) if len(pieces) > 2 else pieces[-1]
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
     def gather(self, stored: dict[str, torch.Tensor], slots: torch.Tensor) -> torch.Tensor:
         """The values of the pool at `slots` (any int64 indices), exactly as `decode` gives them:
@@ -333,18 +335,15 @@ def _pack(fields: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _unpack_groups(packed: torch.Tensor, bits: int, groups: int) -> torch.Tensor:
-    """The 8 * `groups` fields of `_pack`'s bit stream that start at `packed[0]`, as uint8 (bytes
-    past the end of `packed` read as zeros). Eight fields of b bits are b bytes: widths that divide
-    8 shift each byte; the others read each group's bytes as one 64-bit word and shift that. Each
-    field position is one whole-tensor operation: a broadcast shift over all of them costs twice."""
-    need = groups * bits
-    if len(packed) < need:
-        packed = torch.nn.functional.pad(packed, (0, need - len(packed)))
+    """The 8 * `groups` fields of `_pack`'s bit stream `packed` (`groups` * `bits` bytes), as
+    uint8. Eight fields of b bits are b bytes: widths that divide 8 shift each byte; the others read
+    each group's bytes as one 64-bit word and shift that. Each field position is one whole-tensor
+    operation: a broadcast shift over all of them costs twice as much."""
     mask = 2**bits - 1
     if bits == 8:
-        return packed[:need]
+        return packed
     if 8 % bits == 0:
-        out = torch.empty(need, 8 // bits, dtype=torch.uint8, device=packed.device)
+        out = torch.empty(len(packed), 8 // bits, dtype=torch.uint8, device=packed.device)
         for k in range(8 // bits):
             torch.bitwise_and(packed >> (k * bits), mask, out=out[:, k])
         return out.view(-1)
@@ -373,15 +372,14 @@ def _gather(stored: dict[str, torch.Tensor], bit: torch.Tensor, bits: int | torc
 
 
 def _codes(packed: torch.Tensor, bits: int, groups: int) -> torch.Tensor:
-    """The codes of `_unpack_groups`'s fields as float32, clamped to [-levels, levels] as decode
+    """The 8 * `groups` codes of the bit stream that starts at `packed[0]`, as float32, clamped to [-levels, levels] as decode
     clamps them (field 0, below -levels, is in no valid file). Where several codes share a byte,
     a table gives a byte's codes in one lookup: fewer passes than shifting, masking and converting."""
-    offset = 2 ** (bits - 1)
+    packed = torch.nn.functional.pad(packed, (0, groups * bits - len(packed)))  # bytes past the stream's end read as 0
     if bits in _BYTE_CODES:
-        table = _BYTE_CODES[bits].to(packed.device)
-        return table.index_select(0, torch.nn.functional.pad(packed, (0, groups * bits - len(packed))).int()).view(-1)
+        return _BYTE_CODES[bits].to(packed.device).index_select(0, packed.int()).view(-1)
     fields = _unpack_groups(packed, bits, groups).clamp(min=1)  # not in place: 8-bit fields are the stored bytes
-    return fields.float().sub_(offset)
+    return fields.float().sub_(2 ** (bits - 1))
 
 
 def _byte_codes(bits: int) -> torch.Tensor:
