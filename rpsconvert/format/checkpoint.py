@@ -53,7 +53,8 @@ def encode(model: nn.Module) -> bytes:
     """The bytes of a converted model's checkpoint file (what `save` writes)."""
     pool = find_pool(model)
     state = model.state_dict()
-    tensors, aliases = dedupe({name: t for name, t in state.items() if name not in pool.tensors})
+    held = pool.tensors  # the pool as the model holds it: written as the file stores it instead
+    tensors, aliases = dedupe({name: t for name, t in state.items() if name not in held})
     tensors.update({POOL_TENSOR + suffix: t for suffix, t in pool.stored().items()})
     manifest = manifest_json(pool, aliases, pool.info.get("original_bytes", 0), module_versions(state))
     metadata = _metadata(manifest, tensors)
