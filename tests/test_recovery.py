@@ -221,7 +221,8 @@ def test_under_torchrun_two_processes_give_the_single_process_result(tmp_path):
     out = tmp_path / "ddp.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(HERE / "ddp_recover.py"), str(out)]
-    subprocess.run(command, check=True, env=env, timeout=300, capture_output=True)
+    run = subprocess.run(command, env=env, timeout=300, capture_output=True, text=True)
+    assert run.returncode == 0, f"torchrun exited with {run.returncode}:\n{run.stderr[-4000:]}"
     distributed = torch.load(out)
     model, history = case()
     # What DDP promises is the same optimization: the same loss at every step and the same model
