@@ -100,6 +100,20 @@ def test_a_training_forward_rounds_the_pool_once_not_once_per_layer(monkeypatch)
         assert len(calls) == step + 1
 
 
+def test_every_layer_reads_one_straight_through_pool_per_step_and_gradients_accumulate_through_it():
+    converted = convert(nn.Sequential(*[nn.Linear(64, 64) for _ in range(6)]), ratio=1.0, bits=8).train()
+    pool, x = converted.rps, torch.randn(4, 64)
+    converted(x).square().mean().backward()
+    through, once = pool._snapped[3], converted.rps_pool.grad.clone()
+    assert through.grad_fn is not None  # the grid values, differentiable in the latent pool
+    converted(x).square().mean().backward()  # a second micro-batch before the step: the same pool
+    assert pool._snapped[3] is through
+    assert torch.equal(converted.rps_pool.grad, 2 * once)  # both backwards reached the pool, exactly
+    torch.optim.SGD(converted.parameters(), lr=1e-3).step()
+    converted(x)
+    assert pool._snapped[3] is not through  # a new pool version: made again, once
+
+
 def test_the_plan_spends_a_third_of_the_bytes_on_int8_at_ratio_one(tmp_path):
     model = _mlp()
     dense_bytes = save(convert(model, ratio=1.0), tmp_path / "full.rps.safetensors").stat().st_size

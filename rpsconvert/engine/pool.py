@@ -57,7 +57,9 @@ class RPSPool:
         self._cache_key: tuple | None = None
         self.mode = "lean"  # set_mode: generate each weight when used, or serve a cache of all of them
         self._hooked: int | None = None
-        self._snapped: tuple | None = None  # (pool key, the pool on its grid, grid minus latent values)
+        # (pool key, the pool on its grid, grid minus latent values, and while training the grid
+        # with the latent values' gradient: one per pool version, which every layer reads)
+        self._snapped: tuple | None = None
 
     @classmethod
     def from_stored(
@@ -93,7 +95,7 @@ class RPSPool:
     def kept(self) -> list[torch.Tensor]:
         """What the pool keeps besides the model's parameters and buffers: the weights of cached
         mode, and a quantized latent pool's rounding while it trains."""
-        return [*(self._cache or {}).values(), *(self._snapped[1:] if self._snapped else ())]
+        return [*(self._cache or {}).values(), *(t for t in (self._snapped or ())[1:] if t is not None)]
 
     def _tensor(self, name: str) -> torch.Tensor | None:
         if self._owner is None:
@@ -133,8 +135,8 @@ class RPSPool:
     def unpack(self) -> None:
         """Make the pool a float latent pool in the weights' dtype, to train it: a forward with
         gradients in train mode does it by itself, as recover and calibrate do. It costs the
-        dtype's bytes a slot, and a quantized pool's training forward keeps two more such vectors
-        (its rounding and the difference), until `pack`."""
+        dtype's bytes a slot, and a quantized pool's training forward keeps three more such vectors
+        (its rounding, the difference and the straight-through pool), until `pack`."""
         if not self.packed:
             return
         latent = self.pool
@@ -189,8 +191,12 @@ class RPSPool:
         key = self._current_key()
         if self._snapped is None or self._snapped[0] != key:
             snapped = self.storage.snap(pool.detach())
-            self._snapped = (key, snapped, snapped - pool.detach())
-        return pool + self._snapped[2] if training else self._snapped[1]
+            self._snapped = (key, snapped, snapped - pool.detach(), None)
+        if not training:
+            return self._snapped[1]
+        if self._snapped[3] is None:  # once per step, not once per layer: it is the pool's size
+            self._snapped = (*self._snapped[:3], pool + self._snapped[2])
+        return self._snapped[3]
 
     def resnap(self, slots: torch.Tensor) -> None:
         """Tell a quantized pool that its values changed in place at `slots` only (calibration's
@@ -199,10 +205,10 @@ class RPSPool:
         if not self.storage.quantized or self._snapped is None or self.packed:
             return
         pool = self.pool.detach()
-        _, snapped, delta = self._snapped
+        _, snapped, delta, _ = self._snapped
         for lo, hi in self.storage.resnap(pool, snapped, slots):
             torch.sub(snapped[lo:hi], pool[lo:hi], out=delta[lo:hi])
-        self._snapped = (self._current_key(), snapped, delta)
+        self._snapped = (self._current_key(), snapped, delta, None)
 
     def _scale_gradient(self, grad: torch.Tensor) -> torch.Tensor:
         if not self.grad_scaling:
