@@ -105,13 +105,29 @@ def test_every_layer_reads_one_straight_through_pool_per_step_and_gradients_accu
     pool, x = converted.rps, torch.randn(4, 64)
     converted(x).square().mean().backward()
     through, once = pool._snapped[3], converted.rps_pool.grad.clone()
-    assert through.grad_fn is not None  # the grid values, differentiable in the latent pool
+    assert through.whole.grad_fn is not None  # the grid values, differentiable in the latent pool
     converted(x).square().mean().backward()  # a second micro-batch before the step: the same pool
     assert pool._snapped[3] is through
     assert torch.equal(converted.rps_pool.grad, 2 * once)  # both backwards reached the pool, exactly
     torch.optim.SGD(converted.parameters(), lr=1e-3).step()
     converted(x)
     assert pool._snapped[3] is not through  # a new pool version: made again, once
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.5])
+def test_layers_read_pieces_of_one_split_where_their_runs_tile_the_pool_with_the_same_gradient(ratio, monkeypatch):
+    x = torch.randn(4, 64)
+    grads = []
+    for tiled in (True, False):
+        torch.manual_seed(0)
+        converted = convert(nn.Sequential(*[nn.Linear(64, 64) for _ in range(6)]), ratio=ratio, bits=4).train()
+        if not tiled:
+            monkeypatch.setattr(type(converted.rps), "_run_starts", lambda self: None)
+        converted(x).square().mean().backward()
+        # at ratio 1 RandomFold's runs tile the pool: one split; below it folds overlap: the whole pool
+        assert isinstance(converted.rps._snapped[3], torch.Tensor) == (not tiled or ratio < 1)
+        grads.append(converted.rps_pool.grad)
+    assert torch.equal(grads[0], grads[1])
 
 
 def test_the_plan_spends_a_third_of_the_bytes_on_int8_at_ratio_one(tmp_path):

@@ -124,29 +124,38 @@ class PoolOperator:
         pieces = [theta[slots] * (sign.to(theta.dtype) * weight.scale) for _, _, slots, sign in self._chunks(weight, theta.device)]
         return (torch.cat(pieces) if len(pieces) > 1 else pieces[0]).view(weight.shape)
 
-    def _fold_pieces(self, theta: torch.Tensor, weight: CompressedWeight, scale: float | None = None) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
-        """(local start, local stop, pool slice, sign factors) for every run of every RandomFold fold.
+    def fold_runs(self, weight: CompressedWeight) -> Iterator[tuple[int, int, int]]:
+        """(local start, local stop, first slot) of every run of every RandomFold fold of `weight`.
 
         Fold c covers the global indices [c m, (c + 1) m) and reads the pool rotated by
-        H(c) mod m: the part of a fold inside one chunk is at most two ascending runs of slots, so
-        its pool values are slices (views, no index tensor). The factors are g(i) * scale in theta's
-        dtype, rounded exactly as `generate_elementwise` rounds them.
+        H(c) mod m: the part of a fold inside one chunk of FOLD_CHUNK elements is at most two
+        ascending runs of slots, so its pool values are slices (views, no index tensor).
         """
-        m, device = self.slots, theta.device
-        signed = self.signed(theta, weight.scale if scale is None else scale)
-        bits = (torch.arange(256, device=device).unsqueeze(1) >> torch.arange(8, device=device)) & 1
-        table = signed[bits]  # (256, 8): the factors of the 8 elements whose sign bits are one byte
+        m = self.slots
         for lo in range(0, weight.numel, FOLD_CHUNK):
-            hi = min(lo + FOLD_CHUNK, weight.numel)
-            start, stop = weight.offset + lo, weight.offset + hi
-            factors = self._sign_factors(start, stop, table)
+            start, stop = weight.offset + lo, weight.offset + min(lo + FOLD_CHUNK, weight.numel)
             for fold in range(start // m, (stop - 1) // m + 1):
                 first, last = max(start, fold * m), min(stop, (fold + 1) * m)  # global indices in this chunk
                 begin = (hash32(fold, self._rotation_key) % m + first - fold * m) % m
                 split = min(last, first + m - begin)  # where the run wraps to slot 0
-                yield first - weight.offset, split - weight.offset, theta[begin : begin + split - first], factors[first - start : split - start]
+                yield first - weight.offset, split - weight.offset, begin
                 if split < last:
-                    yield split - weight.offset, last - weight.offset, theta[: last - split], factors[split - start : last - start]
+                    yield split - weight.offset, last - weight.offset, 0
+
+    def _fold_pieces(self, theta: torch.Tensor, weight: CompressedWeight, scale: float | None = None) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        """(local start, local stop, pool slice, sign factors) for every run of `fold_runs`. The
+        factors are g(i) * scale in theta's dtype, rounded exactly as `generate_elementwise` rounds
+        them, computed a chunk of FOLD_CHUNK elements at a time."""
+        signed = self.signed(theta, weight.scale if scale is None else scale)
+        bits = (torch.arange(256, device=theta.device).unsqueeze(1) >> torch.arange(8, device=theta.device)) & 1
+        table = signed[bits]  # (256, 8): the factors of the 8 elements whose sign bits are one byte
+        chunk = None
+        for lo, hi, begin in self.fold_runs(weight):
+            if lo // FOLD_CHUNK != chunk:
+                chunk = lo // FOLD_CHUNK
+                start = chunk * FOLD_CHUNK
+                factors = self._sign_factors(weight.offset + start, weight.offset + min(start + FOLD_CHUNK, weight.numel), table)
+            yield lo, hi, theta[begin : begin + hi - lo], factors[lo - start : hi - start]
 
     @staticmethod
     def signed(theta: torch.Tensor, scale: float) -> torch.Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rpsconvert.engine.mapping import Mapping, get_mapping
+from rpsconvert.engine.mapping import Mapping, RandomFold, get_mapping
 from rpsconvert.engine.operator import CompressedWeight, PoolOperator
 from rpsconvert.engine.storage import MixedStorage, PackedPool, PoolStorage, straight_through, validate
 
@@ -95,7 +95,8 @@ class RPSPool:
     def kept(self) -> list[torch.Tensor]:
         """What the pool keeps besides the model's parameters and buffers: the weights of cached
         mode, and a quantized latent pool's rounding while it trains."""
-        return [*(self._cache or {}).values(), *(t for t in (self._snapped or ())[1:] if t is not None)]
+        held = [t.whole if isinstance(t, _Tiled) else t for t in (self._snapped or ())[1:] if t is not None]
+        return [*(self._cache or {}).values(), *held]
 
     def _tensor(self, name: str) -> torch.Tensor | None:
         if self._owner is None:
@@ -195,8 +196,23 @@ class RPSPool:
         if not training:
             return self._snapped[1]
         if self._snapped[3] is None:  # once per step, not once per layer: it is the pool's size
-            self._snapped = (*self._snapped[:3], pool + self._snapped[2])
+            through = pool + self._snapped[2]
+            starts = None if through.is_cuda else self._run_starts()  # a GPU's kernel reads it whole
+            self._snapped = (*self._snapped[:3], through if starts is None else _Tiled(through, starts))
         return self._snapped[3]
+
+    def _run_starts(self) -> list[int] | None:
+        """The first slots of the runs RandomFold's layers read, where those runs tile the pool
+        (at ratio 1, one fold: every slot is one element's), else None; kept per layout."""
+        layout = tuple((w.offset, w.numel) for w in self.weights.values())
+        tiling = getattr(self, "_tiling", None)
+        if tiling is None or tiling[0] != layout:
+            runs = []
+            if isinstance(self.mapping, RandomFold):
+                runs = sorted((begin, begin + hi - lo) for w in self.weights.values() for lo, hi, begin in self.operator.fold_runs(w))
+            tiles = bool(runs) and runs[0][0] == 0 and runs[-1][1] == self.size and all(a[1] == b[0] for a, b in zip(runs, runs[1:]))
+            self._tiling = tiling = (layout, [begin for begin, _ in runs] if tiles else None)
+        return tiling[1]
 
     def resnap(self, slots: torch.Tensor) -> None:
         """Tell a quantized pool that its values changed in place at `slots` only (calibration's
@@ -261,6 +277,28 @@ class RPSPool:
         """Drop the cached weights (train(), or on demand); cached mode rebuilds them at the next
         use without gradients, lean mode never does."""
         self._cache = self._cache_key = None
+
+
+class _Tiled:
+    """The straight-through pool cut once into the runs its layers read, where they tile it: each
+    layer's slice is then a piece of one split, whose backward assembles the pool's gradient in one
+    pass, where slicing would zero-fill a pool-sized gradient for every layer. Any other index is
+    read from the whole tensor."""
+
+    def __init__(self, whole: torch.Tensor, starts: list[int]):
+        self.whole = whole
+        self.parts = dict(zip(starts, whole.split([b - a for a, b in zip(starts, [*starts[1:], len(whole)])])))
+
+    dtype = property(lambda self: self.whole.dtype)
+    device = property(lambda self: self.whole.device)
+    requires_grad = property(lambda self: self.whole.requires_grad)
+
+    def __getitem__(self, index: slice | torch.Tensor) -> torch.Tensor:
+        if isinstance(index, slice):
+            part = self.parts.get(index.start or 0)
+            if part is not None and index.stop is not None and len(part) == index.stop - (index.start or 0):
+                return part
+        return self.whole[index]
 
 
 def _as_bits(tensor: torch.Tensor) -> torch.Tensor:
