@@ -1,6 +1,10 @@
-"""Every file says what made it, and saying so never breaks a budget."""
+"""Every file says what made it, and saying so never breaks a budget nor the file's bytes: the same
+input converted the same way gives the same file wherever it is written."""
 
+import hashlib
 import json
+import struct
+import subprocess
 
 import pytest
 import torch
@@ -11,6 +15,7 @@ from rpsconvert import convert
 from rpsconvert.cli import app
 from rpsconvert.format import provenance
 from rpsconvert.format.checkpoint import encode
+from test_cli import RPSCONVERT
 
 runner = CliRunner()
 
@@ -32,12 +37,13 @@ def test_no_figure_is_longer_than_the_placeholder():
 
 @pytest.mark.parametrize("budget", [4_700, 9_999, 10_000, 13_000])
 def test_the_longest_figures_recorded_later_still_fit_the_budget(budget):
-    converted = convert(mlp(), budget=budget, min_numel=1, provenance={"command": ["rpsconvert", "x"], "fidelity": None, "gate": None})
+    converted = convert(mlp(), budget=budget, min_numel=1, provenance={"command": ["rpsconvert", "x"], **dict.fromkeys(provenance.LATER)})
     made_by = converted.rps.info["provenance"]
     assert len(made_by["plan"]) > 1 and made_by["layers"]["compressed"] == ["0.weight", "2.weight"]
     worst = -9.999994e15  # rounds to the placeholder's own width
     provenance.fill(made_by, "fidelity", provenance.fidelity("recovered", dict.fromkeys(provenance.FIDELITY_FIGURES, worst)))
     provenance.fill(made_by, "gate", provenance.gate(False, worst, worst))
+    provenance.fill(made_by, "weight_error", provenance.figure(worst))
     assert len(encode(converted)) <= budget
 
 
@@ -84,10 +90,47 @@ def test_a_verified_cli_file_records_its_fidelity_and_missed_gate_within_budget(
     out = json.loads(result.stdout)
     assert (tmp_path / "m.rps.safetensors").stat().st_size == out["file_bytes"] <= out["budget_bytes"]
     made_by = json.loads(runner.invoke(app, ["info", "m.rps.safetensors", "--json"]).stdout)["manifest"]["provenance"]
-    assert made_by["command"] == ["rpsconvert", "convert", "m.pt", "--budget", budget, "--atol", "0.0", "--json"]
+    assert made_by["command"] == ["rpsconvert", "convert", "m.pt", "--budget", budget, "--atol", "0.0"]  # --json is not what made it
     assert made_by["gate"] == {"passed": False, "max_drop": None, "atol": 0.0}
     assert made_by["fidelity"]["on"] == "file"
     # the recorded figures are the verification's, to the 6 digits a figure keeps
     assert made_by["fidelity"]["max_abs_error"] == pytest.approx(out["verification"]["max_abs_error"], rel=1e-5)
     text = runner.invoke(app, ["info", "m.rps.safetensors"], env={"COLUMNS": "80"}).stdout
     assert "MISSED (--atol 0)" in text and "rpsconvert convert m.pt --budget" in text
+
+
+def header(path) -> str:
+    """A safetensors file's JSON header (the manifest, the provenance in it), as it is stored."""
+    data = path.read_bytes()
+    return data[8 : 8 + struct.unpack("<Q", data[:8])[0]].decode()
+
+
+def test_the_same_conversion_gives_the_same_bytes_in_any_directory_under_any_name(tmp_path):
+    here, there = tmp_path / "here", tmp_path / "there"
+    here.mkdir()
+    torch.save(mlp(), here / "m.pt")
+    torch.save(torch.randn(50, 32), here / "inputs.pt")
+    options = ["--budget", "12kB", "--min-numel", "1", "--verify", "-q"]
+    relative = subprocess.run([RPSCONVERT, "m.pt", "--calibrate", "inputs.pt", *options, "-o", "first.rps.safetensors"],
+                              cwd=here, capture_output=True, text=True, timeout=300)
+    absolute = subprocess.run([RPSCONVERT, here / "m.pt", "--calibrate", here / "inputs.pt", *options, "-o", there / "out" / "second.rps.safetensors"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert relative.returncode == absolute.returncode == 0, relative.stderr + absolute.stderr
+    first, second = here / "first.rps.safetensors", there / "out" / "second.rps.safetensors"
+    assert first.read_bytes() == second.read_bytes()
+    assert str(tmp_path) not in header(second) and "second" not in header(second)
+    made_by = json.loads(runner.invoke(app, ["info", str(second), "--json"]).stdout)["manifest"]["provenance"]
+    assert made_by["command"] == ["rpsconvert", "convert", "m.pt", "--budget", "12kB", "--min-numel", "1", "--calibrate", "inputs.pt", "--verify"]
+    digests = {name: hashlib.sha256((here / name).read_bytes()).hexdigest() for name in ("m.pt", "inputs.pt")}
+    assert made_by["inputs"] == {"model": {"name": "m.pt", "sha256": digests["m.pt"]}, "calibrate": {"name": "inputs.pt", "sha256": digests["inputs.pt"]}}
+    text = runner.invoke(app, ["info", str(second)], env={"COLUMNS": "200"}).stdout
+    assert "rpsconvert convert m.pt --budget 12kB --min-numel 1 --calibrate inputs.pt --verify" in text
+    assert f"sha256 {digests['m.pt']}" in text and f"sha256 {digests['inputs.pt']}" in text
+
+
+def test_a_model_directory_is_named_by_its_files_digests(tmp_path):
+    (tmp_path / "bert" / ".cache").mkdir(parents=True)
+    (tmp_path / "bert" / "config.json").write_text("{}")
+    (tmp_path / "bert" / ".cache" / "download.lock").write_text("changes on every download")
+    assert provenance.made_from(tmp_path / "bert") == {"name": "bert", "files": {"config.json": hashlib.sha256(b"{}").hexdigest()}}
+    assert provenance.made_from("torchvision:resnet18") == {"name": "torchvision:resnet18"}

@@ -35,7 +35,7 @@ from rpsconvert.errors import OutputExistsError, RPSError, RPSWarning
 from rpsconvert.cli import sweep
 from rpsconvert.cli.inputs import ModelInput, read_calibration, read_model
 from rpsconvert.cli.tables import WRAP_WIDTH, plan_table, tensor_table
-from rpsconvert.cli.verify import gate_message, verification_table, verify_file
+from rpsconvert.cli.verify import check_inputs, gate_message, verification_table, verify_file
 from rpsconvert.engine.mapping import MAPPINGS
 from rpsconvert.quality.fidelity import Fidelity, fidelity, weight_errors
 from rpsconvert.quality.recovery import recover
@@ -72,6 +72,8 @@ Force = Annotated[bool, typer.Option("--force", "-f", help="Replace an existing 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 MaxDrop = Annotated[Optional[float], typer.Option("--max-drop", metavar="D", min=0, max=1, help="Fail (exit 2) when more than this share of inputs changes its top-1 prediction, such as 0.02.", show_default=False)]
 Atol = Annotated[Optional[float], typer.Option("--atol", metavar="X", min=0, help="Fail (exit 2) when any output element is off by more than X.", show_default=False)]
+UNRECORDED = ("output", "force", "quiet", "json_output", "debug", "checkpoint_every", "resume")  # a resumed run ends as an uninterrupted one
+INPUTS = ("model", "calibrate")  # recorded by name, their sha256 beside (provenance.made_from)
 GATE_MISSED = 2  # the exit status of a run whose result misses --max-drop or --atol (errors exit 1)
 JsonOutput = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON report on stdout instead of tables.")]
 
@@ -182,12 +184,13 @@ def convert_command(
     debug: Debug = False,
 ) -> None:
     """Convert MODEL and write it as a .rps.safetensors checkpoint."""
+    given = dict(locals())  # the call's own arguments: a sweep's point is not ctx.params
     with _reported(debug):
         if (budget is None) == (ratio is None):
             raise ValueError("pass either --budget SIZE (such as 1MB) or --ratio R (such as 0.01)")
         listed = sweep.points(budget, ratio)
         if listed:
-            return _sweep(ctx, listed, budget is not None, model, Path(output) if output else None, arch, trust_pickle, max_drop is not None or atol is not None or dry_run, force, quiet, json_output)
+            return _sweep(ctx, listed, budget is not None, model, output, arch, trust_pickle, max_drop is not None or atol is not None or dry_run, force, quiet, json_output)
         ratio = sweep.ratio_of(ratio) if ratio is not None else None
         if ratio is not None:
             check_ratio(ratio)  # the cheap checks first, before reading a large model
@@ -202,8 +205,8 @@ def convert_command(
         verify = (verify or max_drop is not None or atol is not None) and not dry_run  # a gate is checked on the file
         gated = verify and (max_drop is not None or atol is not None)
         # the file records what made it; the figures measured later get their room now (format/provenance.py)
-        later = [key for key, measured in (("fidelity", bool(heldout) or verify), ("gate", gated)) if measured]
-        made_by = {"command": _command_line(ctx), **dict.fromkeys(later)}
+        later = [key for key, measured in (("weight_error", True), ("fidelity", bool(heldout) or verify), ("gate", gated)) if measured]
+        made_by = {"command": _command_line(ctx.command, given), "inputs": _inputs(model, calibrate), **dict.fromkeys(later)}
         with _Stages(3 + bool(recover_steps), enabled=not quiet) as stage, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", RPSWarning)
             with stage("read", f"reading {model}"):
@@ -236,6 +239,8 @@ def convert_command(
                         raise
                 quality["after recovery"] = history.after
                 quality["recovery lr"] = max(history.lr)  # the peak: chosen by the trials under --recover-lr auto
+            quality["weight error"] = weight_errors(converted, source.model)["total"]  # of the model as it is written
+            _record(converted, "weight_error", provenance.figure(quality["weight error"]))
             if quality.get("after recovery") or quality.get("converted"):
                 on = "recovered" if quality.get("after recovery") else "converted"
                 _record(converted, "fidelity", provenance.fidelity(on, asdict(quality.get("after recovery") or quality["converted"])))
@@ -246,7 +251,8 @@ def convert_command(
                 if written and recover_steps:
                     state_file.unlink(missing_ok=True)  # the result is written: nothing is left to resume
             if verify:
-                checked, checked_on = verify_file(written, source.model, heldout)
+                inputs, checked_on, note = _check_inputs(source, heldout, model, arch, trust_pickle, calibrate)
+                checked = verify_file(written, source.model, inputs)
                 _record(converted, "fidelity", provenance.fidelity("file", {**asdict(checked.fidelity), "max_abs_error": checked.max_abs_error}))
                 if gated:
                     _record(converted, "gate", provenance.gate(not checked.failures(max_drop, atol), max_drop, atol))
@@ -262,6 +268,8 @@ def convert_command(
                     f"relative error {quality['weight error']:.3f} (pass --calibrate FILE --recover-steps N to recover it)",
                     err=True, fg="yellow",
                 )
+            if verify and note:
+                typer.secho(note, err=True)
             if source.architecture is None and written:
                 typer.secho(f"note: {model} is not a torchvision, timm or Hugging Face model, so its architecture is not "
                             f"recorded: load the output with rpsconvert.load(path, model=YourModel())", err=True)
@@ -295,7 +303,7 @@ def convert_command(
 def verify_command(
     file: Annotated[Path, typer.Argument(help="A .rps.safetensors checkpoint, or a model directory holding one.", metavar="FILE", show_default=False)],
     against: Annotated[str, typer.Option("--against", metavar="MODEL", help="The original model, as convert reads it.", show_default=False)],
-    data: Annotated[Optional[Path], typer.Option("--data", metavar="FILE", help="Inputs to compare on (as --calibrate reads them; all of them are used). Default: random inputs of the shape MODEL's first layer takes.", show_default=False)] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", metavar="FILE", help="Inputs to compare on (as --calibrate reads them; all of them are used). Default: random inputs of the shape MODEL's library states (timm, torchvision, Hugging Face), else its first layer's (a Conv2d at 224x224).", show_default=False)] = None,
     arch: Annotated[Optional[str], typer.Option("--arch", metavar="SPEC", help="Architecture of a state-dict MODEL.")] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Unpickle MODEL even if it needs classes outside the safe list.")] = False,
     max_drop: MaxDrop = None,
@@ -306,9 +314,12 @@ def verify_command(
     """Compare a checkpoint, loaded afresh, with its original: errors, cosine, top-1 agreement, size."""
     with _reported(debug):
         file = checkpoint_file(file)  # a model directory's own checkpoint: its size is the file's
-        inputs = read_calibration(data, against, holdout=0)[0] if data else None
-        original = read_model(against, arch=arch, trust_pickle=trust_pickle).model
-        checked, checked_on = verify_file(file, original, inputs)
+        given = read_calibration(data, against, holdout=0)[0] if data else None
+        original = read_model(against, arch=arch, trust_pickle=trust_pickle)
+        inputs, checked_on, note = check_inputs(original.model, original.architecture, given)
+        if note:
+            typer.secho(note, err=True)
+        checked = verify_file(file, original.model, inputs)
         failures = checked.failures(max_drop, atol)
         if json_output:
             typer.echo(json.dumps({"file": str(file), "file_bytes": file.stat().st_size, "inputs": checked_on, **checked.to_dict(), "failures": failures}))
@@ -321,13 +332,17 @@ def verify_command(
 
 @sweep.reusing()
 def _sweep(
-    ctx: typer.Context, listed: list[str], by_budget: bool, model: str, output: Path | None, arch: str | None, trust_pickle: bool,
+    ctx: typer.Context, listed: list[str], by_budget: bool, model: str, output: str | None, arch: str | None, trust_pickle: bool,
     gated_or_dry: bool, force: bool, quiet: bool, json_output: bool,
 ) -> None:
     """Convert at each point of a sweep (cli/sweep.py), then show and write the curve."""
     if gated_or_dry:
         raise ValueError("a sweep writes a file per point and gates none: drop --max-drop, --atol and --dry-run, and check the file you choose with rpsconvert verify")
-    base = output or _read(model, arch, trust_pickle).output  # the default name depends on the model
+    if output and not is_directory(output):
+        base = Path(output)
+    else:  # the default name depends on the model; -o DIR/ puts the sweep's files in DIR
+        default = _read(model, arch, trust_pickle).output
+        base = Path(output) / default.name if output else default
     files, table_path, png_path = sweep.outputs(base, listed, "budget" if by_budget else "ratio")
     taken = [path for path in (*files, table_path, png_path) if path.exists()]
     if taken and not force:  # fail before the long part
@@ -337,14 +352,17 @@ def _sweep(
         one = {"budget": point, "ratio": None} if by_budget else {"budget": None, "ratio": point}
         convert_command(ctx, **{**ctx.params, **one, "output": path, "verify": True, "quiet": True, "json_output": False})
         rows.append(sweep.row(point, path))
-    table = sweep.markdown(rows)
+    measured = ctx.params["calibrate"] is not None  # else the files were checked on random inputs only
+    table = sweep.markdown(rows, measured)
     write_atomic(table_path, table.encode(), overwrite=force)
-    note = sweep.plot(rows, png_path, f"{model}: quality against size")
+    note = sweep.plot(rows, png_path, f"{model}: {'quality' if measured else 'weight-space error'} against size", measured)
     if json_output:
         typer.echo(json.dumps({"sweep": rows, "table": str(table_path), "plot": None if note else str(png_path)}))
     elif not quiet:
         typer.echo(table)
         typer.echo(f"wrote {len(files)} files, {table_path}" + ("" if note else f" and {png_path}"))
+        if not measured:  # which random inputs the points were checked on (made once, by the first)
+            typer.secho(_check_inputs(_read(model, arch, trust_pickle), None, model, arch, trust_pickle, None)[2], err=True)
     if note:
         typer.secho(note, err=True)
 
@@ -367,20 +385,34 @@ def _read(model: str, arch: str | None, trust_pickle: bool) -> ModelInput:
     return sweep.once(("model", model, arch, trust_pickle), lambda: read_model(model, arch=arch, trust_pickle=trust_pickle))
 
 
-def _command_line(ctx: typer.Context) -> list[str]:
-    """The command as parsed, the same from a shell, a script or a test: `rpsconvert convert`, its
-    arguments, and every option not at its default."""
-    words = ["rpsconvert", ctx.info_name]
-    for param in ctx.command.params:
-        value = ctx.params.get(param.name)
-        if value is None or value == param.default or value in ([], ()):
+def _command_line(command: click.Command, given: dict) -> list[str]:
+    """The command that made the file, as parsed (the same from a shell, a script or a test):
+    `rpsconvert convert`, its arguments and every option not at its default, the input files by
+    name (INPUTS), and none of the options that say where the file goes or how the run is shown
+    or saved (UNRECORDED): the same input converted the same way gives the same bytes anywhere."""
+    words = ["rpsconvert", command.name]
+    for param in command.params:
+        value = given.get(param.name)
+        if param.name in UNRECORDED or value is None or value == param.default or value in ([], ()):
             continue
         for one in value if param.multiple else [value]:
+            one = provenance.input_name(one) if param.name in INPUTS else str(one)
             if param.param_type_name == "argument":
-                words.append(str(one))
+                words.append(one)
             else:
-                words += [param.opts[0]] if getattr(param, "is_flag", False) else [param.opts[0], str(one)]
+                words += [param.opts[0]] if getattr(param, "is_flag", False) else [param.opts[0], one]
     return words
+
+
+def _inputs(model: str, calibrate: Path | None) -> dict:
+    """What the file was made from: MODEL and the --calibrate file, by name and sha256."""
+    return {"model": provenance.made_from(model), **({"calibrate": provenance.made_from(calibrate)} if calibrate else {})}
+
+
+def _check_inputs(source: ModelInput, heldout: list | None, *key) -> tuple[list, str, str | None]:
+    """The inputs --verify checks the written file on (cli/verify.py), made once for all the
+    points of a sweep: `key` is what they depend on (MODEL as it is read, --calibrate)."""
+    return sweep.once(("check inputs", *key), lambda: check_inputs(source.model, source.architecture, heldout))
 
 
 def _write(converted: torch.nn.Module, data: bytes, output: Path, as_directory: bool, model: str, force: bool) -> Path:
@@ -398,12 +430,10 @@ def _record(converted: torch.nn.Module, key: str, value: dict) -> None:
 
 
 def _quality(converted: torch.nn.Module, original: torch.nn.Module, heldout: list | None) -> dict:
-    """How close the converted model is to the original: on held-out inputs when there are any
-    (never the ones it was calibrated or recovered on), else only in weight space."""
-    quality: dict = {"weight error": weight_errors(converted, original)["total"]}
-    if heldout:
-        quality["converted"] = fidelity(converted, original, heldout)
-    return quality
+    """How close the converted model is to the original on held-out inputs when there are any
+    (never the ones it was calibrated or recovered on); the weight error joins it once the model
+    is final."""
+    return {"converted": fidelity(converted, original, heldout)} if heldout else {}
 
 
 def _quality_table(quality: dict, model: str) -> Table:
@@ -457,6 +487,8 @@ def _metadata_table(ckpt: Checkpoint, file: Path) -> Table:
     elements = sum(w.numel for w in pool.weights.values())
     size = file.stat().st_size
     table = Table(title=str(file), title_justify="left", show_header=False)
+    table.add_column()
+    table.add_column(overflow="fold")  # a sha256 is shown whole, over two lines if it must
     for key, value in (
         ("format", f"{manifest['format']} v{manifest['format_version']} (hash {manifest['hash']}), sha256 verified"),
         ("written by", f"rpsconvert {manifest.get('rpsconvert_version', '?')}"),
@@ -480,6 +512,11 @@ def _provenance_rows(made_by: dict | None) -> list[tuple[str, str]]:
     rows = [("made with", f"rpsconvert {made_by['rpsconvert']}, torch {made_by['torch']}, python {made_by['python']}"),
             ("command", shlex.join(made_by["command"])) if "command" in made_by else
             ("call", "convert(" + ", ".join(f"{k}={v!r}" for k, v in call.items() if v not in (None, False, [])) + ")")]
+    for role, source in made_by.get("inputs", {}).items():
+        digests = [f"sha256 {source['sha256']}"] if "sha256" in source else [f"{name}: sha256 {d}" for name, d in source.get("files", {}).items()]
+        rows.append((f"{role} input", "\n".join([source["name"], *digests])))
+    if made_by.get("weight_error") is not None:
+        rows.append(("weight error", f"{made_by['weight_error']:.4g} (||W - W_orig|| / ||W_orig||, compressed weights)"))
     kept = {reason: len(names) for reason, names in made_by["layers"].items() if reason != "compressed"}
     rows.append(("why dense", ", ".join(f"{reason}: {n}" for reason, n in kept.items()) or "nothing kept dense"))
     if made_by["plan"]:

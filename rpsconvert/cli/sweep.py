@@ -5,7 +5,9 @@ one file per point (its name suffixed with the point), a markdown table printed 
 them, and quality against file bytes on a log axis as a PNG. Every point is the ordinary convert
 command with --verify (on random inputs without --calibrate, after recovery with --recover-steps),
 and its figures are read back from its file's provenance: the curve shows the files as a user will
-load them, and each file still says how it scored.
+load them, and each file still says how it scored. Without --calibrate data, the figures on random
+inputs only say that each file reproduces its model, so the curve is the weight-space error
+(`WEIGHT_SPACE`) and says so; with data, it is the fidelity on the held-out inputs.
 
 What does not depend on the point is done once (`reusing`): reading the model, loading (and
 tokenizing) the --calibrate inputs, and the original model's side of calibration. Each file is the
@@ -27,6 +29,8 @@ T = TypeVar("T")
 _shared: ContextVar[dict | None] = ContextVar("rpsconvert_sweep_shared", default=None)
 
 SUFFIX = ".rps.safetensors"
+WEIGHT_SPACE = ("weight-space error: no --calibrate data, so the curve is ||W - W_orig|| / ||W_orig|| over the compressed weights, "
+                "not quality on real inputs (each file was checked on random ones: it reproduces its model)")
 
 
 def points(budget: str | None, ratio: str | None) -> list[str]:
@@ -81,33 +85,42 @@ def outputs(base: Path, listed: list[str], kind: str) -> tuple[list[Path], Path,
 
 
 def row(point: str, path: Path) -> dict:
-    """A point's figures, from its file: bytes, ratio, and the fidelity its provenance records."""
+    """A point's figures, from its file: bytes, ratio, and the weight error and fidelity its
+    provenance records."""
     ckpt = read(path)
     elements = sum(w.numel for w in ckpt.pool.weights.values())
-    fidelity = ckpt.manifest["provenance"]["fidelity"]
+    made_by = ckpt.manifest["provenance"]
     return {"point": point, "file": str(path), "bytes": path.stat().st_size, "ratio": ckpt.pool.size / max(elements, 1),
-            **{k: v for k, v in fidelity.items() if k != "on"}}
+            "weight_error": made_by["weight_error"], **{k: v for k, v in made_by["fidelity"].items() if k != "on"}}
 
 
-def markdown(rows: list[dict]) -> str:
-    """The sweep as a markdown table, smallest file first."""
-    lines = ["| point | file bytes | ratio | top-1 agreement | output cosine | relative error |", "|---|---:|---:|---:|---:|---:|"]
+def markdown(rows: list[dict], measured: bool) -> str:
+    """The sweep as a markdown table, smallest file first: the fidelity columns when it was
+    `measured` on held-out data, else the weight-space error, under a line that says why."""
+    columns = ["top-1 agreement", "output cosine", "relative error"] if measured else ["weight error"]
+    lines = ([] if measured else [WEIGHT_SPACE, ""]) + [f"| point | file bytes | ratio | {' | '.join(columns)} |", "|---|---:|---:|" + "---:|" * len(columns)]
     for r in sorted(rows, key=lambda r: r["bytes"]):
         top1 = f"{r['top1_agreement']:.2%}" if r["top1_agreement"] is not None else "n/a"
-        lines.append(f"| {r['point']} | {r['bytes']:,} ({format_bytes(r['bytes'])}) | {r['ratio']:.4g} | {top1} | {r['cosine']:.6f} | {r['relative_error']:.4g} |")
+        figures = [top1, f"{r['cosine']:.6f}", f"{r['relative_error']:.4g}"] if measured else [f"{r['weight_error']:.4g}"]
+        lines.append(f"| {r['point']} | {r['bytes']:,} ({format_bytes(r['bytes'])}) | {r['ratio']:.4g} | {' | '.join(figures)} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path, title: str) -> str | None:
-    """Quality against file bytes (log x) as a PNG at `path`: top-1 agreement for a classifier,
-    else output cosine. None when written, else the one-line note why not (no matplotlib)."""
+def plot(rows: list[dict], path: Path, title: str, measured: bool) -> str | None:
+    """Quality against file bytes (log x) as a PNG at `path`: when `measured` on held-out data,
+    top-1 agreement for a classifier, else output cosine; without data, the weight-space error.
+    None when written, else the one-line note why not (no matplotlib)."""
     try:
         from matplotlib.figure import Figure  # a dev extra: a sweep without it still writes its table
     except ImportError:
         return f"note: matplotlib is not installed, so {path} is not drawn (pip install matplotlib); the table has the figures"
     ordered = sorted(rows, key=lambda r: r["bytes"])
-    classifier = all(r["top1_agreement"] is not None for r in ordered)
-    key, label = ("top1_agreement", "top-1 agreement with the original") if classifier else ("cosine", "output cosine with the original")
+    if not measured:
+        key, label = "weight_error", "weight-space error (no data: not quality)"
+    elif all(r["top1_agreement"] is not None for r in ordered):
+        key, label = "top1_agreement", "top-1 agreement with the original"
+    else:
+        key, label = "cosine", "output cosine with the original"
     figure = Figure(figsize=(6, 4), layout="constrained")
     axes = figure.add_subplot()
     axes.plot([r["bytes"] for r in ordered], [r[key] for r in ordered], marker="o")

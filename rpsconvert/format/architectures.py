@@ -112,3 +112,31 @@ def _candidates(model: nn.Module) -> list[str | dict]:
     classes = getattr(model, "num_classes", linears[-1].out_features if linears else None)
     with_classes = [{**normalize(n), "kwargs": {"num_classes": classes}} for n in names] if classes else []
     return [*names, *with_classes]
+
+
+def input_shape(architecture: str | dict) -> tuple[int, ...] | None:
+    """One input sample's shape as the architecture's library states it, for random inputs where
+    there are no example ones: timm's pretrained_cfg `input_size`, the crop of torchvision's
+    default weights' classification transforms, a Hugging Face vision config's channels and image
+    size. None where the library states none (text models take token ids; detection, segmentation
+    and video transforms name no one image size), or is not installed."""
+    architecture = normalize(architecture)
+    source, name = architecture["source"], architecture["name"]
+    try:
+        if source == "timm":
+            import timm
+
+            stated = timm.get_pretrained_cfg(name)
+            return tuple(stated.input_size) if stated is not None else None
+        if source == "torchvision":
+            import torchvision
+
+            transforms = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+            return (3, *transforms.crop_size * 2) if type(transforms).__name__ == "ImageClassification" else None
+    except (ImportError, ValueError, KeyError):  # not installed, or a name it does not register
+        return None
+    config = architecture.get("config", {})  # transformers: the recorded config
+    side, channels = config.get("image_size"), config.get("num_channels")
+    if not isinstance(channels, int) or not isinstance(side, (int, list)):
+        return None
+    return (channels, *([side] * 2 if isinstance(side, int) else side))

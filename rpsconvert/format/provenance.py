@@ -4,16 +4,23 @@ A file that says which versions, call and plan made it, and how close it came to
 be trusted or reproduced months later. A budget is a promise about the file, though, and
 sizing.header_bound bounds the header from the manifest as it will be written, before the pool is
 sized. So every field is known by then or has its room reserved: figures learnt later (the plan's
-weight errors, fidelity, a quality gate) are rounded by `figure`, whose JSON is never longer than
-PLACEHOLDER's, and `reserved` stands the longest possible value in for each of them.
+weight errors, the weight error and fidelity of the result, a quality gate) are rounded by
+`figure`, whose JSON is never longer than PLACEHOLDER's, and `reserved` stands the longest possible
+value in for each of them.
+
+A file is meant to be shared, and the same input converted the same way must give the same bytes
+wherever it is written: so the provenance names what made the file (`made_from`: an input's name
+and sha256) and never where anything lies (no output path, no directory of the input).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import re
 import sys
+from pathlib import Path
 
 import torch
 
@@ -22,7 +29,7 @@ from rpsconvert.engine.storage import MixedStorage
 from rpsconvert.version import __version__
 
 PLACEHOLDER = -9.99999e15  # JSON -9999990000000000.0: no figure() is longer (repr switches to e-notation at 1e16)
-LATER = ("fidelity", "gate")  # measured after conversion: a caller reserves one by passing it as None
+LATER = ("weight_error", "fidelity", "gate")  # measured after conversion: a caller reserves one by passing it as None
 MEASURED_ON = ("converted", "recovered", "file")  # held-out inputs after conversion or recovery; the written file reloaded
 BUDGET_WIDTH = 20  # characters: 2**64 bytes has 20 digits
 FIDELITY_FIGURES = ("top1_agreement", "cosine", "relative_error", "max_abs_error")
@@ -76,6 +83,8 @@ def reserved(provenance: dict, planned: bool, max_slots: int, budget: str | int)
         # a row per candidate storage, and one for the per-layer mix the plan may add (plan.mixed)
         widths = [max(len(str(c)) for c in plan.CANDIDATES)] * len(plan.CANDIDATES) + [len(_widest_mix())]
         bound["plan"] = [{"storage": "9" * n, "slots": _nines(max_slots), "weight_error": PLACEHOLDER} for n in widths]
+    if "weight_error" in bound:
+        bound["weight_error"] = PLACEHOLDER
     if "fidelity" in bound:
         bound["fidelity"] = {"on": max(MEASURED_ON, key=len), **dict.fromkeys(FIDELITY_FIGURES, PLACEHOLDER)}
     if "gate" in bound:
@@ -96,11 +105,35 @@ def gate(passed: bool, max_drop: float | None, atol: float | None) -> dict:
     return {"passed": passed, "max_drop": figure(max_drop), "atol": figure(atol)}
 
 
-def fill(provenance: dict, key: str, value: dict) -> None:
+def fill(provenance: dict, key: str, value: dict | float | None) -> None:
     """Record a LATER field; only a reserved one, since the header was sized with its room."""
     if key not in provenance:
         raise ValueError(f"provenance {key!r} was not reserved when the file was sized: pass it as None to convert")
     provenance[key] = value
+
+
+def made_from(source: str | Path) -> dict:
+    """An input as the provenance names it (`input_name`) with its sha256: a file's, or a
+    directory's (a Hugging Face model) for each file in it, hidden ones (a download cache's) left
+    out; a library's model name (torchvision:resnet50) has no file of its own."""
+    path, named = Path(source), {"name": input_name(source)}
+    if path.is_file():
+        return {**named, "sha256": _sha256(path)}
+    if path.is_dir():
+        files = sorted(f.relative_to(path) for f in path.rglob("*") if f.is_file())
+        return {**named, "files": {f.as_posix(): _sha256(path / f) for f in files if not any(part.startswith(".") for part in f.parts)}}
+    return named
+
+
+def input_name(source: str | Path) -> str:
+    """A file or directory by its own name, never its path; anything else (a model name) as given."""
+    path = Path(source)
+    return path.resolve().name if path.exists() else str(source)
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _nines(n: int) -> int:

@@ -44,6 +44,43 @@ def paired_outputs(output, reference_output) -> list[tuple[str, torch.Tensor, to
     return [(p, a, b) for (p, a), (_, b) in zip(ours, theirs)]
 
 
+class Tally:
+    """The sums the figures of a Fidelity are made of, added batch by batch: `fidelity` keeps one,
+    and so does `verify`, which measures its own figures on the same outputs (each model runs once)."""
+
+    def __init__(self, device: torch.device):
+        # squared error, squared reference, cosine sum, vectors, top-1 matches, rows, samples, has logits
+        self.sums = torch.zeros(8, dtype=torch.float64, device=device)
+
+    def add(self, pairs: list[tuple[str, torch.Tensor, torch.Tensor]], samples: int) -> None:
+        """One batch of `samples` inputs: the `paired_outputs` of the model and its reference."""
+        sums = self.sums
+        for _, out, target in pairs:
+            out, target = out.double(), target.double()
+            sums[0] += (out - target).square().sum()
+            sums[1] += target.square().sum()
+            sums[2] += F.cosine_similarity(out, target, dim=-1).sum()
+            sums[3] += target.numel() // target.shape[-1]
+        logits = [(out, target) for path, out, target in pairs if is_logits(path, target)]
+        if logits:
+            out, target = logits[0]
+            sums[4] += (out.argmax(-1) == target.argmax(-1)).sum()
+            sums[5] += target.numel() // target.shape[-1]
+            sums[7] = 1
+        sums[6] += samples
+
+    def result(self) -> Fidelity:
+        err, ref, cos, vectors, agree, rows, samples, has_logits = self.sums.tolist()
+        if samples == 0:
+            raise ValueError("no batch to measure fidelity on")
+        return Fidelity(
+            samples=int(samples),
+            relative_error=(err / ref) ** 0.5 if ref > 0 else float(err > 0),
+            cosine=cos / max(vectors, 1),
+            top1_agreement=agree / rows if has_logits else None,
+        )
+
+
 @torch.no_grad()
 def fidelity(
     model: nn.Module,
@@ -60,38 +97,16 @@ def fidelity(
     """
     device = device_of(model)
     rank, world = process_group()
-    # squared error, squared reference, cosine sum, vectors, top-1 matches, rows, samples, has logits
-    sums = torch.zeros(8, dtype=torch.float64, device=device)
+    tally = Tally(device)
     with eval_mode(model, reference):
         for batch in data:
             batch = shard(to_device(inputs(batch) if inputs else batch, device), rank, world)
             if size(batch) == 0:
                 continue
-            pairs = paired_outputs(run(model, batch), run(reference, batch))
-            for _, out, target in pairs:
-                out, target = out.double(), target.double()
-                sums[0] += (out - target).square().sum()
-                sums[1] += target.square().sum()
-                sums[2] += F.cosine_similarity(out, target, dim=-1).sum()
-                sums[3] += target.numel() // target.shape[-1]
-            logits = [(out, target) for path, out, target in pairs if is_logits(path, target)]
-            if logits:
-                out, target = logits[0]
-                sums[4] += (out.argmax(-1) == target.argmax(-1)).sum()
-                sums[5] += target.numel() // target.shape[-1]
-                sums[7] = 1
-            sums[6] += size(batch)
+            tally.add(paired_outputs(run(model, batch), run(reference, batch)), size(batch))
     if world > 1:
-        torch.distributed.all_reduce(sums)
-    err, ref, cos, vectors, agree, rows, samples, has_logits = sums.tolist()
-    if samples == 0:
-        raise ValueError("no batch to measure fidelity on")
-    return Fidelity(
-        samples=int(samples),
-        relative_error=(err / ref) ** 0.5 if ref > 0 else float(err > 0),
-        cosine=cos / max(vectors, 1),
-        top1_agreement=agree / rows if has_logits else None,
-    )
+        torch.distributed.all_reduce(tally.sums)
+    return tally.result()
 
 
 @torch.no_grad()
