@@ -60,6 +60,7 @@ class RPSPool:
         # (pool key, the pool on its grid, grid minus latent values, and while training the grid
         # with the latent values' gradient: one per pool version, which every layer reads)
         self._snapped: tuple | None = None
+        self._tiling: tuple | None = None  # (layout, first slots of the runs that tile the pool, or None)
 
     @classmethod
     def from_stored(
@@ -205,7 +206,7 @@ class RPSPool:
         """The first slots of the runs RandomFold's layers read, where those runs tile the pool
         (at ratio 1, one fold: every slot is one element's), else None; kept per layout."""
         layout = tuple((w.offset, w.numel) for w in self.weights.values())
-        tiling = getattr(self, "_tiling", None)
+        tiling = self._tiling
         if tiling is None or tiling[0] != layout:
             runs = []
             if isinstance(self.mapping, RandomFold):
@@ -218,7 +219,7 @@ class RPSPool:
         """Tell a quantized pool that its values changed in place at `slots` only (calibration's
         solves): the cached rounding is brought up to date where they lie, not redone for the
         whole pool at the next forward."""
-        if not self.storage.quantized or self._snapped is None or self.packed:
+        if not self.storage.quantized or self._snapped is None:  # packing drops the rounding too
             return
         pool = self.pool.detach()
         _, snapped, delta, _ = self._snapped
