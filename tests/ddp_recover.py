@@ -34,6 +34,9 @@ def main(out: str) -> None:
     model, history = case()
     if torch.distributed.get_rank() == 0:
         torch.save({"state": model.state_dict(), "loss": history.loss, "after": history.after.relative_error}, out)
+    # both ranks tear gloo down together: a rank that destroyed its group while the other was still
+    # saving aborted now and then ("terminate called without an active exception", SIGABRT)
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
