@@ -12,6 +12,7 @@ from torch import nn
 
 from rpsconvert import convert, decompress, load, report, save
 from rpsconvert.engine import plan
+from rpsconvert.engine import storage as storage_module
 from rpsconvert.engine.mapping import chunks
 from rpsconvert.engine.storage import PoolStorage
 from rpsconvert.format.manifest import MANIFEST_KEY
@@ -43,6 +44,16 @@ def test_each_block_errs_no_more_than_plain_round_to_nearest_of_its_peak(storage
     assert (ours <= plain * (1 + 1e-6)).all()  # a clipped scale is kept only where it errs less
     assert ours.sum() < plain.sum() or storage.bits == 8  # and at 4 and 2 bits it does somewhere
 
+
+@pytest.mark.parametrize("storage", QUANTIZED, ids=str)
+def test_rounding_in_pieces_that_fit_a_cache_gives_the_bits_of_rounding_at_once(storage, monkeypatch):
+    values = torch.randn(5000, generator=torch.Generator().manual_seed(3)) * 0.05
+    whole_codes, whole_scales = storage._codes_and_scales(values)
+    whole = storage.snap(values)
+    monkeypatch.setattr(storage_module, "_SEARCH_CHUNK", 100)  # pieces of 1-3 blocks, a partial block last
+    codes, scales = storage._codes_and_scales(values)
+    assert torch.equal(codes, whole_codes) and torch.equal(scales, whole_scales)
+    assert torch.equal(storage.snap(values), whole)
 
 def test_bad_storage_parameters_are_refused():
     for bad in (dict(bits=1), dict(bits=9), dict(bits=8, block=0), dict(bits=8, dtype=torch.bfloat16), dict(dtype=torch.int8)):
