@@ -33,12 +33,14 @@ from rpsconvert.engine.pool import RPSPool
 from rpsconvert.engine.storage import PoolStorage
 from rpsconvert.engine.report import ConversionReport, WeightReport, report, resident_bytes
 from rpsconvert.format.checkpoint import decompress, from_pretrained, load, save
+from rpsconvert.format.onnx_export import check_onnx, export_onnx
 from rpsconvert.quality.batches import load_calibration
 from rpsconvert.quality.calibration import LayerFit, calibrate
 from rpsconvert.quality.fidelity import Fidelity, fidelity, layer_errors, weight_errors
 from rpsconvert.quality.recovery import RecoveryHistory, recover
 from rpsconvert.quality.verification import Verification, random_inputs, verify
 from rpsconvert.conversion import convert
+from rpsconvert.format.transformers_loading import register_when_imported as _register_with_transformers
 
 __all__ = [
     # convert, run, save and load
@@ -49,6 +51,8 @@ __all__ = [
     "load",
     "from_pretrained",
     "decompress",
+    "export_onnx",
+    "check_onnx",
     "is_converted",
     "densify",
     "materialize",
@@ -106,3 +110,6 @@ for _old, _new in {
     "projection": "engine.projection",
 }.items():
     _sys.modules[f"{__name__}.{_old}"] = _importlib.import_module(f"{__name__}.{_new}")
+
+# transformers' from_pretrained loads rpsconvert's directories once its loader is imported (not here: import stays fast)
+_register_with_transformers()

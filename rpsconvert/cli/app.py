@@ -583,3 +583,38 @@ def decompress_command(
         save_dense(state, output, overwrite=force)
         if not quiet:
             typer.echo(f"wrote {output}: {len(state)} tensors, {format_bytes(output.stat().st_size)}")
+
+
+@app.command("export")
+def export_command(
+    file: Annotated[Path, typer.Argument(help="A .rps.safetensors checkpoint, or a model directory holding one.", metavar="FILE", show_default=False)],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", metavar="PATH", help="The ONNX file (default: FILE's name + .onnx).", show_default=False)] = None,
+    force: Force = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Write an ONNX graph that generates the weights from the pool: about the checkpoint's size.
+
+    It is traced on a random input of the shape the model's library states, and checked with
+    onnxruntime against PyTorch when onnxruntime is installed. For a graph with dense weights,
+    decompress the file and export the plain model.
+    """
+    from rpsconvert.format.onnx_export import check_onnx, export_onnx
+    from rpsconvert.quality.verification import random_inputs
+
+    with _reported(debug):
+        file = checkpoint_file(file)
+        output = output or file.with_name(file.name.removesuffix(".safetensors").removesuffix(".rps") + ".onnx")
+        if output.exists() and not force:
+            raise OutputExistsError(f"{output} already exists: pass {{overwrite}} to replace it, or -o another path", overwrite=True)
+        model = rpsconvert.load(file).eval()
+        inputs = (random_inputs(model, samples=1)[0],)
+        export_onnx(model, output, inputs, overwrite=force)
+        try:
+            error = check_onnx(output, model, inputs)
+        except ImportError:
+            error = None
+        if not quiet:
+            sizes = f"{format_bytes(output.stat().st_size)} (the checkpoint {format_bytes(file.stat().st_size)}, dense {format_bytes(read(file).manifest['original_bytes'])})"
+            checked = "not checked: onnxruntime is not installed" if error is None else f"onnxruntime's outputs within {error:.3g} of PyTorch's"
+            typer.echo(f"wrote {output}: {sizes}; {checked}")

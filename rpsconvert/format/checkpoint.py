@@ -29,6 +29,8 @@ from rpsconvert.engine.pool import RPSPool, check_mode
 from rpsconvert.errors import ArchitectureError, CheckpointError
 from rpsconvert.format.architectures import build
 from rpsconvert.format.files import write_atomic, write_directory_atomic
+from rpsconvert.format.model_card import model_card
+from rpsconvert.format.transformers_loading import LOADER_KEYS, NEEDS_RPSCONVERT, quantization_config
 from rpsconvert.format.manifest import (
     DIGEST_KEY, FORMAT_VERSION, MANIFEST_KEY, POOL_TENSOR, digest, manifest_json, module_versions, parse, state_metadata,
 )
@@ -37,11 +39,13 @@ from rpsconvert.format.sizing import dedupe
 
 CHECKPOINT_FILE = "model.rps.safetensors"  # the checkpoint inside a model directory
 CONFIG_FILE = "config.json"
+CARD_FILE = "README.md"  # the model card (format/model_card.py)
 # What a Hugging Face tokenizer is saved as (fast, slow BPE and WordPiece, sentencepiece), copied as they are
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json",
     "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
 )
+SOURCE_FILES = (*TOKENIZER_FILES, "generation_config.json")  # copied from a Hugging Face directory as they are
 
 
 def _metadata(manifest: dict, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -128,29 +132,47 @@ def save_directory(
     model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False, tokenizer_from: str | os.PathLike | None = None
 ) -> Path:
     """Write a converted model as a model directory, all its files at once (files.py
-    `write_directory_atomic`): `model.rps.safetensors`, `config.json` for a Hugging Face model, and
-    the tokenizer files found in `tokenizer_from`. Returns the directory."""
-    files = {CHECKPOINT_FILE: encode(model)}
-    config = _config_json(model)
+    `write_directory_atomic`): `model.rps.safetensors`; for a Hugging Face model a `config.json`
+    that transformers' `from_pretrained` loads through rpsconvert's quantizer
+    (format/transformers_loading.py); the model card `README.md`; and the tokenizer and generation
+    files found in `tokenizer_from`. Returns the directory."""
+    data = encode(model)
+    manifest = _manifest_of(data)
+    files = {CHECKPOINT_FILE: data}
+    config = _config_json(model, manifest)
     if config is not None:
-        files[CONFIG_FILE] = config
+        files[CONFIG_FILE] = json.dumps(config, indent=2, sort_keys=True).encode() + b"\n"
+    files[CARD_FILE] = model_card(manifest, len(data), config).encode()
     if tokenizer_from is not None:
         source = Path(tokenizer_from)
-        files.update({name: (source / name).read_bytes() for name in TOKENIZER_FILES if (source / name).is_file()})
-    return write_directory_atomic(path, files, overwrite=overwrite, replaceable=(CHECKPOINT_FILE, CONFIG_FILE, *TOKENIZER_FILES))
+        files.update({name: (source / name).read_bytes() for name in SOURCE_FILES if (source / name).is_file()})
+    replaceable = (CHECKPOINT_FILE, CONFIG_FILE, CARD_FILE, *SOURCE_FILES)
+    return write_directory_atomic(path, files, overwrite=overwrite, replaceable=replaceable)
 
 
-def _config_json(model: nn.Module) -> bytes | None:
+def _manifest_of(data: bytes) -> dict:
+    """The manifest in a checkpoint's bytes (`encode`), read from its safetensors header."""
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    return json.loads(header["__metadata__"][MANIFEST_KEY])
+
+
+def _config_json(model: nn.Module, manifest: dict) -> dict | None:
     """A Hugging Face model's config.json naming its class in `architectures`, as `save_pretrained`
     writes it, so that transformers' tools read the directory; in full, since defaults change between
-    transformers versions. None for other models: only an imported transformers can have made the
-    model, so none is imported here."""
+    transformers versions. Its `quantization_config` and `transformers_weights` make
+    `from_pretrained` load the checkpoint with rpsconvert, or refuse it in one line without it
+    (format/transformers_loading.py). None for other models: only an imported transformers can have
+    made the model, so none is imported here."""
     transformers = sys.modules.get("transformers")
     if transformers is None or not isinstance(model, transformers.PreTrainedModel):
         return None
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]
-    return config.to_json_string(use_diff=False).encode()
+    config.__dict__.pop("quantization_config", None)  # a model loaded by transformers: ours comes next
+    written = json.loads(config.to_json_string(use_diff=False))
+    written["quantization_config"] = quantization_config(manifest, CHECKPOINT_FILE)
+    written["transformers_weights"] = NEEDS_RPSCONVERT
+    return written
 
 
 def checkpoint_file(path: str | os.PathLike) -> Path:
@@ -308,7 +330,8 @@ def _config_architecture(file: Path, skeleton: str) -> dict:
     """The Hugging Face architecture a model directory's config.json names (its class and config)."""
     try:
         config = json.loads(file.read_text())
-        return {"source": "transformers", "name": config["architectures"][0], "config": config}
+        model_config = {key: value for key, value in config.items() if key not in LOADER_KEYS}  # what loads it, not what it is
+        return {"source": "transformers", "name": config["architectures"][0], "config": model_config}
     except (ValueError, KeyError, IndexError, TypeError):
         raise CheckpointError(f"{file} names no model class (no 'architectures' list): {skeleton}") from None
 
