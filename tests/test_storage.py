@@ -14,6 +14,7 @@ from rpsconvert import convert, decompress, load, report, save
 from rpsconvert.engine import plan
 from rpsconvert.engine import storage as storage_module
 from rpsconvert.engine.mapping import chunks
+from rpsconvert.engine.pool import _Cut
 from rpsconvert.engine.storage import PoolStorage
 from rpsconvert.format.manifest import MANIFEST_KEY
 
@@ -125,19 +126,21 @@ def test_every_layer_reads_one_straight_through_pool_per_step_and_gradients_accu
     assert pool._snapped[3] is not through  # a new pool version: made again, once
 
 
-@pytest.mark.parametrize("ratio", [1.0, 0.5])
-def test_layers_read_pieces_of_one_split_where_their_runs_tile_the_pool_with_the_same_gradient(ratio, monkeypatch):
+@pytest.mark.parametrize("bits", [4, None])
+@pytest.mark.parametrize("ratio", [1.0, 0.5, 0.15])
+def test_layers_read_pieces_of_one_split_of_the_pool_being_trained_with_the_same_gradient(ratio, bits, monkeypatch):
     x = torch.randn(4, 64)
     grads = []
-    for tiled in (True, False):
+    for cut in (True, False):
         torch.manual_seed(0)
-        converted = convert(nn.Sequential(*[nn.Linear(64, 64) for _ in range(6)]), ratio=ratio, bits=4).train()
-        if not tiled:
-            monkeypatch.setattr(type(converted.rps), "_run_starts", lambda self: None)
+        converted = convert(nn.Sequential(*[nn.Linear(64, 64) for _ in range(6)]), ratio=ratio, bits=bits).train()
+        if not cut:
+            monkeypatch.setattr(type(converted.rps), "_run_cuts", lambda self: None)
+        # at ratio 1 RandomFold's runs tile the pool; below it they overlap, and a run spans pieces
+        assert isinstance(converted.rps._pool_for_autograd(), _Cut) == cut
         converted(x).square().mean().backward()
-        # at ratio 1 RandomFold's runs tile the pool: one split; below it folds overlap: the whole pool
-        assert isinstance(converted.rps._snapped[3], torch.Tensor) == (not tiled or ratio < 1)
         grads.append(converted.rps_pool.grad)
+    # the same sums: each slot adds its runs' gradients in the same order, whether sliced or cut
     assert torch.equal(grads[0], grads[1])
 
 

@@ -60,7 +60,7 @@ class RPSPool:
         # (pool key, the pool on its grid, grid minus latent values, and while training the grid
         # with the latent values' gradient: one per pool version, which every layer reads)
         self._snapped: tuple | None = None
-        self._tiling: tuple | None = None  # (layout, first slots of the runs that tile the pool, or None)
+        self._cuts: tuple | None = None  # (layout, the slots where the runs layers read begin and end, or None)
 
     @classmethod
     def from_stored(
@@ -96,7 +96,7 @@ class RPSPool:
     def kept(self) -> list[torch.Tensor]:
         """What the pool keeps besides the model's parameters and buffers: the weights of cached
         mode, and a quantized latent pool's rounding while it trains."""
-        held = [t.whole if isinstance(t, _Tiled) else t for t in (self._snapped or ())[1:] if t is not None]
+        held = [t.whole if isinstance(t, _Cut) else t for t in (self._snapped or ())[1:] if t is not None]
         return [*(self._cache or {}).values(), *held]
 
     def _tensor(self, name: str) -> torch.Tensor | None:
@@ -183,11 +183,11 @@ class RPSPool:
         if self._hooked != id(pool) and pool.requires_grad:
             pool.register_hook(self._scale_gradient)
             self._hooked = id(pool)
-        if not self.storage.quantized:
-            return pool
         training = torch.is_grad_enabled() and pool.requires_grad
         if training and torch.compiler.is_compiling():
-            return straight_through(self.storage, pool)
+            return straight_through(self.storage, pool) if self.storage.quantized else pool
+        if not self.storage.quantized:
+            return self._cut(pool) if training else pool
         # rounded once per pool version (an optimizer step makes a new one), not once per weight:
         # a forward reads the pool for every layer, and rounding it is many passes over it
         key = self._current_key()
@@ -197,23 +197,26 @@ class RPSPool:
         if not training:
             return self._snapped[1]
         if self._snapped[3] is None:  # once per step, not once per layer: it is the pool's size
-            through = pool + self._snapped[2]
-            starts = None if through.is_cuda else self._run_starts()  # a GPU's kernel reads it whole
-            self._snapped = (*self._snapped[:3], through if starts is None else _Tiled(through, starts))
+            self._snapped = (*self._snapped[:3], self._cut(pool + self._snapped[2]))
         return self._snapped[3]
 
-    def _run_starts(self) -> list[int] | None:
-        """The first slots of the runs RandomFold's layers read, where those runs tile the pool
-        (at ratio 1, one fold: every slot is one element's), else None; kept per layout."""
+    def _cut(self, pool: torch.Tensor) -> torch.Tensor | _Cut:
+        """A pool being trained, cut where the runs RandomFold's layers read begin and end (on a
+        GPU its kernel reads it whole)."""
+        cuts = None if pool.is_cuda else self._run_cuts()
+        return pool if cuts is None else _Cut(pool, cuts)
+
+    def _run_cuts(self) -> list[int] | None:
+        """Every slot where a run RandomFold's layers read begins or ends, 0 and the pool's size
+        included, sorted (None for other mappings); kept per layout."""
         layout = tuple((w.offset, w.numel) for w in self.weights.values())
-        tiling = self._tiling
-        if tiling is None or tiling[0] != layout:
-            runs = []
+        if self._cuts is None or self._cuts[0] != layout:
+            cuts = None
             if isinstance(self.mapping, RandomFold):
-                runs = sorted((begin, begin + hi - lo) for w in self.weights.values() for lo, hi, begin in self.operator.fold_runs(w))
-            tiles = bool(runs) and runs[0][0] == 0 and runs[-1][1] == self.size and all(a[1] == b[0] for a, b in zip(runs, runs[1:]))
-            self._tiling = tiling = (layout, [begin for begin, _ in runs] if tiles else None)
-        return tiling[1]
+                runs = [(begin, begin + hi - lo) for w in self.weights.values() for lo, hi, begin in self.operator.fold_runs(w)]
+                cuts = sorted({0, self.size, *(slot for run in runs for slot in run)})
+            self._cuts = (layout, cuts)
+        return self._cuts[1]
 
     def resnap(self, slots: torch.Tensor) -> None:
         """Tell a quantized pool that its values changed in place at `slots` only (calibration's
@@ -280,25 +283,28 @@ class RPSPool:
         self._cache = self._cache_key = None
 
 
-class _Tiled:
-    """The straight-through pool cut once into the runs its layers read, where they tile it: each
-    layer's slice is then a piece of one split, whose backward assembles the pool's gradient in one
-    pass, where slicing would zero-fill a pool-sized gradient for every layer. Any other index is
-    read from the whole tensor."""
+class _Cut:
+    """A pool being trained, split once at every slot where a run its layers read begins or ends:
+    each layer's run is then a piece of the split (or, below ratio 1, where runs overlap, the pieces
+    it spans put together), so the backward assembles the pool's gradient once per forward, where
+    slicing the pool would zero-fill a pool-sized gradient for every run (at 1/16 of
+    all-MiniLM-L6-v2's bytes, 265 runs: a third of a recovery step). Any other index is read from
+    the whole tensor."""
 
-    def __init__(self, whole: torch.Tensor, starts: list[int]):
+    def __init__(self, whole: torch.Tensor, cuts: list[int]):
         self.whole = whole
-        self.parts = dict(zip(starts, whole.split([b - a for a, b in zip(starts, [*starts[1:], len(whole)])])))
+        self.first = {slot: i for i, slot in enumerate(cuts)}  # the piece each cut begins
+        self.parts = whole.split([b - a for a, b in zip(cuts, cuts[1:])])
 
     dtype = property(lambda self: self.whole.dtype)
     device = property(lambda self: self.whole.device)
     requires_grad = property(lambda self: self.whole.requires_grad)
 
     def __getitem__(self, index: slice | torch.Tensor) -> torch.Tensor:
-        if isinstance(index, slice):
-            part = self.parts.get(index.start or 0)
-            if part is not None and index.stop is not None and len(part) == index.stop - (index.start or 0):
-                return part
+        if isinstance(index, slice) and index.step is None:
+            first, last = self.first.get(index.start or 0), self.first.get(index.stop)
+            if first is not None and last is not None and first < last:
+                return self.parts[first] if last == first + 1 else torch.cat(self.parts[first:last])
         return self.whole[index]
 
 

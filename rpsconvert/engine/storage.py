@@ -124,10 +124,13 @@ class PoolStorage:
         """`values` as they will be stored and read back (idempotent), in their own dtype."""
         if not self.quantized:
             return values.to(self.dtype).to(values.dtype)
-        snapped = torch.empty_like(values)
+        return self._snap_into(values, torch.empty_like(values))
+
+    def _snap_into(self, values: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """`snap` written into `out` (a mixed pool's run of its whole rounding), piece by piece."""
         for first, codes, scales in self._rounded(values):
-            snapped[first : first + codes.numel()] = (codes * scales.float().unsqueeze(1)).view(-1)[: len(values) - first]
-        return snapped
+            out[first : first + codes.numel()] = (codes * scales.float().unsqueeze(1)).view(-1)[: len(values) - first]
+        return out
 
     def resnap(self, values: torch.Tensor, snapped: torch.Tensor, slots: torch.Tensor) -> list[tuple[int, int]]:
         """Bring `snapped` (the snap of values before they changed at `slots`) up to date, in
@@ -267,7 +270,10 @@ class MixedStorage:
 
     def snap(self, values: torch.Tensor) -> torch.Tensor:
         self._check(len(values))
-        return torch.cat([part.snap(v) for v, part in self._parts(values)])
+        snapped = torch.empty_like(values)
+        for (v, part), out in zip(self._parts(values), snapped.split([n for n, _ in self.runs])):
+            part._snap_into(v, out)
+        return snapped
 
     def resnap(self, values: torch.Tensor, snapped: torch.Tensor, slots: torch.Tensor) -> list[tuple[int, int]]:
         """As PoolStorage.resnap, re-rounding only the runs that hold `slots`: at ratio 1.0 a
@@ -277,7 +283,7 @@ class MixedStorage:
         ranges = []
         for run in torch.unique(torch.bucketize(slots, edges, right=True) - 1).tolist():
             lo, hi = int(edges[run]), int(edges[run + 1])
-            snapped[lo:hi] = self.runs[run][1].snap(values[lo:hi])
+            self.runs[run][1]._snap_into(values[lo:hi], snapped[lo:hi])
             ranges.append((lo, hi))
         return ranges
 
