@@ -45,7 +45,7 @@ def test_a_directory_round_trip_gives_identical_outputs(tmp_path):
     converted = convert(tiny_bert(), ratio=0.5)
     written = save(converted, f"{tmp_path}/bert-rps/")
     assert written == tmp_path / "bert-rps"
-    assert sorted(os.listdir(written)) == ["config.json", "model.rps.safetensors"]
+    assert sorted(os.listdir(written)) == ["README.md", "config.json", "model.rps.safetensors"]
     assert transformers.AutoConfig.from_pretrained(written).architectures == ["BertModel"]
     loaded = from_pretrained(written)  # no architecture recorded by convert(): config.json names it
     assert type(loaded) is transformers.BertModel and not loaded.training
@@ -57,7 +57,7 @@ def test_an_existing_empty_directory_is_filled_and_tokenizer_files_are_copied(tm
     source = hugging_face_directory(tmp_path / "bert")
     (tmp_path / "out").mkdir()
     save(convert(tiny_bert(), ratio=0.5), tmp_path / "out", tokenizer_from=source)
-    copied = sorted(set(os.listdir(tmp_path / "out")) - {"config.json", "model.rps.safetensors"})
+    copied = sorted(set(os.listdir(tmp_path / "out")) - {"README.md", "config.json", "model.rps.safetensors"})
     assert copied and set(copied) <= set(os.listdir(source))
     assert all((tmp_path / "out" / name).read_bytes() == (source / name).read_bytes() for name in copied)
 
@@ -103,7 +103,7 @@ def test_the_command_line_writes_a_model_directory_that_loads_back(tmp_path):
     assert result.returncode == 0, result.stderr
     out = tmp_path / "outdir"
     tokenizer = sorted(name for name in os.listdir(source) if name.startswith(("tokenizer", "vocab", "special")))
-    assert sorted(os.listdir(out)) == sorted(["config.json", "model.rps.safetensors", *tokenizer])
+    assert sorted(os.listdir(out)) == sorted(["README.md", "config.json", "model.rps.safetensors", *tokenizer])
     assert transformers.AutoTokenizer.from_pretrained(out)("the cat sat")["input_ids"] == [2, 5, 6, 7, 3]
     loaded = from_pretrained(out)
     in_process = convert(transformers.BertModel.from_pretrained(source), ratio=0.5)

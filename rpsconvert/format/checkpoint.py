@@ -170,6 +170,8 @@ def _config_json(model: nn.Module, manifest: dict) -> dict | None:
     config.architectures = [type(model).__name__]
     config.__dict__.pop("quantization_config", None)  # a model loaded by transformers: ours comes next
     written = json.loads(config.to_json_string(use_diff=False))
+    # transformers builds the model in this dtype; unset, it takes the checkpoint's first float tensor's (a block scale's float16)
+    written["dtype"] = written.get("dtype") or manifest["weights"][0]["dtype"]
     written["quantization_config"] = quantization_config(manifest, CHECKPOINT_FILE)
     written["transformers_weights"] = NEEDS_RPSCONVERT
     return written
