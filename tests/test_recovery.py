@@ -52,6 +52,23 @@ def test_auto_rate_is_small_for_a_model_near_its_original_and_large_for_one_far_
         assert max(history.lr) == pytest.approx(best) and len(rates) == len(set(rates)) >= 3
 
 
+
+def test_auto_rate_keeps_its_best_trial_as_the_run_s_first_steps_and_says_what_the_others_cost(monkeypatch, capsys):
+    import rpsconvert.quality.recovery as recovery
+
+    taken = []
+    step = recovery._Objective.step
+    monkeypatch.setattr(recovery._Objective, "step", lambda self, *args: taken.append(1) or step(self, *args))
+    teacher = trained_mlp()
+    history = recover(convert(teacher, ratio=1 / 4), teacher, batches("calib", 50), steps=60, eval_data=batches("heldout"))
+    trial_steps = 6  # a tenth of the run
+    assert history.steps == 60 and len(history.lr_probe) >= 2
+    assert history.probe_steps == (len(history.lr_probe) - 1) * trial_steps
+    assert len(taken) == 60 + history.probe_steps  # the kept trial's 6 steps are the run's first 6
+    kept = min(history.lr_probe, key=lambda trial: trial[1])[0]
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"kept {kept:g}, whose trial is the run's first 6 steps; the other trials took {history.probe_steps} steps" in said
+
 def test_auto_rate_counts_a_trial_that_diverged_as_the_worst(monkeypatch):
     """The trials' losses in the order run: 3e-3 diverges (nan), then 1e-3, 3e-4, 1e-4: the walk goes
     down from the diverged rate and stops where the loss rises again."""

@@ -13,6 +13,7 @@ same global batch.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from contextlib import contextmanager
@@ -52,6 +53,7 @@ class RecoveryHistory:
     best_step: int | None = None
     stopped_early: bool = False
     lr_probe: list[tuple[float, float]] = field(default_factory=list)  # lr="auto": (rate, loss) of each trial
+    probe_steps: int = 0  # lr="auto": the steps its trials took that the run did not keep
 
     @property
     def steps(self) -> int:
@@ -173,12 +175,13 @@ def recover(
         teacher: the original model, unchanged.
         data: a list or DataLoader of batches (tensor, tuple or dict), cycled for `steps` steps.
         steps: optimizer steps.
-        lr: Adam's peak learning rate, or "auto" (the default): short trials of the run's first
-            steps at rates of LR_GRID, from DEFAULT_LR towards the better side, keep the rate with
-            the lowest loss on `eval_data` (or on batches they did not train on). A pretrained model a few
-            collisions away from its original wants a rate 100x smaller than a model far from it,
-            and no single default suits both (docs/recovery.md). The trials cost 2 to 8 times a
-            tenth of `steps` (3 to 50 steps each); pass a number to skip them.
+        lr: Adam's peak learning rate, or "auto" (the default): the run's first steps (a tenth
+            of `steps`, 3 to 50) are tried at rates of LR_GRID, from DEFAULT_LR towards the better
+            side, and the trial with the lowest loss on `eval_data` (or on batches it did not train
+            on) is kept as the run's first steps. A pretrained model a few collisions away from
+            its original wants a rate 100x smaller than a model far from it, and no single
+            default suits both (docs/recovery.md). The other trials cost 1 to 7 times those steps
+            (`RecoveryHistory.probe_steps`, said on the progress display); pass a number to skip them.
         loss: "auto" (KL on logits, relative MSE elsewhere), "kl", "mse" or "cosine".
         eval_data: held-out batches, never the training ones: fidelity and the distillation loss
             are measured on them every `eval_every` steps (default: a tenth of the steps).
@@ -230,7 +233,7 @@ def recover(
     warm = max(1, round(warmup * steps))
     eval_every = eval_every or max(1, steps // 10)
     history = RecoveryHistory()
-    best_value, best_state, stale = math.inf, None, 0
+    best_value, best_state = math.inf, None
     saver = None
     if checkpoint is not None:
         saver = Checkpointer(checkpoint, checkpoint_every or (None if checkpoint_seconds else eval_every), checkpoint_seconds)
@@ -246,72 +249,87 @@ def recover(
         transient=False,
         console=Console(stderr=True),
     )
-    start = 0
+    def advance(state: _State, step: int, batch: Batch, task) -> bool:
+        """Step `step` of the run (or of a trial) in `state`; True once the run should stop."""
+        record = state.history
+        record.loss.append(objective.step(net, batch, state.optimizer))
+        record.lr.append(state.schedule.get_last_lr()[0])
+        state.schedule.step()
+        latest = record.evals[-1][1] if record.evals else None
+        progress.update(task, advance=1, status=_status(record.loss[-1], latest))
+        if step % eval_every and step != steps:
+            return False
+        if eval_data is not None:
+            latest = fidelity(model, teacher, eval_data, inputs=inputs)
+            record.evals.append((step, latest))
+            record.heldout_loss.append(heldout_loss(model, teacher, eval_data, loss, inputs))
+            value_now = record.heldout_loss[-1]
+        else:
+            value_now = sum(record.loss[-eval_every:]) / len(record.loss[-eval_every:])
+        if value_now < state.best_value * (1 - 1e-3):
+            state.best_value, state.stale = value_now, 0
+            if eval_data is not None:
+                state.best_state, record.best_step = _snapshot(model), step
+        else:
+            state.stale += 1
+        progress.update(task, status=_status(record.loss[-1], latest))
+        record.stopped_early = state.stale >= patience and step != steps
+        return record.stopped_early
+
+    def fresh(rate: float, record: RecoveryHistory) -> _State:
+        optimizer = torch.optim.Adam(params, lr=rate)
+        return _State(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps, warm)), record, best_value, best_state)
+
     try:
         with _distillation_modes(model, teacher), progress:
             if resume:
                 saved = saver.load(steps)
-                start, best_value, stale = saved["step"], saved["best_value"], saved["stale"]
                 model.load_state_dict(saved["model"])
-                best_state = saved["best_state"]
                 history = RecoveryHistory(
                     loss=saved["loss"], lr=saved["lr"], heldout_loss=saved["heldout_loss"], best_step=saved["best_step"],
                     evals=[(s, fidelity_from_dict(f)) for s, f in saved["evals"]], before=fidelity_from_dict(saved["before"]),
                     lr_probe=[tuple(trial) for trial in saved.get("lr_probe", [])],  # none in states saved before lr="auto"
+                    probe_steps=saved.get("probe_steps", 0),
                 )
-            elif eval_data is not None:
-                history.before = fidelity(model, teacher, eval_data, inputs=inputs)
-                history.evals.append((0, history.before))
-                history.heldout_loss.append(heldout_loss(model, teacher, eval_data, loss, inputs))
-                best_value, best_state, history.best_step = history.heldout_loss[-1], _snapshot(model), 0
-            if lr == "auto" and not resume:
-                history.lr_probe = _probe_rates(net, model, params, objective, data, eval_data, _probe_steps(steps), progress)
-                lr = min(history.lr_probe, key=lambda trial: trial[1])[0]
-            optimizer = torch.optim.Adam(params, lr=DEFAULT_LR if lr == "auto" else lr)  # resuming loads the run's rate
-            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps, warm))
-            if resume:
-                optimizer.load_state_dict(saved["optimizer"])
-                schedule.load_state_dict(saved["schedule"])
+                state = fresh(DEFAULT_LR, history)  # then the run's own rate, schedule and place
+                state.optimizer.load_state_dict(saved["optimizer"])
+                state.schedule.load_state_dict(saved["schedule"])
+                state.best_value, state.best_state, state.stale = saved["best_value"], saved["best_state"], saved["stale"]
                 torch.set_rng_state(saved["rng"])
+            else:
+                if eval_data is not None:
+                    history.before = fidelity(model, teacher, eval_data, inputs=inputs)
+                    history.evals.append((0, history.before))
+                    history.heldout_loss.append(heldout_loss(model, teacher, eval_data, loss, inputs))
+                    best_value, best_state, history.best_step = history.heldout_loss[-1], _snapshot(model), 0
+                if lr == "auto":
+                    state = _probe_rates(model, data, eval_data, _probe_steps(steps), fresh, history, advance, progress, objective)
+                    if not quiet and rank == 0:
+                        progress.print(_probe_summary(state.history, steps))
+                else:
+                    state = fresh(lr, history)
+            history = state.history
+            start = history.steps
             task = progress.add_task("recovering", total=steps, completed=start, status=_status(None, history.before))
             batches = cycle(data)
-            for _ in range(start):  # the batches the saved run has used
+            for _ in range(start):  # the batches the saved run (or the kept trial) has used
                 next(batches)
             for step in range(start + 1, steps + 1):
+                if history.stopped_early:
+                    break
                 if saver and rank == 0 and saver.due(step - 1, steps):
                     saver.save({
-                        "step": step - 1, "steps": steps, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "schedule": schedule.state_dict(), "rng": torch.get_rng_state(), "best_value": best_value,
-                        "best_state": best_state, "stale": stale, "best_step": history.best_step, "loss": history.loss,
+                        "step": step - 1, "steps": steps, "model": model.state_dict(), "optimizer": state.optimizer.state_dict(),
+                        "schedule": state.schedule.state_dict(), "rng": torch.get_rng_state(), "best_value": state.best_value,
+                        "best_state": state.best_state, "stale": state.stale, "best_step": history.best_step, "loss": history.loss,
                         "lr": history.lr, "heldout_loss": history.heldout_loss, "before": fidelity_to_dict(history.before),
                         "evals": [(s, fidelity_to_dict(f)) for s, f in history.evals], "lr_probe": history.lr_probe,
+                        "probe_steps": history.probe_steps,
                     })
-                history.loss.append(objective.step(net, next(batches), optimizer))
-                history.lr.append(schedule.get_last_lr()[0])
-                schedule.step()
-                latest = history.evals[-1][1] if history.evals else None
-                progress.update(task, advance=1, status=_status(history.loss[-1], latest))
-                if step % eval_every and step != steps:
-                    continue
-                if eval_data is not None:
-                    latest = fidelity(model, teacher, eval_data, inputs=inputs)
-                    history.evals.append((step, latest))
-                    history.heldout_loss.append(heldout_loss(model, teacher, eval_data, loss, inputs))
-                    value_now = history.heldout_loss[-1]
-                else:
-                    value_now = sum(history.loss[-eval_every:]) / len(history.loss[-eval_every:])
-                if value_now < best_value * (1 - 1e-3):
-                    best_value, stale = value_now, 0
-                    if eval_data is not None:
-                        best_state, history.best_step = _snapshot(model), step
-                else:
-                    stale += 1
-                progress.update(task, status=_status(history.loss[-1], latest))
-                if stale >= patience and step != steps:
-                    history.stopped_early = True
-                    break
+                advance(state, step, next(batches), task)
     finally:
         objective.taps.remove()
+    best_state = state.best_state
     if best_state is not None:
         model.load_state_dict(best_state)
         history.after = next(f for s, f in history.evals if s == history.best_step)
@@ -368,24 +386,40 @@ def _probe_steps(steps: int) -> int:
     return min(steps, max(3, min(50, steps // 10)))
 
 
+@dataclass
+class _State:
+    """A recovery run between two steps: its optimizer, its schedule, what it did so far, and the
+    early stop's bookkeeping (each trial of lr="auto" is one, and the kept trial becomes the run)."""
+
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    history: RecoveryHistory
+    best_value: float = math.inf
+    best_state: dict[str, torch.Tensor] | None = None
+    stale: int = 0
+
+
 def _probe_rates(
-    net: nn.Module,
     model: nn.Module,
-    params: list[nn.Parameter],
-    objective: _Objective,
     data: Iterable[Batch],
     eval_data: Iterable[Batch] | None,
     steps: int,
+    fresh: Callable[[float, RecoveryHistory], _State],
+    history: RecoveryHistory,
+    advance: Callable[[_State, int, Batch, object], bool],
     progress: Progress,
-) -> list[tuple[float, float]]:
-    """lr="auto": short trials on the grid of LR_GRID, walking from DEFAULT_LR towards the side that
-    does better until the loss rises again (the loss is close to unimodal in the log of the rate).
+    objective: _Objective,
+) -> _State:
+    """lr="auto": the run's first `steps` steps tried at rates of LR_GRID, walking from DEFAULT_LR
+    towards the side that does better until the loss rises again (the loss is close to unimodal in
+    the log of the rate).
 
-    Each trial starts from the model as received, takes `steps` Adam steps on the run's first
-    batches (warming up over the first half), then measures the distillation loss on `eval_data`
-    (without it, on the 8 batches that follow, which the trials do not train on). The model and
-    the random generator are restored after each, so the run that follows is the run an explicit
-    `lr=` would make. Returns (rate, loss) of every trial, in the order run.
+    Each trial starts from the model and the random generator as received and takes the run's own
+    first steps (its batches, its warmup, its evaluations), then measures the distillation loss on
+    `eval_data` (without it, on the 8 batches that follow, which no trial trains on). The best
+    trial is kept: the model, the optimizer, the schedule and the generator continue from where it
+    ended, so the run is the run an explicit `lr=` would make, and only the other trials' steps are
+    spent on the choice. Returns that trial's state, every trial's (rate, loss) in its history.
     """
     start = _snapshot(model)
     batches = cycle(data)
@@ -393,22 +427,24 @@ def _probe_rates(
     measure_on = eval_data if eval_data is not None else [next(batches) for _ in range(8)]
     devices = [objective.device] if objective.device.type == "cuda" else []
     trials: dict[float, float] = {}
+    best: tuple[float, _State, dict[str, torch.Tensor], tuple] | None = None  # loss, state, parameters, generator
     task = progress.add_task("choosing lr", total=None, status="")
 
     def trial(i: int) -> float:
+        nonlocal best
         rate = LR_GRID[i]
         if rate not in trials:
             with torch.random.fork_rng(devices=devices):
-                optimizer = torch.optim.Adam(params, lr=rate)
-                ramp = max(1, steps // 2)
-                schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / ramp))
-                for batch in used:
-                    objective.step(net, batch, optimizer)
-                    schedule.step()
+                state = fresh(rate, copy.deepcopy(history))
+                for step, batch in enumerate(used, 1):
+                    if advance(state, step, batch, task):
+                        break
                 value = heldout_loss(model, objective.teacher, measure_on, objective.loss, objective.inputs)
                 trials[rate] = value if math.isfinite(value) else math.inf  # a rate that diverged is the worst
+                if best is None or trials[rate] < best[0]:
+                    best = (trials[rate], state, _snapshot(model), (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]))
             model.load_state_dict(start)
-            progress.update(task, advance=1, status="  ".join(f"{r:g}: {v:.4g}" for r, v in trials.items()))
+            progress.update(task, status="  ".join(f"{r:g}: {v:.4g}" for r, v in trials.items()))
         return trials[rate]
 
     i = LR_GRID.index(DEFAULT_LR)
@@ -419,7 +455,24 @@ def _probe_rates(
     while 0 <= i + direction < len(LR_GRID) and trial(i + direction) < trial(i):
         i += direction
     progress.remove_task(task)
-    return list(trials.items())
+    _, state, parameters, (cpu_rng, device_rngs) = best
+    model.load_state_dict(parameters)
+    torch.set_rng_state(cpu_rng)
+    for device, rng in zip(devices, device_rngs):
+        torch.cuda.set_rng_state(rng, device)
+    state.history.lr_probe = list(trials.items())
+    state.history.probe_steps = (len(trials) - 1) * len(used)
+    return state
+
+
+def _probe_summary(history: RecoveryHistory, steps: int) -> str:
+    """The trials of lr="auto" in one line, with what they cost beyond the run."""
+    kept = min(history.lr_probe, key=lambda trial: trial[1])[0]
+    tried = ", ".join(f"{rate:g}" for rate, _ in history.lr_probe)
+    return (
+        f"lr='auto': tried {tried}; kept {kept:g}, whose trial is the run's first {history.steps} steps; "
+        f"the other trials took {history.probe_steps} steps ({history.probe_steps / steps:.0%} of the run)"
+    )
 
 
 def _warmup_cosine(steps: int, warm: int) -> Callable[[int], float]:
