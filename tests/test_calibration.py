@@ -42,8 +42,8 @@ def test_layers_are_solved_in_forward_order_each_cutting_its_calibration_error()
 def test_only_statistics_of_the_calibration_data_matter_so_memory_does_not_grow_with_it():
     model = trained_mlp()
     once, twice = convert(model, ratio=1 / 4), convert(model, ratio=1 / 4)
-    calibrate(once, model, batches("calib"), quiet=True)
-    calibrate(twice, model, batches("calib") * 2, quiet=True)  # the same samples twice: same X^T X / ||Y||^2
+    calibrate(once, model, batches("calib"), holdout=0, quiet=True)
+    calibrate(twice, model, batches("calib") * 2, holdout=0, quiet=True)  # the same samples twice: same X^T X / ||Y||^2
     torch.testing.assert_close(find_pool(once).pool, find_pool(twice).pool, rtol=1e-4, atol=1e-6)
 
 
@@ -188,7 +188,7 @@ def _calibrated_stack(depth: int, chained: bool = True, **options) -> tuple[int,
     model = Stack(depth, chained).eval()
     converted = convert(model, ratio=1 / 4, min_numel=100)
     Block.calls = 0
-    fits = calibrate(converted, model, batches("calib")[:3], quiet=True, **options)
+    fits = calibrate(converted, model, batches("calib")[:3], quiet=True, holdout=0, **options)  # the solves alone
     return Block.calls, fits
 
 
@@ -223,3 +223,44 @@ def test_blocks_solved_from_cached_activations_cut_every_layer_error_as_full_for
     assert all(f.after < 0.5 * f.before for f in fits)
     for block, full in zip(fits, unchained):
         assert block.after < full.after + 0.05  # measured: 0.08-0.26 against 0.08-0.30 (on its own inputs)
+
+
+def _wrecking(monkeypatch, prefix: str) -> None:
+    """Make every solve of a layer under `prefix` add noise to its slots: a calibration that hurts."""
+    import rpsconvert.quality.calibration as calibration
+
+    solve = calibration._solve
+
+    def wrecked(pool, weight, *args):
+        fit, changed = solve(pool, weight, *args)
+        if weight.name.startswith(prefix):
+            slots = (pool.operator.counts([weight]) > 0).nonzero().squeeze(1)
+            pool.pool.detach()[slots] += 0.5 * torch.randn(len(slots), generator=torch.Generator().manual_seed(0))
+            changed = torch.cat([changed, slots])
+        return fit, changed
+
+    monkeypatch.setattr(calibration, "_solve", wrecked)
+
+
+@pytest.mark.parametrize("ratio, bits", [(1.0, 4), (1 / 4, None)])
+def test_a_calibration_that_raises_the_held_out_loss_is_undone_and_the_pool_stays_as_it_came(monkeypatch, ratio, bits):
+    torch.manual_seed(0)
+    model = Stack(3).eval()
+    converted = convert(model, ratio=ratio, bits=bits, min_numel=100)
+    pool = find_pool(converted)
+    received = {name: tensor.clone() for name, tensor in pool.stored().items()}
+    _wrecking(monkeypatch, "blocks.1.")
+    fits = calibrate(converted, model, batches("calib")[:5], quiet=True)  # the 5th is held out
+    assert len(fits) == 8 and not any(fit.kept for fit in fits)
+    assert all(torch.equal(pool.stored()[name], tensor) for name, tensor in received.items())  # exactly, codes and scales
+    assert any(note.startswith("calibration undone: held-out distillation loss") for note in report(converted).notes)
+
+
+def test_a_calibration_that_helps_is_kept_and_says_by_how_much():
+    model = trained_mlp()
+    converted = convert(model, ratio=1 / 4)
+    fits = calibrate(converted, model, batches("calib"), quiet=True)
+    assert len(fits) == 3 and all(fit.kept for fit in fits)
+    note = next(note for note in report(converted).notes if note.startswith("calibration"))
+    before, after = (float(figure.split()[0]) for figure in note.split("loss ")[1].split(", "))
+    assert note.startswith("calibration kept") and after < 0.5 * before

@@ -134,5 +134,5 @@ def test_a_sweep_with_calibration_runs_the_original_once_for_it_and_writes_the_f
         if shared:
             swept = forwards
     assert written[True] == written[False]
-    calibrating = 3 * 3  # 3 layers, a forward of the original per layer and calibration batch
+    calibrating = 3 * 2 + 1  # 3 layers, a forward of the original per layer and batch solved on (2 of 3), and one on the held-out one
     assert forwards % 3 == 0 and swept == forwards - 2 * calibrating
