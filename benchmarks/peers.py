@@ -4,7 +4,8 @@
     python benchmarks/peers.py --quick    # a smoke run of a few minutes (digits CNN and LM, tiny steps, three budgets)
 
 Every library quantizes the same weights the plan compresses (embeddings included), each weight as
-a matrix of output rows (a conv kernel's out x in*kh*kw, an embedding's rows), through the
+a matrix of output rows (a conv kernel's out x in*kh*kw, an embedding's rows; a weight whose rows
+are not a multiple of 128 long as its flat elements in rows of 128, see as_matrix), through the
 library's own quantizer: HQQLinear, quanto's quantize and freeze, torchao's quantize_ with
 IntxWeightOnlyConfig, and bitsandbytes' Linear4bit, on an nn.Linear holding that matrix. Its bytes
 are those of the tensors the library then holds (codes, scales, zero points, at their dtypes),
