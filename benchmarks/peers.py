@@ -398,7 +398,7 @@ def verdicts(result: Result) -> list[str]:
         else:
             ours = cells["RPS plan + recovery"].value
             others = {c: v.value for c, v in cells.items() if c != "RPS plan + recovery" and v.value is not None}
-            ok = ours is not None and all(_better(task, ours, v) for v in others.values())
+            ok = ours is not None and all(_better(task, ours, v, strictly=True) for v in others.values())  # a tie (all at chance) is no win
             rival = max(others, key=lambda c: others[c] if task.higher_is_better else -others[c], default=None)
             out.append(
                 f"{task.name} at {name}: RPS plan + recovery the best row: {quality._met(ok)} (ours "
