@@ -29,6 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from rpsconvert.engine.modules import find_pool, is_converted
+from rpsconvert.quality import sharding
 from rpsconvert.quality.blocks import repeated_blocks
 from rpsconvert.quality.batches import Batch, cycle, device_of, eval_mode, is_logits, outputs, process_group, run, shard, size, to_device
 from rpsconvert.quality.fidelity import Fidelity, fidelity, paired_outputs
@@ -159,6 +160,7 @@ def recover(
     checkpoint_every: int | None = None,
     checkpoint_seconds: float | None = None,
     resume: bool = False,
+    strategy: Literal["ddp", "fsdp"] = "ddp",
 ) -> RecoveryHistory:
     """Fine-tune `model` in place to reproduce `teacher` (the original) on the inputs of `data`.
 
@@ -201,6 +203,9 @@ def recover(
             evaluation), so that an interrupted run can be resumed (quality/resume.py).
         resume: continue the run saved in `checkpoint` (same model, data and `steps`): with the
             same batches, seed and thread count the result equals an uninterrupted run's.
+        strategy: under torchrun, "ddp" (every process holds both models whole) or "fsdp" (both
+            sharded with FSDP2 per repeated block, the pool replicated: quality/sharding.py); the
+            models come back whole on every process. "fsdp" does not checkpoint yet.
 
     Returns:
         A RecoveryHistory: the loss per step, fidelity before and after, the steps taken.
@@ -220,15 +225,23 @@ def recover(
         raise ValueError(f"steps must be at least 1, got {steps}")
     if lr != "auto" and not (isinstance(lr, (int, float)) and lr > 0):
         raise ValueError(f"lr must be a positive number or 'auto', got {lr!r}")
+    if sharding.check_strategy(strategy) == "fsdp" and (checkpoint is not None or resume):
+        raise ValueError("strategy='fsdp' does not checkpoint yet: drop checkpoint= and resume=, or use strategy='ddp'")
     pool = find_pool(model) if is_converted(model) else None
     if pool is not None:
         pool.unpack()  # trained as float values, packed back into its stored form at the end
-    params = [p for n, p in model.named_parameters() if p.requires_grad and (trainable is None or trainable(n, p))]
-    if not params:
+    if not any(p.requires_grad and (trainable is None or trainable(n, p)) for n, p in model.named_parameters()):
         raise ValueError("nothing to train: no parameter requires grad (or the trainable filter kept none)")
     rank, world = process_group()
     device = device_of(model)
-    net = _distributed(model, device) if world > 1 else model
+    callers = None  # strategy="fsdp": the caller's models, while their sharded twins train
+    if strategy == "fsdp":
+        mesh = sharding.device_mesh(device)
+        callers = (model, teacher)
+        model = sharding.shard(model, mesh, sharding.block_names(model))
+        teacher = sharding.shard(teacher, mesh, sharding.block_names(teacher), forward_only=True)
+    params = [p for n, p in model.named_parameters() if p.requires_grad and (trainable is None or trainable(n, p))]
+    net = _distributed(model, device) if world > 1 and callers is None else model
     objective = _Objective(teacher, loss, inputs, labels, _BlockOutputs(model, teacher, hidden), device, rank, world)
     warm = max(1, round(warmup * steps))
     eval_every = eval_every or max(1, steps // 10)
@@ -278,6 +291,8 @@ def recover(
 
     def fresh(rate: float, record: RecoveryHistory) -> _State:
         optimizer = torch.optim.Adam(params, lr=rate)
+        if callers is not None and pool is not None and any(p is pool.pool for p in params):
+            optimizer.register_step_pre_hook(sharding.average_pool_gradient(pool.pool))
         return _State(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps, warm)), record, best_value, best_state)
 
     try:
@@ -333,6 +348,9 @@ def recover(
     if best_state is not None:
         model.load_state_dict(best_state)
         history.after = next(f for s, f in history.evals if s == history.best_step)
+    if callers is not None:
+        for twin, caller in zip((teacher, model), callers[::-1]):
+            sharding.gather(twin, caller)
     if pool is not None:
         pool.pack()
     return history

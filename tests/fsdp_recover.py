@@ -1,0 +1,101 @@
+"""recover(strategy="fsdp") under torchrun: `torchrun --standalone --nproc_per_node=2 tests/fsdp_recover.py OUT.pt [BITS]`.
+
+Every process builds the same converted model and teacher and passes the same global batches;
+recover() shards both models with FSDP2 (per block and on the root, the pool replicated) and rank
+0 saves the recovered state, the loss curve and the gradients of the first optimizer step (and how much of each it held), for the
+test to compare with a single-process run of the same case (`case(strategy="ddp")`).
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+import torch.nn.functional as F
+from torch import nn
+
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent)]
+
+from rpsconvert import convert  # noqa: E402
+from rpsconvert.quality.recovery import recover  # noqa: E402
+
+STEPS = 10
+
+
+class Block(nn.Module):
+    """A pre-norm residual MLP block: what fully_shard wraps one at a time."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.up = nn.Linear(width, 2 * width)
+        self.down = nn.Linear(2 * width, width)
+
+    def forward(self, x):
+        return x + self.down(F.gelu(self.up(self.norm(x))))
+
+
+class Stack(nn.Module):
+    """An input layer, a chain of 3 repeated blocks and a classifier head (tied to nothing)."""
+
+    def __init__(self, inputs: int = 16, width: int = 32, depth: int = 3, classes: int = 10):
+        super().__init__()
+        self.embed = nn.Linear(inputs, width)
+        self.blocks = nn.ModuleList(Block(width) for _ in range(depth))
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def data(part: str) -> list[torch.Tensor]:
+    """Batches of 32 random inputs (16 per process), the same on every process."""
+    generator = torch.Generator().manual_seed({"train": 1, "heldout": 2}[part])
+    return list(torch.randn(96 if part == "train" else 64, 16, generator=generator).split(32))
+
+
+def case(strategy: str, bits: int | None = None):
+    """The converted Stack (1/4 of its weights' bytes, a `bits`-bit pool or float32), its
+    original, a recovery run, the gradients of the run's first optimizer step (whole) and the
+    elements of each that this process held."""
+    torch.manual_seed(0)
+    teacher = Stack().eval()
+    model = convert(teacher, ratio=1 / 4, bits=bits)
+    first: list[torch.Tensor] = []
+    held: list[int] = []  # the elements of each gradient this process held (a share, when sharded)
+
+    def record(optimizer, args, kwargs):  # after the step: the gradients the step used
+        if not first:
+            for param in optimizer.param_groups[0]["params"]:
+                grad = param.grad
+                held.append((grad.to_local() if hasattr(grad, "to_local") else grad).numel())
+                first.append((grad.full_tensor() if hasattr(grad, "full_tensor") else grad).detach().clone())
+
+    handle = register_optimizer_step_post_hook(record)
+    try:
+        history = recover(
+            model, teacher, data("train"), steps=STEPS, lr=1e-3, eval_data=data("heldout"), eval_every=5, quiet=True, strategy=strategy
+        )
+    finally:
+        handle.remove()
+    return model, teacher, history, first, held
+
+
+def main(out: str, bits: int | None) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo")
+    model, teacher, history, first, held = case("fsdp", bits)
+    if torch.distributed.get_rank() == 0:
+        torch.save({
+            "state": model.state_dict(), "teacher": teacher.state_dict(), "loss": history.loss, "grads": first, "held": held,
+            "after": history.after.relative_error, "best_step": history.best_step,
+        }, out)
+    torch.distributed.barrier()  # as ddp_recover.py: both ranks tear gloo down together
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else None)
