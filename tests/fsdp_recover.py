@@ -1,4 +1,4 @@
-"""recover(strategy="fsdp") under torchrun: `torchrun --standalone --nproc_per_node=2 tests/fsdp_recover.py OUT.pt [BITS]`.
+"""recover(strategy="fsdp") under torchrun: `torchrun --standalone --nproc_per_node=2 tests/fsdp_recover.py OUT.pt [BITS [auto]]`.
 
 Every process builds the same converted model and teacher and passes the same global batches;
 recover() shards both models with FSDP2 (per block and on the root, the pool replicated) and rank
@@ -57,9 +57,9 @@ def data(part: str) -> list[torch.Tensor]:
     return list(torch.randn(96 if part == "train" else 64, 16, generator=generator).split(32))
 
 
-def case(strategy: str, bits: int | None = None):
+def case(strategy: str, bits: int | None = None, auto: bool = False):
     """The converted Stack (1/4 of its weights' bytes, a `bits`-bit pool or float32), its
-    original, a recovery run, the gradients of the run's first optimizer step (whole) and the
+    original, a recovery run (`auto`: lr="auto" and the blocks' outputs distilled too), the gradients of the run's first optimizer step (whole) and the
     elements of each that this process held."""
     torch.manual_seed(0)
     teacher = Stack().eval()
@@ -77,25 +77,26 @@ def case(strategy: str, bits: int | None = None):
     handle = register_optimizer_step_post_hook(record)
     try:
         history = recover(
-            model, teacher, data("train"), steps=STEPS, lr=1e-3, eval_data=data("heldout"), eval_every=5, quiet=True, strategy=strategy
+            model, teacher, data("train"), steps=STEPS, lr="auto" if auto else 1e-3, eval_data=data("heldout"), eval_every=5,
+            hidden=auto, quiet=True, strategy=strategy,
         )
     finally:
         handle.remove()
     return model, teacher, history, first, held
 
 
-def main(out: str, bits: int | None) -> None:
+def main(out: str, bits: int | None, auto: bool) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo")
-    model, teacher, history, first, held = case("fsdp", bits)
+    model, teacher, history, first, held = case("fsdp", bits, auto)
     if torch.distributed.get_rank() == 0:
         torch.save({
             "state": model.state_dict(), "teacher": teacher.state_dict(), "loss": history.loss, "grads": first, "held": held,
-            "after": history.after.relative_error, "best_step": history.best_step,
+            "after": history.after.relative_error, "best_step": history.best_step, "lr_probe": history.lr_probe,
         }, out)
     torch.distributed.barrier()  # as ddp_recover.py: both ranks tear gloo down together
     torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else None)
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else None, sys.argv[3:] == ["auto"])

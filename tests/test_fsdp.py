@@ -23,22 +23,25 @@ def _torchrun(out: Path, *args: str) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bits", [None, 8], ids=["float32 pool", "8-bit pool"])
-def test_two_sharded_processes_give_the_single_process_result(tmp_path, bits):
+@pytest.mark.parametrize("bits, auto", [(None, False), (8, True)], ids=["float32 pool", "8-bit pool, lr auto, hidden"])
+def test_two_sharded_processes_give_the_single_process_result(tmp_path, bits, auto):
     """gloo, 2 processes, each holding half of every dense tensor and the whole (replicated) pool:
     the losses, the gradients and the recovered model equal one process's run on the same global
-    batches (the 8-bit pool trains straight-through, as in one process)."""
+    batches (the 8-bit pool trains straight-through, as in one process; lr="auto"'s trials and
+    the blocks' outputs, hooked on the sharded blocks, too)."""
     from fsdp_recover import Stack, case
 
-    sharded = _torchrun(tmp_path / "fsdp.pt", *([] if bits is None else [str(bits)]))
-    model, teacher, history, first, _ = case("ddp", bits)  # one process: no DDP, no FSDP
+    sharded = _torchrun(tmp_path / "fsdp.pt", *([] if bits is None else [str(bits)]), *(["auto"] if auto else []))
+    model, teacher, history, first, _ = case("ddp", bits, auto)  # one process: no DDP, no FSDP
 
     # The same optimization up to float rounding: each process sums its half of the batch and the
     # halves are averaged, where one process sums the whole (measured 2e-6 relative on the loss,
-    # 1e-7 on the gradients, 2e-7 on the parameters).
+    # 1e-7 on the gradients, 2e-7 on the parameters; lr="auto" tried the same rates).
     assert sharded["loss"] == pytest.approx(history.loss, rel=1e-4)
     assert sharded["after"] == pytest.approx(history.after.relative_error, rel=1e-4)
     assert sharded["best_step"] == history.best_step
+    assert [rate for rate, _ in sharded["lr_probe"]] == [rate for rate, _ in history.lr_probe]
+    assert [value for _, value in sharded["lr_probe"]] == pytest.approx([value for _, value in history.lr_probe], rel=1e-4)
     # The gradients the optimizer stepped on, not multiplied by the world size (the known gloo
     # averaging slip); Adam's updates are blind to a gradient's scale, so the losses alone would
     # not show it. The first one is the pool's: replicated and averaged by sharding.py.
