@@ -3,7 +3,8 @@
 Under DDP every process holds the whole student, its gradients, Adam's two moments and the whole
 fp32 teacher. `recover(strategy="fsdp")` shards both models with `fully_shard` per repeated block
 (`repeated_blocks`: a transformer's layers, a CNN's stages) and on the root, so each process holds
-1/world of every dense tensor, gradient and Adam moment, and one block is gathered whole at a time.
+1/world of every dense tensor, gradient and Adam moment, and only the block running (and the one
+FSDP2 prefetches) is gathered whole.
 
 The RPS pool is one Parameter on the root that every compressed layer of every block reads. Sharded
 with the root it would be gathered whole for the whole forward and backward anyway, so it is kept
