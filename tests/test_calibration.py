@@ -253,7 +253,7 @@ def test_a_calibration_that_raises_the_held_out_loss_is_undone_and_the_pool_stay
     fits = calibrate(converted, model, batches("calib")[:5], quiet=True)  # the 5th is held out
     assert len(fits) == 8 and not any(fit.kept for fit in fits)
     assert all(torch.equal(pool.stored()[name], tensor) for name, tensor in received.items())  # exactly, codes and scales
-    assert any(note.startswith("calibration undone: held-out distillation loss") for note in report(converted).notes)
+    assert any(note.startswith("calibration undone: held-out relative output error") for note in report(converted).notes)
 
 
 def test_a_calibration_that_helps_is_kept_and_says_by_how_much():
@@ -262,5 +262,5 @@ def test_a_calibration_that_helps_is_kept_and_says_by_how_much():
     fits = calibrate(converted, model, batches("calib"), quiet=True)
     assert len(fits) == 3 and all(fit.kept for fit in fits)
     note = next(note for note in report(converted).notes if note.startswith("calibration"))
-    before, after = (float(figure.split()[0]) for figure in note.split("loss ")[1].split(", "))
+    before, after = (float(figure.split()[0]) for figure in note.split("error ")[1].split(", "))
     assert note.startswith("calibration kept") and after < 0.5 * before
