@@ -408,31 +408,11 @@ def verdicts(result: Result) -> list[str]:
 
 
 def plot(results: list[Result], path: Path) -> None:
-    import matplotlib
+    def series(result: Result) -> list[tuple[str, int, list[tuple[float, float]]]]:
+        cells = result.rows.values()
+        return [(column, i, sorted((c[column].bytes, c[column].value) for c in cells if column in c and c[column].value is not None)) for i, column in enumerate(COLUMNS)]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4.4), squeeze=False)
-    for ax, result in zip(axes[0], results):
-        for i, column in enumerate(COLUMNS):
-            points = sorted((c[column].bytes, c[column].value) for c in result.rows.values() if column in c and c[column].value is not None)
-            if points:
-                ax.plot(*zip(*points), marker="o", markersize=4, label=column, color=f"C{i % 10}", linestyle="-" if i < 10 else "--")
-        ax.axhline(result.dense, color="black", linestyle=":", linewidth=1, label="dense (fp32)")
-        ax.set_xscale("log")
-        ax.set_xlabel("bytes of the compressed weights")
-        ax.set_ylabel(result.task.metric)
-        ax.set_title(result.task.name)
-        ax.grid(True, which="both", alpha=0.3)
-    legend = {}
-    for ax in axes[0]:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            legend.setdefault(label, handle)
-    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=min(len(legend), 6), fontsize=8)
-    fig.tight_layout(rect=(0, 0.14, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    quality.plot_panels(results, series, "bytes of the compressed weights", path)
 
 
 def section(results: list[Result], command: str, seconds: float, plot_name: str) -> str:

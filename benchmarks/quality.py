@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import partial
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -425,6 +426,19 @@ def verdicts(results: list[TaskResult]) -> list[str]:
 
 def plot(results: list[TaskResult], path: Path) -> None:
     """Quality against the budget in bytes (log x), one panel per task."""
+
+    def series(result: TaskResult) -> list[tuple[str, int, list[tuple[float, float]]]]:
+        return [
+            (method, METHODS.index(method), [(budget_bytes(b, result.numel), c[method].value) for b, c in result.rows.items() if c[method].value is not None])
+            for method in result.methods
+        ]
+
+    plot_panels(results, series, "bytes of the compressed weights (budget)", path)
+
+
+def plot_panels(results: list, series: Callable, xlabel: str, path: Path) -> None:
+    """One panel per task result: each of `series(result)`'s (label, index, points) as a line, its
+    color and style fixed by the index in every panel, beside the dense model's level; one legend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -432,18 +446,12 @@ def plot(results: list[TaskResult], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4.4), squeeze=False)
     for ax, result in zip(axes[0], results):
-        for method in result.methods:
-            points = [
-                (budget_bytes(budget, result.numel), cells[method].value)
-                for budget, cells in result.rows.items()
-                if cells[method].value is not None
-            ]
-            i = METHODS.index(method)  # the same color and line in every panel
+        for label, i, points in series(result):
             if points:
-                ax.plot(*zip(*points), marker="o", markersize=4, label=method, color=f"C{i % 10}", linestyle="-" if i < 10 else "--")
-        ax.axhline(result.dense, color="black", linestyle="--", linewidth=1, label="dense (fp32)")
+                ax.plot(*zip(*points), marker="o", markersize=4, label=label, color=f"C{i % 10}", linestyle="-" if i < 10 else "--")
+        ax.axhline(result.dense, color="black", linestyle=":", linewidth=1, label="dense (fp32)")
         ax.set_xscale("log")
-        ax.set_xlabel("bytes of the compressed weights (budget)")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(result.task.metric)
         ax.set_title(result.task.name)
         ax.grid(True, which="both", alpha=0.3)
@@ -451,8 +459,8 @@ def plot(results: list[TaskResult], path: Path) -> None:
     for ax in axes[0]:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             legend.setdefault(label, handle)
-    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=min(len(legend), 7), fontsize=8)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=min(len(legend), 6), fontsize=8)
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
