@@ -116,14 +116,14 @@ def test_every_layer_reads_one_straight_through_pool_per_step_and_gradients_accu
     converted = convert(nn.Sequential(*[nn.Linear(64, 64) for _ in range(6)]), ratio=1.0, bits=8).train()
     pool, x = converted.rps, torch.randn(4, 64)
     converted(x).square().mean().backward()
-    through, once = pool._snapped[3], converted.rps_pool.grad.clone()
+    through, once = pool._reads[1], converted.rps_pool.grad.clone()
     assert through.whole.grad_fn is not None  # the grid values, differentiable in the latent pool
     converted(x).square().mean().backward()  # a second micro-batch before the step: the same pool
-    assert pool._snapped[3] is through
+    assert pool._reads[1] is through
     assert torch.equal(converted.rps_pool.grad, 2 * once)  # both backwards reached the pool, exactly
     torch.optim.SGD(converted.parameters(), lr=1e-3).step()
     converted(x)
-    assert pool._snapped[3] is not through  # a new pool version: made again, once
+    assert pool._reads[1] is not through  # a new pool version: made again, once
 
 
 @pytest.mark.parametrize("bits", [4, None])
@@ -138,6 +138,7 @@ def test_layers_read_pieces_of_one_split_of_the_pool_being_trained_with_the_same
             monkeypatch.setattr(type(converted.rps), "_run_cuts", lambda self: None)
         # at ratio 1 RandomFold's runs tile the pool; below it they overlap, and a run spans pieces
         assert isinstance(converted.rps._pool_for_autograd(), _Cut) == cut
+        assert converted.rps._pool_for_autograd() is converted.rps._pool_for_autograd()  # once per pool version, not per layer
         converted(x).square().mean().backward()
         grads.append(converted.rps_pool.grad)
     # the same sums: each slot adds its runs' gradients in the same order, whether sliced or cut

@@ -57,9 +57,10 @@ class RPSPool:
         self._cache_key: tuple | None = None
         self.mode = "lean"  # set_mode: generate each weight when used, or serve a cache of all of them
         self._hooked: int | None = None
-        # (pool key, the pool on its grid, grid minus latent values, and while training the grid
-        # with the latent values' gradient: one per pool version, which every layer reads)
-        self._snapped: tuple | None = None
+        self._snapped: tuple | None = None  # (pool key, the pool on its grid, grid minus latent values)
+        # (pool key, what every layer reads while the pool trains: the latent pool, or a quantized
+        # one's grid values with the latent values' gradient, cut at its runs; one per pool version)
+        self._reads: tuple | None = None
         self._cuts: tuple | None = None  # (layout, the slots where the runs layers read begin and end, or None)
 
     @classmethod
@@ -96,7 +97,8 @@ class RPSPool:
     def kept(self) -> list[torch.Tensor]:
         """What the pool keeps besides the model's parameters and buffers: the weights of cached
         mode, and a quantized latent pool's rounding while it trains."""
-        held = [t.whole if isinstance(t, _Cut) else t for t in (self._snapped or ())[1:] if t is not None]
+        reads = [] if self._reads is None or not self.storage.quantized else [self._reads[1]]
+        held = [*(self._snapped or ())[1:], *(t.whole if isinstance(t, _Cut) else t for t in reads)]
         return [*(self._cache or {}).values(), *held]
 
     def _tensor(self, name: str) -> torch.Tensor | None:
@@ -131,7 +133,7 @@ class RPSPool:
             self._set_buffer(POOL_BUFFERS[suffix], _as_bits(tensor))
         latent.data = torch.empty(0, dtype=latent.dtype, device=latent.device)
         latent.grad = None
-        self._snapped = None
+        self._snapped = self._reads = None
         self.clear_cache()
 
     def unpack(self) -> None:
@@ -146,7 +148,7 @@ class RPSPool:
         latent.data = values.to(dtype=latent.dtype, device=latent.device)
         for name in POOL_BUFFERS.values():
             self._set_buffer(name, None)
-        self._snapped = None
+        self._snapped = self._reads = None
         self.clear_cache()
 
     @property
@@ -166,7 +168,7 @@ class RPSPool:
 
     def __getstate__(self) -> dict:
         # The hook bookkeeping and the cache refer to objects of this process: a copy starts fresh.
-        return {**self.__dict__, "_cache": None, "_cache_key": None, "_hooked": None, "_snapped": None}
+        return {**self.__dict__, "_cache": None, "_cache_key": None, "_hooked": None, "_snapped": None, "_reads": None}
 
     def _pool_for_autograd(self) -> torch.Tensor | PackedPool:
         """The pool weights are generated from: the packed codes, or the latent Parameter, with the
@@ -186,19 +188,19 @@ class RPSPool:
         training = torch.is_grad_enabled() and pool.requires_grad
         if training and torch.compiler.is_compiling():
             return straight_through(self.storage, pool) if self.storage.quantized else pool
-        if not self.storage.quantized:
-            return self._cut(pool) if training else pool
+        key = self._current_key()
+        if not self.storage.quantized and not training:
+            return pool
         # rounded once per pool version (an optimizer step makes a new one), not once per weight:
         # a forward reads the pool for every layer, and rounding it is many passes over it
-        key = self._current_key()
-        if self._snapped is None or self._snapped[0] != key:
+        if self.storage.quantized and (self._snapped is None or self._snapped[0] != key):
             snapped = self.storage.snap(pool.detach())
-            self._snapped = (key, snapped, snapped - pool.detach(), None)
+            self._snapped = (key, snapped, snapped - pool.detach())
         if not training:
             return self._snapped[1]
-        if self._snapped[3] is None:  # once per step, not once per layer: it is the pool's size
-            self._snapped = (*self._snapped[:3], self._cut(pool + self._snapped[2]))
-        return self._snapped[3]
+        if self._reads is None or self._reads[0] != key:  # once per step, not once per layer
+            self._reads = (key, self._cut(pool + self._snapped[2] if self.storage.quantized else pool))
+        return self._reads[1]
 
     def _cut(self, pool: torch.Tensor) -> torch.Tensor | _Cut:
         """A pool being trained, cut where the runs RandomFold's layers read begin and end (on a
@@ -225,10 +227,10 @@ class RPSPool:
         if not self.storage.quantized or self._snapped is None:  # packing drops the rounding too
             return
         pool = self.pool.detach()
-        _, snapped, delta, _ = self._snapped
+        _, snapped, delta = self._snapped
         for lo, hi in self.storage.resnap(pool, snapped, slots):
             torch.sub(snapped[lo:hi], pool[lo:hi], out=delta[lo:hi])
-        self._snapped = (self._current_key(), snapped, delta, None)
+        self._snapped, self._reads = (self._current_key(), snapped, delta), None
 
     def _scale_gradient(self, grad: torch.Tensor) -> torch.Tensor:
         if not self.grad_scaling:
