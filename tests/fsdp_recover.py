@@ -1,9 +1,14 @@
-"""recover(strategy="fsdp") under torchrun: `torchrun --standalone --nproc_per_node=2 tests/fsdp_recover.py OUT.pt [BITS [auto]]`.
+"""recover(strategy="fsdp") under torchrun: `torchrun --standalone --nproc_per_node=2 tests/fsdp_recover.py OUT.pt [BITS [auto]] [resume]`.
 
 Every process builds the same converted model and teacher and passes the same global batches;
 recover() shards both models with FSDP2 (per block and on the root, the pool replicated) and rank
 0 saves the recovered state, the loss curve and the gradients of the first optimizer step (and how much of each it held), for the
 test to compare with a single-process run of the same case (`case(strategy="ddp")`).
+
+With `resume`, the processes also run the case killed after INTERRUPT_AFTER batches while saving
+a sharded checkpoint every 3 steps (beside OUT.pt), then resume it: rank 0 saves both runs, the
+name of the folder the checkpoint held when the run was killed, and what the checkpoint's
+directory held.
 """
 
 import sys
@@ -20,6 +25,23 @@ from rpsconvert import convert  # noqa: E402
 from rpsconvert.quality.recovery import recover  # noqa: E402
 
 STEPS = 10
+INTERRUPT_AFTER = 9  # batches: lr="auto"'s trials train on 3, then the run's skip of those 3 and 3 more steps
+
+
+class Interrupted(list):
+    """The training batches, with a Ctrl-C after `after` of them, on every process: a job killed
+    in the middle (as tests/test_resume.py's)."""
+
+    def __init__(self, data, after):
+        super().__init__(data)
+        self.left = after
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            if self.left == 0:
+                raise KeyboardInterrupt
+            self.left -= 1
+            yield batch
 
 
 class Block(nn.Module):
@@ -57,9 +79,10 @@ def data(part: str) -> list[torch.Tensor]:
     return list(torch.randn(96 if part == "train" else 64, 16, generator=generator).split(32))
 
 
-def case(strategy: str, bits: int | None = None, auto: bool = False):
+def case(strategy: str, bits: int | None = None, auto: bool = False, train: list | None = None, **options):
     """The converted Stack (1/4 of its weights' bytes, a `bits`-bit pool or float32), its
-    original, a recovery run (`auto`: lr="auto" and the blocks' outputs distilled too), the gradients of the run's first optimizer step (whole) and the
+    original, a recovery run (`auto`: lr="auto" and the blocks' outputs distilled too; on `train`,
+    by default data("train"); `options` go to recover), the gradients of the run's first optimizer step (whole) and the
     elements of each that this process held."""
     torch.manual_seed(0)
     teacher = Stack().eval()
@@ -77,26 +100,41 @@ def case(strategy: str, bits: int | None = None, auto: bool = False):
     handle = register_optimizer_step_post_hook(record)
     try:
         history = recover(
-            model, teacher, data("train"), steps=STEPS, lr="auto" if auto else 1e-3, eval_data=data("heldout"), eval_every=5,
-            hidden=auto, quiet=True, strategy=strategy,
+            model, teacher, data("train") if train is None else train, steps=STEPS, lr="auto" if auto else 1e-3,
+            eval_data=data("heldout"), eval_every=5, hidden=auto, quiet=True, strategy=strategy, **options,
         )
     finally:
         handle.remove()
     return model, teacher, history, first, held
 
 
-def main(out: str, bits: int | None, auto: bool) -> None:
+def _summary(model, history) -> dict:
+    return {"state": model.state_dict(), "loss": history.loss, "lr": history.lr, "after": history.after.relative_error,
+            "best_step": history.best_step, "lr_probe": history.lr_probe, "probe_steps": history.probe_steps}
+
+
+def main(out: str, bits: int | None, auto: bool, resume: bool) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo")
     model, teacher, history, first, held = case("fsdp", bits, auto)
+    result = {**_summary(model, history), "teacher": teacher.state_dict(), "grads": first, "held": held}
+    if resume:
+        state = Path(out).with_suffix(".recovery")
+        try:
+            case("fsdp", bits, auto, Interrupted(data("train"), INTERRUPT_AFTER), checkpoint=state, checkpoint_every=3)
+        except KeyboardInterrupt:
+            torch.distributed.barrier()  # rank 0 has committed its last save: a new job would start after the kill
+            result["killed_at"] = (state / "latest").read_text()
+        again, _, resumed, _, _ = case("fsdp", bits, auto, checkpoint=state, checkpoint_every=3, resume=True)
+        result["resumed"] = _summary(again, resumed)
+        result["files"] = sorted(str(f.relative_to(state)) for f in state.rglob("*"))
     if torch.distributed.get_rank() == 0:
-        torch.save({
-            "state": model.state_dict(), "teacher": teacher.state_dict(), "loss": history.loss, "grads": first, "held": held,
-            "after": history.after.relative_error, "best_step": history.best_step, "lr_probe": history.lr_probe,
-        }, out)
+        torch.save(result, out)
     torch.distributed.barrier()  # as ddp_recover.py: both ranks tear gloo down together
     torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else None, sys.argv[3:] == ["auto"])
+    words = sys.argv[2:]
+    bits = int(words.pop(0)) if words and words[0].isdigit() else None
+    main(sys.argv[1], bits, "auto" in words, "resume" in words)

@@ -68,14 +68,98 @@ def test_two_sharded_processes_give_the_single_process_result(tmp_path, bits, au
         assert torch.equal(sharded["teacher"][name], tensor), name
 
 
-def test_fsdp_needs_torchrun_and_refuses_checkpoints_and_unknown_strategies(tmp_path):
+@pytest.mark.slow
+def test_a_resumed_sharded_recovery_ends_exactly_where_an_uninterrupted_one_does(tmp_path):
+    """The 8-bit pool with lr="auto" and hidden=True, killed after its 6th step on both processes
+    and resumed from the sharded checkpoint (every 3 steps): the same losses, rates, trials, best
+    step and every recovered tensor as the uninterrupted sharded run, bit for bit, as
+    tests/test_resume.py asks of one process: the same processes redo the same arithmetic on the
+    same shares, so any difference would be state the checkpoint lost."""
+    run = _torchrun(tmp_path / "fsdp.pt", "8", "auto", "resume")
+    assert run["killed_at"].startswith("step-6-")  # the last save before the kill
+    resumed = run["resumed"]
+    assert resumed["loss"] == run["loss"] and resumed["lr"] == run["lr"]
+    assert resumed["lr_probe"] == run["lr_probe"] and len(run["lr_probe"]) >= 2  # saved, not tried again
+    assert resumed["probe_steps"] == run["probe_steps"] > 0
+    assert resumed["best_step"] == run["best_step"] and resumed["after"] == run["after"]
+    for name, tensor in run["state"].items():
+        assert torch.equal(resumed["state"][name], tensor), name
+    # the resumed run saved again at 6 (into a new folder: never over the one it resumed from) and
+    # at 9; that one is all that is left: `latest`, its folder with each process's shares
+    (folder,) = {name.split("/")[0] for name in run["files"]} - {"latest"}
+    assert folder.startswith("step-9-")
+    assert {name for name in run["files"] if "distcp" in name} == {f"{folder}/__0_0.distcp", f"{folder}/__1_0.distcp"}
+    assert {f"{folder}/.metadata", f"{folder}/state.pt"} <= set(run["files"])
+
+
+def _state(step: int) -> dict:
+    return {"step": step, "steps": 10, "model": {"w": torch.arange(4.0) * step}, "optimizer": {"m": torch.ones(2) * step}, "best_state": None, "loss": [0.5] * step}
+
+
+def _shares() -> dict:
+    return {"model": {"w": torch.zeros(4)}, "optimizer": {"m": torch.zeros(2)}}
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP in one process, as recover never runs it
+@pytest.mark.parametrize("killed_in", ["the shares", "the commit"])
+def test_a_sharded_save_killed_midway_leaves_the_previous_state(tmp_path, monkeypatch, killed_in):
+    """A save that fails while DCP writes the shares (before its .metadata) or just before
+    `latest` is renamed over (a full disk, a kill): the previous state loads whole, and the next
+    save clears what the failure left."""
+    import torch.distributed.checkpoint.filesystem as filesystem
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from rpsconvert.quality import resume
+    from rpsconvert.quality.resume import Checkpointer
+
+    saver = Checkpointer(tmp_path / "run", sharded=True)
+    saver.save(_state(3))
+    write = resume._write_atomic
+
+    def killed(*args, **kwargs):
+        raise OSError("disk full")
+
+    if killed_in == "the shares":
+        monkeypatch.setattr(filesystem.FileSystemWriter, "finish", killed)
+    else:
+        monkeypatch.setattr(resume, "_write_atomic", lambda path, data: killed() if path.name == "latest" else write(path, data))
+    with pytest.raises((OSError, CheckpointException), match="disk full"):  # DCP wraps what its writer raised
+        saver.save(_state(6))
+    assert len(list((tmp_path / "run").glob("step-*"))) == 2  # the half-written folder is there
+    loaded = saver.load(10, _shares())
+    assert loaded["step"] == 3 and loaded["loss"] == [0.5] * 3 and loaded["best_state"] is None
+    assert torch.equal(loaded["model"]["w"], torch.arange(4.0) * 3) and torch.equal(loaded["optimizer"]["m"], torch.ones(2) * 3)
+    monkeypatch.undo()
+    saver.save(_state(9))
+    assert saver.load(10, _shares())["step"] == 9
+    assert sorted(p.name.split("-")[1] for p in (tmp_path / "run").glob("step-*")) == ["9"]
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_state_is_resumed_only_by_the_strategy_that_wrote_it(tmp_path):
+    from rpsconvert.quality.resume import Checkpointer, discard, saved
+
+    Checkpointer(tmp_path / "one.pt").save(_state(3))
+    Checkpointer(tmp_path / "sharded", sharded=True).save(_state(3))
+    assert saved(tmp_path / "one.pt") and saved(tmp_path / "sharded") and not saved(tmp_path / "none")
+    with pytest.raises(ValueError, match="not sharded: resume it with strategy='ddp'"):
+        Checkpointer(tmp_path / "one.pt", sharded=True).load(10, _shares())
+    with pytest.raises(ValueError, match="sharded recovery: resume it with strategy='fsdp'"):
+        Checkpointer(tmp_path / "sharded").load(10)
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        Checkpointer(tmp_path / "none", sharded=True).load(10, _shares())
+    with pytest.raises(ValueError, match="pass the same steps"):
+        Checkpointer(tmp_path / "sharded", sharded=True).load(12, _shares())
+    discard(tmp_path / "one.pt"), discard(tmp_path / "sharded")
+    assert not (tmp_path / "one.pt").exists() and not (tmp_path / "sharded").exists()
+
+
+def test_fsdp_needs_torchrun_and_unknown_strategies_are_refused():
     from fsdp_recover import Stack, data
 
     teacher = Stack().eval()
     model = convert(teacher, ratio=1 / 4)
     with pytest.raises(ValueError, match="torchrun"):
         recover(model, teacher, data("train"), steps=1, lr=1e-3, quiet=True, strategy="fsdp")
-    with pytest.raises(ValueError, match="does not checkpoint"):
-        recover(model, teacher, data("train"), steps=1, lr=1e-3, quiet=True, strategy="fsdp", checkpoint=tmp_path / "run.pt")
     with pytest.raises(ValueError, match="unknown strategy"):
         recover(model, teacher, data("train"), steps=1, lr=1e-3, quiet=True, strategy="zero")

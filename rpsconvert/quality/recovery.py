@@ -205,7 +205,8 @@ def recover(
             same batches, seed and thread count the result equals an uninterrupted run's.
         strategy: under torchrun, "ddp" (every process holds both models whole) or "fsdp" (both
             sharded with FSDP2 per repeated block, the pool replicated: quality/sharding.py); the
-            models come back whole on every process. "fsdp" does not checkpoint yet.
+            models come back whole on every process. Its `checkpoint` is a directory where every
+            process writes its shares (torch.distributed.checkpoint; quality/resume.py).
 
     Returns:
         A RecoveryHistory: the loss per step, fidelity before and after, the steps taken.
@@ -225,8 +226,7 @@ def recover(
         raise ValueError(f"steps must be at least 1, got {steps}")
     if lr != "auto" and not (isinstance(lr, (int, float)) and lr > 0):
         raise ValueError(f"lr must be a positive number or 'auto', got {lr!r}")
-    if sharding.check_strategy(strategy) == "fsdp" and (checkpoint is not None or resume):
-        raise ValueError("strategy='fsdp' does not checkpoint yet: drop checkpoint= and resume=, or use strategy='ddp'")
+    sharding.check_strategy(strategy)
     pool = find_pool(model) if is_converted(model) else None
     if pool is not None:
         pool.unpack()  # trained as float values, packed back into its stored form at the end
@@ -249,7 +249,7 @@ def recover(
     best_value, best_state = math.inf, None
     saver = None
     if checkpoint is not None:
-        saver = Checkpointer(checkpoint, checkpoint_every or (None if checkpoint_seconds else eval_every), checkpoint_seconds)
+        saver = Checkpointer(checkpoint, checkpoint_every or (None if checkpoint_seconds else eval_every), checkpoint_seconds, sharded=callers is not None)
     elif resume:
         raise ValueError("resume=True needs the checkpoint file to resume from: pass checkpoint=PATH")
     progress = Progress(
@@ -298,16 +298,21 @@ def recover(
     try:
         with _distillation_modes(model, teacher), progress:
             if resume:
-                saved = saver.load(steps)
-                model.load_state_dict(saved["model"])
-                history = RecoveryHistory(
+                state = fresh(DEFAULT_LR, history)  # then the run's own rate, schedule and place
+                if callers is None:
+                    saved = saver.load(steps)
+                    model.load_state_dict(saved["model"])
+                    state.optimizer.load_state_dict(saved["optimizer"])
+                else:  # read into this process's shares
+                    model_state, optimizer_state = sharding.state_dicts(model, state.optimizer)
+                    saved = saver.load(steps, {"model": model_state, "optimizer": optimizer_state, "best_state": _snapshot(model)})
+                    sharding.load_state_dicts(model, state.optimizer, saved["model"], saved["optimizer"])
+                state.history = RecoveryHistory(
                     loss=saved["loss"], lr=saved["lr"], heldout_loss=saved["heldout_loss"], best_step=saved["best_step"],
                     evals=[(s, fidelity_from_dict(f)) for s, f in saved["evals"]], before=fidelity_from_dict(saved["before"]),
                     lr_probe=[tuple(trial) for trial in saved.get("lr_probe", [])],  # none in states saved before lr="auto"
                     probe_steps=saved.get("probe_steps", 0),
                 )
-                state = fresh(DEFAULT_LR, history)  # then the run's own rate, schedule and place
-                state.optimizer.load_state_dict(saved["optimizer"])
                 state.schedule.load_state_dict(saved["schedule"])
                 state.best_value, state.best_state, state.stale = saved["best_value"], saved["best_state"], saved["stale"]
                 torch.set_rng_state(saved["rng"])
@@ -332,9 +337,12 @@ def recover(
             for step in range(start + 1, steps + 1):
                 if history.stopped_early:
                     break
-                if saver and rank == 0 and saver.due(step - 1, steps):
+                if saver and (rank == 0 or saver.sharded) and saver.due(step - 1, steps):
+                    model_state, optimizer_state = (
+                        (model.state_dict(), state.optimizer.state_dict()) if callers is None else sharding.state_dicts(model, state.optimizer)
+                    )
                     saver.save({
-                        "step": step - 1, "steps": steps, "model": model.state_dict(), "optimizer": state.optimizer.state_dict(),
+                        "step": step - 1, "steps": steps, "model": model_state, "optimizer": optimizer_state,
                         "schedule": state.schedule.state_dict(), "rng": torch.get_rng_state(), "best_value": state.best_value,
                         "best_state": state.best_state, "stale": state.stale, "best_step": history.best_step, "loss": history.loss,
                         "lr": history.lr, "heldout_loss": history.heldout_loss, "before": fidelity_to_dict(history.before),

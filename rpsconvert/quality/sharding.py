@@ -142,3 +142,24 @@ def average_pool_gradient(param: nn.Parameter):
             param.grad.div_(world)
 
     return hook
+
+
+def state_dicts(twin: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """The sharded twin's and its optimizer's state, keyed by parameter name, each sharded tensor
+    as this process's share (a DTensor), for torch.distributed.checkpoint to save, or to load into.
+
+    torch's get_state_dict, because the optimizer's own state_dict() keys its state by the
+    parameter's position, which DCP cannot match across processes. An optimizer that has not
+    stepped yet gets its state by a step at learning rate 0 on zero gradients (a collective: the
+    pool's gradient is averaged), which moves nothing: what is loaded into it replaces it all.
+    """
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    return get_state_dict(twin, optimizer)
+
+
+def load_state_dicts(twin: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optimizer_state: dict) -> None:
+    """Put what `state_dicts` gave (as saved and loaded back) into the twin and its optimizer."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    set_state_dict(twin, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
