@@ -20,9 +20,10 @@ from rpsconvert.engine.hashing import check_seed
 from rpsconvert.engine.mapping import MAX_SLOTS, Mapping, RandomFold, get_mapping, mapping_params
 from rpsconvert.engine.modules import install, is_converted
 from rpsconvert.engine.operator import CompressedWeight, PoolOperator
+from rpsconvert.engine.encoding import encode_pool
 from rpsconvert.engine.pool import RPSPool
 from rpsconvert.engine import plan, selection
-from rpsconvert.engine.projection import layer_scales, project
+from rpsconvert.engine.projection import Reader, in_memory, layer_scales, powers_of_two
 from rpsconvert.engine.storage import MixedStorage, PoolStorage, dtype_name
 from rpsconvert.errors import RPSWarning
 from rpsconvert.format import provenance as format_provenance
@@ -71,12 +72,13 @@ def _spend(
     fixed_bytes: Callable[[PoolStorage | MixedStorage], int],
     storages: list[PoolStorage] | None,
     dense: dict[str, torch.Tensor],
-    weights: list[torch.Tensor],
+    read: Reader,
     layout_for: Callable[[int], list[CompressedWeight]],
     mapping: Mapping,
     seed: int,
-) -> tuple[PoolStorage | MixedStorage, int, list[plan.Candidate]]:
-    """The storage and slot count a byte budget buys, and every candidate the plan scored.
+) -> tuple[PoolStorage | MixedStorage, int, list[plan.Candidate], dict[str, torch.Tensor] | None]:
+    """The storage and slot count a byte budget buys, every candidate the plan scored, and the
+    stored pool of the winner where scoring computed it (else None).
 
     Each candidate storage gets the most slots that fit (never more than the weights' elements);
     a float pool of the weights' own dtype that holds every element is lossless and wins outright.
@@ -84,7 +86,8 @@ def _spend(
     one run of a lossless pool) a width per layer with blocks aligned to each layer's rows
     (`plan.mixed`), else the widest width. The least weight error wins.
     """
-    total = sum(w.numel() for w in weights)
+    layout = layout_for(1)
+    total, dtype = sum(w.numel for w in layout), layout[0].dtype
     fixed = {storage: fixed_bytes(storage) for storage in storages or plan.CANDIDATES}
     fitting = [c for c in fixed if fixed[c] + c.bytes(1) <= budget]
     if not fitting:  # the cheapest storage names the minimum budget
@@ -95,24 +98,24 @@ def _spend(
     for storage in fitting:
         count = min(slots_for_budget(budget, fixed[storage], storage.bytes, []), total)
         candidates.append((storage, count, fixed[storage] + storage.bytes(count)))
-    lossless = [(s, n) for s, n, _ in candidates if n == total and not s.quantized and s.dtype == weights[0].dtype]
+    lossless = [(s, n) for s, n, _ in candidates if n == total and not s.quantized and s.dtype == dtype]
     if lossless:
-        return *lossless[0], []
+        return *lossless[0], [], None
     whole = [c for c in candidates if c[0].quantized and c[1] == total]
     candidates = [c for c in candidates if c not in whole]
     if storages is None and isinstance(mapping, RandomFold):
         # at ratio 1.0 each layer gets its own width and row-aligned blocks (plan.mixed), in place
         # of the integer pools of one width that hold every element
         operator = PoolOperator(mapping, total, seed)
-        mix = plan.mixed(operator, layout_for(total), weights, lambda storage: budget - fixed_bytes(storage))
+        mix = plan.mixed(operator, layout_for(total), read, lambda storage: budget - fixed_bytes(storage))
         if mix is not None:
             candidates.append((mix, total, fixed_bytes(mix) + mix.bytes(total)))
     elif whole:
         candidates.append(whole[0])  # the widest: a narrower one at the same slots only rounds more coarsely
     if len(candidates) == 1:
-        return *candidates[0][:2], []
-    best, scored = plan.choose(candidates, mapping, seed, weights, layout_for)
-    return best.storage, best.slots, scored
+        return *candidates[0][:2], [], None
+    best, scored, stored = plan.choose(candidates, mapping, seed, read, layout_for, dtype)
+    return best.storage, best.slots, scored, stored
 
 
 def _storage(dtype: torch.dtype | None, bits: int | PoolStorage | None) -> PoolStorage:
@@ -175,6 +178,7 @@ def convert(
     quiet: bool = False,
     calibration: Iterable | None = None,
     provenance: dict | None = None,
+    weights_from: Reader | None = None,
 ) -> nn.Module:
     """Return `model` with its weights generated from one shared pool (STABLE-RPS).
 
@@ -217,6 +221,10 @@ def convert(
         provenance: JSON-safe facts recorded in the checkpoint's provenance beside the call (the
             command line passes its own). A "fidelity" or "gate" key given as None reserves room
             for figures measured later (format/provenance.py `fill`): a budget holds them too.
+        weights_from: where the compressed weights' values are read, a piece at a time (default:
+            the model's own tensors). The streaming conversion of a model larger than memory
+            (rpsconvert/streaming.py) passes its files, with the model's compressed weights on the
+            meta device; every number is computed as from memory, so the file is the same.
 
     Returns:
         The converted model (`model` itself with `inplace`). `report(model)` says what was done.
@@ -239,6 +247,8 @@ def convert(
     check_seed(seed)
     if is_converted(model):
         raise ValueError("the model is already converted (it has an RPS pool): pass the original model")
+    if weights_from is not None and calibration is not None:
+        raise ValueError("calibration runs the original model, which weights_from= leaves in its files: convert without calibration")
 
     found = discover(model, calibration[0] if isinstance(calibration, Sequence) and len(calibration) else None)
     if found.fallback_reason:
@@ -257,6 +267,7 @@ def convert(
         )
     params = dict(model.named_parameters())
     weights = [params[name] for name in chosen]
+    read = weights_from or in_memory(dict(zip(chosen, weights)))
     made_by = _provenance(
         mapping_impl, chosen, reasons, provenance, ratio=ratio, budget=budget, seed=seed, include=include, exclude=exclude,
         min_numel=min_numel, dtype=dtype, bits=bits, calibration=calibration,
@@ -270,30 +281,32 @@ def convert(
             for name, p, offset, scale, alias in zip(chosen, weights, offsets, scales, aliases)
         ]
 
-    layout = layouts(layer_scales(weights))
+    scales = layer_scales(read(w, 0, w.numel) for w in layouts([1.0] * len(chosen)))  # one weight in memory at a time
+    layout = layouts(scales)
 
     def layout_for(slots: int) -> list[CompressedWeight]:  # lossless: power-of-two scales make it bit-exact
-        return layouts(layer_scales(weights, power_of_two=slots >= total))
+        return layouts(powers_of_two(scales) if slots >= total else scales)
 
     notes = []
     storages = [_storage(dtype, bits)] if dtype is not None or bits is not None else None
+    chosen_set = {alias for w in layout for alias in (w.name, *w.aliases)}
+    state = model.state_dict()
+    dense = {k: v for k, v in state.items() if k not in chosen_set}
+    stored = None
     if ratio is not None:
-        storage, slots = (storages or [PoolStorage(weights[0].dtype)])[0], max(1, round(ratio * total))
+        storage, slots = (storages or [PoolStorage(layout[0].dtype)])[0], max(1, round(ratio * total))
     else:
-        chosen_set = {alias for w in layout for alias in (w.name, *w.aliases)}
-        state = model.state_dict()
-        dense = {k: v for k, v in state.items() if k not in chosen_set}
         room = format_provenance.reserved(made_by, planned=storages is None, max_slots=total, budget=budget)
 
         def fixed_bytes(storage) -> int:  # the file's bytes outside the pool (the header depends on the storage)
-            probe = RPSPool(torch.zeros(1, dtype=weights[0].dtype), mapping_impl, seed, layout, grad_scaling=False, storage=storage)
+            probe = RPSPool(torch.zeros(1, dtype=layout[0].dtype), mapping_impl, seed, layout, grad_scaling=False, storage=storage)
             probe.info.update(architecture=architecture, discovery=found.method, provenance=room)
             return header_bound(probe, dense, budget_bytes, module_versions(state)) + stored_bytes(dense)
 
-        storage, slots, scored = _spend(budget_bytes, fixed_bytes, storages, dense, weights, layout_for, mapping_impl, seed)
+        storage, slots, scored, stored = _spend(budget_bytes, fixed_bytes, storages, dense, read, layout_for, mapping_impl, seed)
         if len(scored) > 1:
             notes.append(f"plan: {storage} pool of {slots:,} slots (ratio {slots / total:.4g}), the least weight error of {len(scored)} candidates")
-        elif slots == total and not storage.quantized and storage.dtype == weights[0].dtype:
+        elif slots == total and not storage.quantized and storage.dtype == layout[0].dtype:
             notes.append(f"the budget {format_bytes(budget_bytes)} holds the whole model: converted at ratio 1.0 (lossless)")
             warnings.warn(notes[-1], RPSWarning, stacklevel=2)
     if slots >= MAX_SLOTS:
@@ -301,22 +314,24 @@ def convert(
 
     layout = layout_for(slots)
     operator = PoolOperator(mapping_impl, slots, seed)
-    theta = storage.snap(project(operator, list(zip(layout, weights))).to(weights[0].dtype))
-    pool = RPSPool(theta, mapping_impl, seed, layout, storage=storage)
-    pool.pool.requires_grad_(any(w.requires_grad for w in weights))
+    if stored is None:
+        stored = encode_pool(storage, operator, layout, read, layout[0].dtype)
+    pool = RPSPool.from_stored(stored, storage, slots, layout[0].dtype, mapping_impl, seed, layout)
     result = model if inplace else _copy_without(model, weights)
     pool.info.update(
         discovery=found.method,
         fallback_reason=found.fallback_reason,
         dense_reasons=reasons,
         architecture=architecture,
-        original_bytes=stored_bytes(model.state_dict()),
+        original_bytes=stored_bytes(dense) + sum(w.numel * w.dtype.itemsize for w in layout),
         notes=notes,
         plan=[c.row() for c in scored] if budget is not None else [],
         provenance={**made_by, "plan": format_provenance.plan_rows(scored) if budget is not None else []},
     )
+    pool.pool.requires_grad_(any(w.requires_grad for w in weights))  # trainable as the weights were
     install(result, pool)
     if calibration is not None:
+        pool.unpack()  # calibration solves for float values, rounded again by pack
         calibrate(result, model, calibration, quiet=quiet)
     pool.pack()  # the model runs from the pool as it is stored: the budget holds in memory too
     return result

@@ -15,11 +15,12 @@ model's size; a faster generation or a quantized pool changes this file only.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -156,6 +157,35 @@ class PoolOperator:
                 start = chunk * FOLD_CHUNK
                 factors = self._sign_factors(weight.offset + start, weight.offset + min(start + FOLD_CHUNK, weight.numel), table)
             yield lo, hi, theta[begin : begin + hi - lo], factors[lo - start : hi - start]
+
+    def landing(self, layout: Sequence[CompressedWeight], lo: int, hi: int) -> Iterator[tuple[int, int, int, int]]:
+        """(weight index, local start, local stop, first slot) of every run of elements that lands
+        in the slots [lo, hi) of a RandomFold pool, fold by fold (so in the order of their global
+        indices within each slot). `layout` holds consecutive weights from offset 0.
+
+        Fold c reads the pool rotated by r = H(c) mod m, so a slot range is one or two ranges of
+        positions in each fold: the pool's slots can be computed range by range, each reading only
+        the elements that land there (a model larger than memory is projected in pieces)."""
+        m, total = self.slots, layout[-1].offset + layout[-1].numel if layout else 0
+        offsets = [w.offset for w in layout]
+        for fold in range(-(-total // m)):
+            rotation = hash32(fold, self._rotation_key) % m
+            # slot s holds position (s - r) mod m, which wraps to 0 where s reaches r
+            parts = [(lo, rotation), (rotation, hi)] if lo < rotation < hi else [(lo, hi)]
+            for first, last in parts:
+                start = fold * m + (first - rotation) % m
+                stop = min(start + last - first, total)
+                index = bisect.bisect_right(offsets, start) - 1
+                while start < stop:
+                    weight = layout[index]
+                    end = min(stop, weight.offset + weight.numel)
+                    yield index, start - weight.offset, end - weight.offset, first
+                    first, start, index = first + end - start, end, index + 1
+
+    def signs(self, start: int, stop: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+        """g(i) for the global indices [start, stop), in `dtype`."""
+        bits = (torch.arange(256, device=device).unsqueeze(1) >> torch.arange(8, device=device)) & 1
+        return self._sign_factors(start, stop, torch.tensor([1, -1], dtype=dtype, device=device)[bits])
 
     @staticmethod
     def signed(theta: torch.Tensor, scale: float) -> torch.Tensor:

@@ -15,6 +15,7 @@ same mixes, within one or two crops of agreement (docs/quality.md).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import heapq
 import math
@@ -25,8 +26,9 @@ import torch
 
 from rpsconvert.engine.mapping import Mapping, chunks
 from rpsconvert.engine.operator import CompressedWeight, PoolOperator
-from rpsconvert.engine.projection import project
-from rpsconvert.engine.storage import MixedStorage, PoolStorage
+from rpsconvert.engine.encoding import PIECE, encode_pool
+from rpsconvert.engine.projection import Reader, project_range
+from rpsconvert.engine.storage import MixedStorage, PackedPool, PoolStorage
 
 # What the plan weighs against each other: float32, float16 and every integer width from 8 down to
 # 2 bits. Scales are float16: half the bytes of float32 scales, the same agreement on a pretrained
@@ -51,21 +53,26 @@ class Candidate:
         return {"storage": str(self.storage), "slots": self.slots, "file_bytes": self.file_bytes, "weight_error": self.error}
 
 
-def layer_errors(operator: PoolOperator, layout: Sequence[CompressedWeight], weights: Sequence[torch.Tensor], theta: torch.Tensor) -> list[float]:
-    """The relative squared error of each weight `theta` generates."""
+def layer_errors(operator: PoolOperator, layout: Sequence[CompressedWeight], read: Reader, theta: torch.Tensor | PackedPool) -> list[float]:
+    """The relative squared error of each weight `theta` generates, a piece of PIECE elements of
+    it at a time (a weight of a model larger than memory is read in pieces)."""
     errors = []
     with torch.no_grad():
-        for spec, weight in zip(layout, weights):
-            original = weight.detach().double()
-            norm = float(original.square().sum())
-            diff = float((operator.generate(theta, spec).double() - original).square().sum())
+        for weight in layout:
+            norm = diff = 0.0
+            for lo in range(0, weight.numel, PIECE):
+                hi = min(lo + PIECE, weight.numel)
+                original = read(weight, lo, hi).double()
+                part = dataclasses.replace(weight, shape=(hi - lo,), offset=weight.offset + lo)
+                norm += float(original.square().sum())
+                diff += float((operator.generate(theta, part).double() - original).square_().sum())
             errors.append(diff / norm if norm > 0 else float(diff > 0))
     return errors
 
 
-def weight_error(operator: PoolOperator, layout: Sequence[CompressedWeight], weights: Sequence[torch.Tensor], theta: torch.Tensor) -> float:
+def weight_error(operator: PoolOperator, layout: Sequence[CompressedWeight], read: Reader, theta: torch.Tensor | PackedPool) -> float:
     """Mean over layers of the relative squared error of the weights `theta` generates."""
-    errors = layer_errors(operator, layout, weights, theta)
+    errors = layer_errors(operator, layout, read, theta)
     return sum(errors) / max(len(errors), 1)
 
 
@@ -113,10 +120,7 @@ def aligned(
 
 
 def mixed(
-    operator: PoolOperator,
-    layout: Sequence[CompressedWeight],
-    weights: Sequence[torch.Tensor],
-    room: Callable[[MixedStorage], int],
+    operator: PoolOperator, layout: Sequence[CompressedWeight], read: Reader, room: Callable[[MixedStorage], int]
 ) -> MixedStorage | None:
     """Per-layer widths for a lossless RandomFold pool (one slot per element), blocks aligned to
     rows (`aligned`): every layer starts at the widest width, and the step down by one bit that
@@ -133,7 +137,7 @@ def mixed(
     others to int4 beat int7 everywhere (docs/quality.md). At ratio 1.0 a layer's pool run is its
     weight times its signs over its scale, so its rounding error is measured on the run itself.
     """
-    device = weights[0].device
+    device = read(layout[0], 0, 0).device
     firsts = _first_slots(operator, layout, device)
     widths = [s.bits for s in QUANTIZED]  # widest first
 
@@ -154,16 +158,21 @@ def mixed(
     widest = fits(parts())
     if widest is not None or not fits([[(w.numel, widths[-1])] for w in layout]):
         return widest
-    theta = project(operator, list(zip(layout, weights)))
 
     @functools.cache
     def error(l: int, k: int) -> float:
-        """Layer l's relative squared error at widths[k]; computed when the greedy first asks, since
-        near the dense size no layer goes down more than a few widths (half the plan's time on a
-        33M-weight encoder at a quarter of the bytes went to widths never reached)."""
-        run = theta[(firsts[l] + torch.arange(layout[l].numel, device=device)) % operator.slots]
-        snapped = PoolStorage(torch.float16, widths[k], row_block(_row(layout[l]))).snap(run)
-        return float((snapped - run).square().sum() / run.square().sum().clamp(min=1e-300))
+        """Layer l's relative squared error at widths[k], over its pool run read a piece at a time;
+        computed when the greedy first asks, since near the dense size no layer goes down more
+        than a few widths (half the plan's time on a 33M-weight encoder at a quarter of the bytes
+        went to widths never reached)."""
+        storage = PoolStorage(torch.float16, widths[k], row_block(_row(layout[l])))
+        step = max(1, PIECE // storage.block) * storage.block
+        diff = norm = 0.0
+        for lo in range(0, layout[l].numel, step):
+            run = _run(operator, layout, read, firsts[l], lo, min(lo + step, layout[l].numel))
+            diff += float((storage.snap(run) - run).square_().sum())
+            norm += float(run.square().sum())
+        return diff / max(norm, 1e-300)
 
     def cost(l: int) -> float:  # error added per element moved one width down
         return (error(l, level[l] + 1) - error(l, level[l])) / max(layout[l].numel, 1)
@@ -186,22 +195,38 @@ def mixed(
     raise AssertionError("every layer at the narrowest width fits, so some step tips the balance")
 
 
+def _run(operator: PoolOperator, layout: Sequence[CompressedWeight], read: Reader, first: int, lo: int, hi: int) -> torch.Tensor:
+    """The float64 pool values of the elements [lo, hi) of the weight whose run starts at slot
+    `first` of a lossless RandomFold pool (the run wraps past the pool's end)."""
+    m = operator.slots
+    start = (first + lo) % m
+    if start + hi - lo <= m:
+        return project_range(operator, layout, read, start, start + hi - lo)
+    return torch.cat([project_range(operator, layout, read, start, m), project_range(operator, layout, read, 0, start + hi - lo - m)])
+
+
 def choose(
     candidates: Sequence[tuple[PoolStorage | MixedStorage, int, int]],
     mapping: Mapping,
     seed: int,
-    weights: Sequence[torch.Tensor],
+    read: Reader,
     layout_for: Callable[[int], list[CompressedWeight]],
-) -> tuple[Candidate, list[Candidate]]:
-    """The candidate (storage, slots, file bytes) with the least weight error, and all of them scored.
+    dtype: torch.dtype,
+) -> tuple[Candidate, list[Candidate], dict[str, torch.Tensor]]:
+    """The candidate (storage, slots, file bytes) with the least weight error, all of them scored,
+    and the winner's stored pool (`encode_pool`), so that it is computed once.
 
     `layout_for(slots)` gives the weights' layout (their scales depend on whether the pool is
-    lossless). Ties go to the earlier candidate.
+    lossless). Ties go to the earlier candidate. Only the best candidate's codes are kept while the
+    next is scored: the plan's memory is two pools as stored, not one per candidate.
     """
-    scored = []
+    scored, best = [], None
     for storage, slots, file_bytes in candidates:
         operator = PoolOperator(mapping, slots, seed)
         layout = layout_for(slots)
-        theta = storage.snap(project(operator, list(zip(layout, weights))).to(weights[0].dtype))
-        scored.append(Candidate(storage, slots, file_bytes, weight_error(operator, layout, weights, theta)))
-    return min(scored, key=lambda c: c.error), scored
+        stored = encode_pool(storage, operator, layout, read, dtype)
+        candidate = Candidate(storage, slots, file_bytes, weight_error(operator, layout, read, PackedPool(storage, stored, slots, dtype)))
+        scored.append(candidate)
+        if best is None or candidate.error < best[0].error:
+            best = (candidate, stored)
+    return best[0], scored, best[1]

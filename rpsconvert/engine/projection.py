@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -34,19 +34,62 @@ def layer_scales(weights: Iterable[torch.Tensor], power_of_two: bool = False) ->
     (measured on the digits CNN at ratios 1/2 to 1/8: rounded scales lost 3 to 27 points of
     projection-only accuracy).
     """
-    rms = [math.sqrt(float(w.detach().double().square().mean())) if w.numel() else 0.0 for w in weights]
+    rms = [math.sqrt(float(w.detach().double().square_().mean())) if w.numel() else 0.0 for w in weights]  # one float64 copy
     unit = statistics.median([r for r in rms if r > 0] or [1.0])
     scales = [r / unit if r > 0 else 1.0 for r in rms]
-    return [2.0 ** round(math.log2(s)) for s in scales] if power_of_two else scales
+    return powers_of_two(scales) if power_of_two else scales
+
+
+def powers_of_two(scales: list[float]) -> list[float]:
+    """Each scale rounded to the nearest power of two (`layer_scales(power_of_two=True)`)."""
+    return [2.0 ** round(math.log2(s)) for s in scales]
 
 
 def project(operator: PoolOperator, weights: list[tuple[CompressedWeight, torch.Tensor]]) -> torch.Tensor:
     """The float64 pool minimizing sum_i (W_i - lambda_i g_i theta[h(i)])^2 over (layout, tensor) pairs:
     A^T(W) / diag(A^T A), slot by slot. Slots no element reaches stay 0.
     """
-    device = weights[0][1].device if weights else "cpu"
-    numerator = torch.zeros(operator.slots, dtype=torch.float64, device=device)
-    for weight, tensor in weights:
-        operator.adjoint(weight, tensor.detach().double(), out=numerator)
-    denominator = operator.diagonal([weight for weight, _ in weights], device)
+    layout, tensors = [weight for weight, _ in weights], {weight.name: tensor for weight, tensor in weights}
+    return project_range(operator, layout, in_memory(tensors), 0, operator.slots)
+
+
+def project_range(operator: PoolOperator, layout: Sequence[CompressedWeight], read: Reader, lo: int, hi: int) -> torch.Tensor:
+    """The slots [lo, hi) of `project`'s pool, reading through `read` only the elements that land
+    there (RandomFold), so a pool is computed piece by piece and a model is read once in pieces
+    whatever its size.
+
+    Each slot adds its elements in the order of their global indices, fold by fold, as a whole
+    pool computed at once does: the same bits for any pieces. Other mappings and pools too small
+    to slice (PoolOperator._folded) scatter whole weights into a pool-sized vector.
+    """
+    device = _device(layout, read)
+    numerator = torch.zeros(hi - lo, dtype=torch.float64, device=device)
+    denominator = torch.zeros(hi - lo, dtype=torch.float64, device=device)
+    if not (operator._folded() and len(layout)):
+        whole = torch.zeros(operator.slots, dtype=torch.float64, device=device)
+        for weight in layout:
+            operator.adjoint(weight, read(weight, 0, weight.numel).double(), out=whole)
+        numerator, denominator = whole[lo:hi], operator.diagonal(layout, device)[lo:hi]
+    else:
+        for index, start, stop, slot in operator.landing(layout, lo, hi):
+            weight = layout[index]
+            values = read(weight, start, stop).double()
+            values *= operator.signs(weight.offset + start, weight.offset + stop, torch.float64, device)
+            numerator[slot - lo : slot - lo + stop - start].add_(values, alpha=weight.scale)
+            denominator[slot - lo : slot - lo + stop - start].add_(weight.scale**2)
     return numerator.div_(denominator.clamp_(min=1e-300))  # in place: the temporaries are pool-sized
+
+
+Reader = Callable[[CompressedWeight, int, int], torch.Tensor]
+"""The elements [lo, hi) of a weight, flat, in its dtype: from memory (`in_memory`) or from the
+files of a model larger than memory (format/lazy_weights.py)."""
+
+
+def in_memory(tensors: dict[str, torch.Tensor]) -> Reader:
+    """A Reader of tensors held in memory, by weight name."""
+    return lambda weight, lo, hi: tensors[weight.name].detach().reshape(-1)[lo:hi]
+
+
+def _device(layout: Sequence[CompressedWeight], read: Reader) -> torch.device:
+    """Where the weights `read` gives live (an empty read of the first)."""
+    return read(layout[0], 0, 0).device if layout else torch.device("cpu")

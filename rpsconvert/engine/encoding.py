@@ -1,0 +1,55 @@
+"""The stored pool computed piece by piece: projected, rounded and packed a range of slots at a time.
+
+A pool that is computed whole needs a float64 vector of its size twice over (numerator and
+count) and a float copy in the weights' dtype before it is packed: for the pool of a 7 B model at
+ratio 1 that is 110 GB, where its codes take 3.5 GB. Computed in pieces of PIECE slots, only the
+codes grow with the pool; the weights are read through a Reader (engine/projection.py), so they may
+live in the files of a model larger than memory. Pieces start on whole blocks and on whole groups
+of eight codes (which are whole bytes), so a piece's codes and scales are exactly those of the
+whole pool's, and the bytes are the same whatever the piece size.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+
+from rpsconvert.engine.operator import CompressedWeight, PoolOperator
+from rpsconvert.engine.projection import Reader, project_range
+from rpsconvert.engine.storage import MixedStorage, PoolStorage
+
+PIECE = 1 << 22  # slots computed at once: two float64 vectors of 32 MB
+
+
+def encode_pool(
+    storage: PoolStorage | MixedStorage, operator: PoolOperator, layout: Sequence[CompressedWeight], read: Reader, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """The tensors the file stores for the least-squares pool of `layout`'s weights (by name
+    suffix, as `storage.encode` gives them): each piece is projected (`project_range`), put in
+    the weights' `dtype` and encoded by its part of the storage, into tensors made once."""
+    out = {suffix: torch.empty(shape, dtype=kind) for suffix, kind, shape in storage.tensors(operator.slots)}
+    for first, count, part, starts in _pieces(storage, operator):
+        values = project_range(operator, layout, read, first, first + count).to(dtype)
+        for suffix, tensor in part.encode(values).items():
+            out[suffix][starts[suffix] : starts[suffix] + len(tensor)] = tensor.to(out[suffix].device)
+    return out
+
+
+def _pieces(storage: PoolStorage | MixedStorage, operator: PoolOperator) -> Iterator[tuple[int, int, PoolStorage, dict[str, int]]]:
+    """(first slot, slots, the storage of those slots, where their tensors start) of every piece:
+    a mixed pool's runs cut into pieces, each on whole blocks and bytes of its run. A pool that
+    is projected whole anyway (a mapping other than RandomFold, or a pool too small to slice) is
+    one piece per run."""
+    slots = operator.slots
+    runs = storage.runs if isinstance(storage, MixedStorage) else ((slots, storage),)
+    first, starts = 0, {"": 0, ".scales": 0}
+    for n, part in runs:
+        unit = 8 * part.block if part.quantized else 1  # whole blocks and whole bytes
+        step = max(1, PIECE // unit) * unit if operator._folded() else n
+        for lo in range(0, n, step):
+            within = {"": lo * part.bits // 8, ".scales": lo // part.block} if part.quantized else {"": lo}
+            yield first + lo, min(step, n - lo), part, {suffix: starts[suffix] + within.get(suffix, 0) for suffix in starts}
+        for suffix, _, shape in part.tensors(n):
+            starts[suffix] += shape[0]
+        first += n
