@@ -1,14 +1,18 @@
-"""recover(strategy="fsdp"): FSDP2-sharded recovery gives the single-process result (quality/sharding.py)."""
+"""recover(strategy="fsdp") and `--strategy fsdp`: FSDP2-sharded recovery gives the single-process result and resumes exactly (quality/sharding.py, quality/resume.py)."""
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
+from typer.testing import CliRunner
 
-from rpsconvert import convert
+from rpsconvert import convert, load
+from rpsconvert.cli import app
 from rpsconvert.quality.recovery import recover
 
 HERE = Path(__file__).resolve().parent
@@ -163,3 +167,50 @@ def test_fsdp_needs_torchrun_and_unknown_strategies_are_refused():
         recover(model, teacher, data("train"), steps=1, lr=1e-3, quiet=True, strategy="fsdp")
     with pytest.raises(ValueError, match="unknown strategy"):
         recover(model, teacher, data("train"), steps=1, lr=1e-3, quiet=True, strategy="zero")
+
+
+def _digits_files(folder: Path) -> list[str]:
+    """The digits MLP and 100 calibration inputs in `folder`; the command's arguments for them."""
+    from digits import digits_data, trained_mlp
+
+    torch.save(trained_mlp(), folder / "mlp.pt")
+    safetensors.torch.save_file({"x": digits_data()["calib"][0][:100]}, folder / "calib.safetensors")
+    return ["mlp.pt", "--ratio", "0.1", "--calibrate", "calib.safetensors", "--recover-steps", "12", "--recover-lr", "1e-3", "--json", "-q"]
+
+
+@pytest.mark.slow
+def test_the_command_recovers_sharded_under_torchrun_as_one_process_does(tmp_path):
+    """`torchrun --nproc_per_node 2 -m rpsconvert ... --strategy fsdp` (gloo on the CPU, saving
+    its sharded state every 5 steps) writes the file one process writes, within float rounding
+    (measured 3e-8 in norm: the halves of each batch are summed apart), from rank 0 alone."""
+    from digits import trained_mlp
+
+    args = _digits_files(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # both runs calibrate on one thread: the same pool before recovery
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "rpsconvert"]
+    sharded = subprocess.run([*torchrun, *args, "--strategy", "fsdp", "--checkpoint-every", "5", "-o", "fsdp.rps.safetensors"], cwd=tmp_path, env=env, timeout=300, capture_output=True, text=True)
+    assert sharded.returncode == 0, sharded.stderr[-4000:]
+    one = subprocess.run([sys.executable, "-m", "rpsconvert", *args, "-o", "one.rps.safetensors"], cwd=tmp_path, env=env, timeout=300, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-4000:]
+    report = json.loads(sharded.stdout)  # one report: rank 1 printed nothing
+    assert report["output"] == "fsdp.rps.safetensors" and not (tmp_path / "fsdp.rps.safetensors.recovery").exists()  # done: the state is gone
+    ours, single = report["quality"]["after recovery"], json.loads(one.stdout)["quality"]["after recovery"]
+    assert ours["relative_error"] == pytest.approx(single["relative_error"], rel=1e-6)
+    assert ours["top1_agreement"] == single["top1_agreement"]
+    a, b = load(tmp_path / "fsdp.rps.safetensors", trained_mlp()).state_dict(), load(tmp_path / "one.rps.safetensors", trained_mlp()).state_dict()
+    for name, tensor in b.items():
+        assert (a[name] - tensor).norm() <= 1e-6 * tensor.norm(), name
+
+
+def test_the_command_refuses_fsdp_outside_torchrun_and_work_torchrun_cannot_share(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = _digits_files(tmp_path)
+    runner = CliRunner()
+    outside = runner.invoke(app, [*args, "--strategy", "fsdp"])
+    assert outside.exit_code == 1
+    assert outside.stderr == "error: --strategy fsdp shards recovery over the processes of a torchrun job: launch the command as torchrun --nproc_per_node N -m rpsconvert ...\n"
+    monkeypatch.setattr(torch.distributed, "is_torchelastic_launched", lambda: True)  # as under torchrun, refused before the group forms
+    alone = runner.invoke(app, ["mlp.pt", "--ratio", "0.1"])
+    assert alone.exit_code == 1 and "under torchrun the processes share one recovery: pass one --budget or --ratio and --recover-steps N" in alone.stderr
+    fresh = runner.invoke(app, [*args, "--strategy", "fsdp", "--checkpoint-every", "5", "--resume"])
+    assert fresh.exit_code == 1 and "nothing to resume: mlp.rps.safetensors.recovery does not exist" in fresh.stderr

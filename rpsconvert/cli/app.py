@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import shlex
 from dataclasses import asdict
 import time
@@ -39,7 +40,8 @@ from rpsconvert.cli.verify import check_inputs, gate_message, verification_table
 from rpsconvert.engine.mapping import MAPPINGS
 from rpsconvert.quality.fidelity import Fidelity, fidelity, weight_errors
 from rpsconvert.quality.recovery import recover
-from rpsconvert.quality.resume import parse_interval
+from rpsconvert.quality.resume import discard, parse_interval, saved
+from rpsconvert.quality.sharding import torchrun_job
 from rpsconvert.engine.report import ConversionReport, report
 
 _DEFAULTS = inspect.signature(rpsconvert.convert).parameters  # one source for the defaults
@@ -72,7 +74,7 @@ Force = Annotated[bool, typer.Option("--force", "-f", help="Replace an existing 
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 MaxDrop = Annotated[Optional[float], typer.Option("--max-drop", metavar="D", min=0, max=1, help="Fail (exit 2) when more than this share of inputs changes its top-1 prediction, such as 0.02.", show_default=False)]
 Atol = Annotated[Optional[float], typer.Option("--atol", metavar="X", min=0, help="Fail (exit 2) when any output element is off by more than X.", show_default=False)]
-UNRECORDED = ("output", "force", "quiet", "json_output", "debug", "checkpoint_every", "resume")  # a resumed run ends as an uninterrupted one
+UNRECORDED = ("output", "force", "quiet", "json_output", "debug", "checkpoint_every", "resume", "strategy")  # a resumed or sharded run ends as one uninterrupted process does
 INPUTS = ("model", "calibrate")  # recorded by name, their sha256 beside (provenance.made_from)
 GATE_MISSED = 2  # the exit status of a run whose result misses --max-drop or --atol (errors exit 1)
 JsonOutput = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON report on stdout instead of tables.")]
@@ -174,6 +176,7 @@ def convert_command(
     recover_lr: Annotated[str, typer.Option("--recover-lr", metavar="RATE", help="Recovery's peak learning rate (Adam), or auto: short trials of the first steps at rates from 1e-5 to 3e-2 choose it (a pretrained model near its original wants a far smaller rate than one far from it).")] = "auto",
     checkpoint_every: Annotated[Optional[str], typer.Option("--checkpoint-every", metavar="INTERVAL", help="Save the recovery state every INTERVAL (50 steps, or 90s, 5min, 1h) to OUTPUT.recovery.pt, so that --resume continues an interrupted run.", show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the recovery saved in OUTPUT.recovery.pt by an interrupted run of the same command.")] = False,
+    strategy: Annotated[Literal["ddp", "fsdp"], typer.Option("--strategy", help="How the processes of a torchrun job (torchrun --nproc_per_node N -m rpsconvert ...) share the recovery: ddp, each holds both models whole; fsdp, both sharded per block (the pool replicated), its state saved in the directory OUTPUT.recovery. Rank 0 writes the output.")] = "ddp",
     verify: Annotated[bool, typer.Option("--verify", help="Load the written file afresh and compare it with MODEL on the held-out inputs (random ones without --calibrate).")] = False,
     max_drop: MaxDrop = None,
     atol: Atol = None,
@@ -189,6 +192,14 @@ def convert_command(
         if (budget is None) == (ratio is None):
             raise ValueError("pass either --budget SIZE (such as 1MB) or --ratio R (such as 0.01)")
         listed = sweep.points(budget, ratio)
+        launched = torch.distributed.is_torchelastic_launched()
+        if strategy == "fsdp" and not launched:
+            raise ValueError("--strategy fsdp shards recovery over the processes of a torchrun job: launch the command as torchrun --nproc_per_node N -m rpsconvert ...")
+        if launched and (listed or not recover_steps):
+            raise ValueError("under torchrun the processes share one recovery: pass one --budget or --ratio and --recover-steps N")
+        writer = not launched or os.environ.get("RANK") == "0"  # under torchrun rank 0 reports and writes the output
+        if not writer:
+            quiet, json_output = True, False
         if listed:
             return _sweep(ctx, listed, budget is not None, model, output, arch, trust_pickle, max_drop is not None or atol is not None or dry_run, force, quiet, json_output)
         ratio = sweep.ratio_of(ratio) if ratio is not None else None
@@ -215,8 +226,8 @@ def convert_command(
                 output = Path(output) if output else source.output
                 if (taken(output) if as_directory else output.exists()) and not (force or dry_run):  # fail before the long part
                     raise OutputExistsError(f"{output} already exists: pass {{overwrite}} to replace it, or -o another path", overwrite=True)
-                state_file = output.with_name(output.name + ".recovery.pt")
-                if resume and not state_file.is_file():
+                state_file = output.with_name(output.name + (".recovery" if strategy == "fsdp" else ".recovery.pt"))
+                if resume and not saved(state_file):
                     raise FileNotFoundError(f"nothing to resume: {state_file} does not exist (--checkpoint-every writes it while recovery runs)")
             with stage("convert", "converting", own_bar=calibration is not None):
                 converted = rpsconvert.convert(
@@ -229,16 +240,20 @@ def convert_command(
                 saving = checkpoint_every or resume
                 with stage("recover", "recovering", own_bar=True):
                     try:
-                        history = recover(
-                            converted, source.model, calibration, steps=recover_steps, lr=lr, eval_data=heldout or None, quiet=quiet,
-                            checkpoint=state_file if saving else None, checkpoint_every=every_steps, checkpoint_seconds=every_seconds, resume=resume,
-                        )
+                        with torchrun_job():
+                            history = recover(
+                                converted, source.model, calibration, steps=recover_steps, lr=lr, eval_data=heldout or None, quiet=quiet,
+                                checkpoint=state_file if saving else None, checkpoint_every=every_steps, checkpoint_seconds=every_seconds,
+                                resume=resume, strategy=strategy,
+                            )
                     except KeyboardInterrupt:
-                        if saving and state_file.is_file():
+                        if saving and saved(state_file):
                             typer.secho(f"recovery state kept in {state_file}: rerun the same command with --resume to continue", err=True)
                         raise
                 quality["after recovery"] = history.after
                 quality["recovery lr"] = max(history.lr)  # the peak: chosen by the trials under --recover-lr auto
+                if not writer:
+                    return  # every process holds the recovered model whole
             quality["weight error"] = weight_errors(converted, source.model)["total"]  # of the model as it is written
             _record(converted, "weight_error", provenance.figure(quality["weight error"]))
             if quality.get("after recovery") or quality.get("converted"):
@@ -249,7 +264,7 @@ def convert_command(
                 data = encode(converted)
                 written = None if dry_run else _write(converted, data, output, as_directory, model, force)
                 if written and recover_steps:
-                    state_file.unlink(missing_ok=True)  # the result is written: nothing is left to resume
+                    discard(state_file)  # the result is written: nothing is left to resume
             if verify:
                 inputs, checked_on, note = _check_inputs(source, heldout, model, arch, trust_pickle, calibrate)
                 checked = verify_file(written, source.model, inputs)

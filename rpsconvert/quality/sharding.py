@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import copy
 import itertools
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -43,6 +45,25 @@ def check_strategy(strategy: str) -> str:
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
     return strategy
+
+
+@contextmanager
+def torchrun_job() -> Iterator[bool]:
+    """The process group of the torchrun job running this process, for the length of a recovery
+    that a command starts (the CLI, whose models live on the CPU: gloo); yields whether there is a
+    job (outside torchrun a recovery runs in the one process). At the end every process waits for
+    the others (a barrier) before the group goes, so that none tears gloo down while another still
+    gathers the models back.
+    """
+    if not dist.is_torchelastic_launched():
+        yield False
+        return
+    dist.init_process_group("gloo")
+    try:
+        yield True
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def device_mesh(device: torch.device):
