@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import safetensors
-import safetensors.torch
 import torch
 from torch import nn
 
@@ -34,6 +33,7 @@ from rpsconvert.format.transformers_loading import LOADER_KEYS, NEEDS_RPSCONVERT
 from rpsconvert.format.manifest import (
     DIGEST_KEY, FORMAT_VERSION, MANIFEST_KEY, POOL_TENSOR, digest, manifest_json, module_versions, parse, state_metadata,
 )
+from rpsconvert.format.serialized import Serialized, serialize
 from rpsconvert.format.sizing import dedupe
 
 
@@ -55,34 +55,19 @@ def _metadata(manifest: dict, tensors: dict[str, torch.Tensor]) -> dict[str, str
 
 def encode(model: nn.Module) -> bytes:
     """The bytes of a converted model's checkpoint file (what `save` writes)."""
+    return bytes(serialized(model))
+
+
+def serialized(model: nn.Module) -> Serialized:
+    """A converted model's checkpoint file as its header and tensors (format/serialized.py): what
+    `save` writes without first joining the bytes in memory."""
     pool = find_pool(model)
     state = model.state_dict()
     held = pool.tensors  # the pool as the model holds it: written as the file stores it instead
     tensors, aliases = dedupe({name: t for name, t in state.items() if name not in held})
     tensors.update({POOL_TENSOR + suffix: t for suffix, t in pool.stored().items()})
     manifest = manifest_json(pool, aliases, pool.info.get("original_bytes", 0), module_versions(state))
-    metadata = _metadata(manifest, tensors)
-    return _in_key_order(safetensors.torch.save(tensors, metadata=metadata), metadata)
-
-
-def _in_key_order(data: bytes, metadata: dict[str, str]) -> bytes:
-    """`data` with its header's metadata entries in sorted key order.
-
-    safetensors keeps the metadata in a hash map and writes its entries in an order that changes
-    from call to call, so the same model and seed would give files that differ in their bytes (and
-    in their checksums). Swapping the entries back keeps the header's length, so no offset moves.
-    """
-    entries = [json.dumps(key) + ":" + json.dumps(value) for key, value in sorted(metadata.items())]
-    if len(entries) != 2:
-        raise ValueError("a checkpoint's metadata is its manifest and its digest")
-    wanted, swapped = ",".join(entries).encode(), ",".join(reversed(entries)).encode()
-    size = 8 + int.from_bytes(data[:8], "little")
-    header = data[:size]
-    if wanted not in header:
-        header = header.replace(swapped, wanted, 1)
-        if wanted not in header:
-            raise ValueError("safetensors wrote the metadata in a form rpsconvert does not recognise")
-    return header + data[size:]
+    return serialize(tensors, _metadata(manifest, tensors))
 
 
 def save(
@@ -118,7 +103,7 @@ def save(
         return save_directory(model, path, overwrite=overwrite, tokenizer_from=tokenizer_from)
     if tokenizer_from is not None:
         raise ValueError(f"tokenizer files go into a model directory: end the path with '/' ({os.fspath(path)}/)")
-    return write_atomic(path, encode(model), overwrite=overwrite)
+    return write_atomic(path, serialized(model), overwrite=overwrite)
 
 
 def is_directory(path: str | os.PathLike) -> bool:
@@ -136,8 +121,8 @@ def save_directory(
     that transformers' `from_pretrained` loads through rpsconvert's quantizer
     (format/transformers_loading.py); the model card `README.md`; and the tokenizer and generation
     files found in `tokenizer_from`. Returns the directory."""
-    data = encode(model)
-    manifest = _manifest_of(data)
+    data = serialized(model)
+    manifest = _manifest_of(data.header)
     files = {CHECKPOINT_FILE: data}
     config = _config_json(model, manifest)
     if config is not None:
@@ -151,7 +136,7 @@ def save_directory(
 
 
 def _manifest_of(data: bytes) -> dict:
-    """The manifest in a checkpoint's bytes (`encode`), read from its safetensors header."""
+    """The manifest in a checkpoint's bytes (`encode`, or a Serialized header), read from its safetensors header."""
     header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
     return json.loads(header["__metadata__"][MANIFEST_KEY])
 

@@ -8,13 +8,13 @@ import shutil
 from pathlib import Path
 from typing import Collection
 
-import safetensors.torch
 import torch
 
 from rpsconvert.errors import OutputExistsError
+from rpsconvert.format.serialized import Serialized, serialize
 
 
-def write_atomic(path: str | os.PathLike, data: bytes, *, overwrite: bool = False) -> Path:
+def write_atomic(path: str | os.PathLike, data: bytes | Serialized, *, overwrite: bool = False) -> Path:
     """Write `data` so that no one ever sees a partial file at `path`, even after a crash.
 
     The bytes go to a temporary file in the same folder (so the final move is atomic), are flushed
@@ -56,11 +56,12 @@ def _beside(path: Path) -> Path:
     return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
 
 
-def _write_synced(path: Path, data: bytes) -> None:
+def _write_synced(path: Path, data: bytes | Serialized) -> None:
     """Create `path` (never over an existing one) with `data`, flushed to disk before returning;
-    created with the user's umask, like any file they write."""
+    created with the user's umask, like any file they write. A Serialized file is written from its
+    tensors, never joined into one bytes object."""
     with open(path, "xb") as f:
-        f.write(data)
+        data.write_to(f) if isinstance(data, Serialized) else f.write(data)
         f.flush()
         os.fsync(f.fileno())
 
@@ -73,7 +74,7 @@ def taken(path: str | os.PathLike) -> bool:
 
 
 def write_directory_atomic(
-    path: str | os.PathLike, files: dict[str, bytes], *, overwrite: bool = False, replaceable: Collection[str] = ()
+    path: str | os.PathLike, files: dict[str, bytes | Serialized], *, overwrite: bool = False, replaceable: Collection[str] = ()
 ) -> Path:
     """Write `files` (name -> bytes) as the directory `path`, so that no one ever sees it half written.
 
@@ -125,6 +126,6 @@ def save_dense(state: dict[str, torch.Tensor], path: str | os.PathLike, *, overw
     for name, t in state.items():
         unique[name] = t.clone() if t.numel() and t.data_ptr() in seen else t.contiguous()
         seen.add(t.data_ptr())
-    return write_atomic(path, safetensors.torch.save(unique, metadata={"format": "pt"}), overwrite=overwrite)
+    return write_atomic(path, serialize(unique, {"format": "pt"}), overwrite=overwrite)
 
 

@@ -70,11 +70,11 @@ def header_bound(pool: RPSPool, dense: dict[str, torch.Tensor], max_file_bytes: 
 
 
 def _entry(dtype: torch.dtype, shape: list[int], offset: int) -> dict:
-    return {"dtype": _safetensors_dtype(dtype), "shape": shape, "data_offsets": [offset, offset]}
+    return {"dtype": safetensors_dtype(dtype), "shape": shape, "data_offsets": [offset, offset]}
 
 
 @lru_cache(maxsize=None)
-def _safetensors_dtype(dtype: torch.dtype) -> str:
+def safetensors_dtype(dtype: torch.dtype) -> str:
     """The name safetensors writes for `dtype`, read back from a one-element file (public API only)."""
     data = safetensors.torch.save({"x": torch.zeros(1, dtype=dtype)})
     return json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["x"]["dtype"]
