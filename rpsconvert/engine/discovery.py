@@ -231,9 +231,14 @@ def _structure_copy(model: nn.Module) -> nn.Module:
     Tracing runs the forward on proxies, and a forward that caches something (timm's LeViT keeps
     attention biases in a dict) leaves proxies in the model: a later deepcopy of it then breaks.
     Tracing a copy keeps the user's model as it was, at the cost of its Python objects only.
-    A model that cannot be copied is traced as it is.
+    A model that cannot be copied is traced as it is. A model with parameters on the meta device
+    (the skeleton of a model converted from its files, rpsconvert/streaming.py) is traced with
+    every tensor on meta: a forward mixing meta and real tensors fails where one on meta runs.
     """
-    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    tensors = (*model.parameters(), *model.buffers())
+    memo = {id(t): t for t in tensors}
+    if any(t.device.type == "meta" for t in tensors):
+        memo = {id(t): nn.Parameter(t.to("meta"), t.requires_grad) if isinstance(t, nn.Parameter) else t.to("meta") for t in tensors}
     try:
         return copy.deepcopy(model, memo)
     except Exception:  # an attribute deepcopy cannot handle (a lock, a file)
