@@ -179,25 +179,30 @@ def _digits_files(folder: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_the_command_recovers_sharded_under_torchrun_as_one_process_does(tmp_path):
-    """`torchrun --nproc_per_node 2 -m rpsconvert ... --strategy fsdp` (gloo on the CPU, saving
-    its sharded state every 5 steps) writes the file one process writes, within float rounding
-    (measured 3e-8 in norm: the halves of each batch are summed apart), from rank 0 alone."""
+@pytest.mark.parametrize("strategy, state", [("fsdp", "fsdp.rps.safetensors.recovery"), ("ddp", "ddp.rps.safetensors.recovery.pt")])
+def test_the_command_recovers_under_torchrun_as_one_process_does(tmp_path, strategy, state):
+    """`torchrun --nproc_per_node 2 -m rpsconvert ... --strategy fsdp` (or ddp; gloo on the CPU,
+    saving its state every 5 steps: a directory of shards under fsdp) writes the file one process
+    writes, within float rounding (measured 3e-8 in norm under both: the halves of each batch are
+    summed apart), from rank 0 alone."""
     from digits import trained_mlp
 
     args = _digits_files(tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # both runs calibrate on one thread: the same pool before recovery
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "rpsconvert"]
-    sharded = subprocess.run([*torchrun, *args, "--strategy", "fsdp", "--checkpoint-every", "5", "-o", "fsdp.rps.safetensors"], cwd=tmp_path, env=env, timeout=300, capture_output=True, text=True)
+    sharded = subprocess.run(
+        [*torchrun, *args, "--strategy", strategy, "--checkpoint-every", "5", "-o", f"{strategy}.rps.safetensors"], cwd=tmp_path, env=env, timeout=300,
+        capture_output=True, text=True,
+    )
     assert sharded.returncode == 0, sharded.stderr[-4000:]
     one = subprocess.run([sys.executable, "-m", "rpsconvert", *args, "-o", "one.rps.safetensors"], cwd=tmp_path, env=env, timeout=300, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-4000:]
     report = json.loads(sharded.stdout)  # one report: rank 1 printed nothing
-    assert report["output"] == "fsdp.rps.safetensors" and not (tmp_path / "fsdp.rps.safetensors.recovery").exists()  # done: the state is gone
+    assert report["output"] == f"{strategy}.rps.safetensors" and not (tmp_path / state).exists()  # done: the state is gone
     ours, single = report["quality"]["after recovery"], json.loads(one.stdout)["quality"]["after recovery"]
     assert ours["relative_error"] == pytest.approx(single["relative_error"], rel=1e-6)
     assert ours["top1_agreement"] == single["top1_agreement"]
-    a, b = load(tmp_path / "fsdp.rps.safetensors", trained_mlp()).state_dict(), load(tmp_path / "one.rps.safetensors", trained_mlp()).state_dict()
+    a, b = load(tmp_path / f"{strategy}.rps.safetensors", trained_mlp()).state_dict(), load(tmp_path / "one.rps.safetensors", trained_mlp()).state_dict()
     for name, tensor in b.items():
         assert (a[name] - tensor).norm() <= 1e-6 * tensor.norm(), name
 
