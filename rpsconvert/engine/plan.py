@@ -53,10 +53,10 @@ class Candidate:
         return {"storage": str(self.storage), "slots": self.slots, "file_bytes": self.file_bytes, "weight_error": self.error}
 
 
-def layer_errors(operator: PoolOperator, layout: Sequence[CompressedWeight], read: Reader, theta: torch.Tensor | PackedPool) -> list[float]:
-    """The relative squared error of each weight `theta` generates, a piece of PIECE elements of
-    it at a time (a weight of a model larger than memory is read in pieces)."""
-    errors = []
+def error_sums(operator: PoolOperator, layout: Sequence[CompressedWeight], read: Reader, theta: torch.Tensor | PackedPool) -> list[tuple[float, float]]:
+    """(||W_generated - W||^2, ||W||^2) of each weight `theta` generates, a piece of PIECE
+    elements of it at a time (a weight of a model larger than memory is read in pieces)."""
+    sums = []
     with torch.no_grad():
         for weight in layout:
             norm = diff = 0.0
@@ -66,8 +66,13 @@ def layer_errors(operator: PoolOperator, layout: Sequence[CompressedWeight], rea
                 part = dataclasses.replace(weight, shape=(hi - lo,), offset=weight.offset + lo)
                 norm += float(original.square().sum())
                 diff += float((operator.generate(theta, part).double() - original).square_().sum())
-            errors.append(diff / norm if norm > 0 else float(diff > 0))
-    return errors
+            sums.append((diff, norm))
+    return sums
+
+
+def layer_errors(operator: PoolOperator, layout: Sequence[CompressedWeight], read: Reader, theta: torch.Tensor | PackedPool) -> list[float]:
+    """The relative squared error of each weight `theta` generates."""
+    return [diff / norm if norm > 0 else float(diff > 0) for diff, norm in error_sums(operator, layout, read, theta)]
 
 
 def weight_error(operator: PoolOperator, layout: Sequence[CompressedWeight], read: Reader, theta: torch.Tensor | PackedPool) -> float:

@@ -243,6 +243,13 @@ class RPSPool:
         pool = self.pool
         return (id(pool), pool._version, pool.device, pool.dtype)
 
+    def values(self) -> torch.Tensor | PackedPool:
+        """What the weights are generated from now, without gradients: the packed codes, or the
+        float pool (on its grid when quantized). `operator.generate` reads any piece of any weight
+        from it."""
+        with torch.no_grad():
+            return self._pool_for_autograd()
+
     def weight(self, name: str) -> torch.Tensor:
         """The weight `name` as the pool generates it now.
 

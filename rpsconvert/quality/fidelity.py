@@ -19,6 +19,8 @@ from torch import nn
 
 from rpsconvert.quality.batches import Batch, device_of, eval_mode, is_logits, outputs, process_group, run, shard, size, to_device
 from rpsconvert.engine.modules import find_pool
+from rpsconvert.engine.plan import error_sums
+from rpsconvert.engine.projection import Reader, in_memory
 
 
 @dataclass(frozen=True)
@@ -175,20 +177,18 @@ def layer_errors(
     return {name: (e / r) ** 0.5 if r > 0 else float(e > 0) for name, (e, r) in sums.items()}
 
 
-@torch.no_grad()
-def weight_errors(model: nn.Module, reference: nn.Module) -> dict[str, float]:
+def weight_errors(model: nn.Module, reference: nn.Module | Reader) -> dict[str, float]:
     """Relative weight error ||W - W_orig|| / ||W_orig|| of every compressed weight, and "total".
 
     The only figure available without example inputs. It says little about quality: the output
-    error is what matters, and data-aware projection lowers it while raising this one.
+    error is what matters, and data-aware projection lowers it while raising this one. The
+    originals are `reference`'s parameters, or read a piece at a time (a Reader: the files of a
+    model converted without loading it, rpsconvert/streaming.py).
     """
     pool = find_pool(model)
-    originals = dict(reference.named_parameters(remove_duplicate=False))
-    errors, diff, norm = {}, 0.0, 0.0
-    for name in pool.weights:
-        original = originals[name].detach().double()
-        d = float((pool.weight(name).double() - original).square().sum())
-        n = float(original.square().sum())
-        errors[name] = (d / n) ** 0.5 if n > 0 else float(d > 0)
-        diff, norm = diff + d, norm + n
+    if isinstance(reference, nn.Module):
+        reference = in_memory(dict(reference.named_parameters(remove_duplicate=False)))
+    sums = error_sums(pool.operator, list(pool.weights.values()), reference, pool.values())
+    errors = {name: (d / n) ** 0.5 if n > 0 else float(d > 0) for name, (d, n) in zip(pool.weights, sums)}
+    diff, norm = sum(d for d, _ in sums), sum(n for _, n in sums)
     return {"total": (diff / norm) ** 0.5 if norm > 0 else float(diff > 0), **errors}
