@@ -87,9 +87,9 @@ def test_auto_rate_then_runs_exactly_the_recovery_an_explicit_rate_runs():
     teacher = torch.nn.Sequential(*trained_mlp(), torch.nn.Dropout(0.2)).eval()  # draws in every training step
     auto_model, explicit_model = convert(teacher, ratio=1 / 8), convert(teacher, ratio=1 / 8)
     torch.manual_seed(0)
-    auto = recover(auto_model, teacher, batches("calib", 50), steps=30, quiet=True)
+    auto = recover(auto_model, teacher, batches("calib", 50), steps=30, dropout=True, quiet=True)
     torch.manual_seed(0)
-    explicit = recover(explicit_model, teacher, batches("calib", 50), steps=30, lr=max(auto.lr), quiet=True)
+    explicit = recover(explicit_model, teacher, batches("calib", 50), steps=30, lr=max(auto.lr), dropout=True, quiet=True)
     assert auto.loss == explicit.loss and explicit.lr_probe == []
     for (name, a), b in zip(auto_model.state_dict().items(), explicit_model.state_dict().values()):
         assert torch.equal(a, b), name
@@ -138,6 +138,21 @@ def test_batchnorm_keeps_the_teachers_statistics_while_recovering():
     assert int(model[1].num_batches_tracked) == 0
     assert not torch.equal(model[1].weight, teacher[1].weight)  # trained
     assert model.training and model[1].training and history.steps == 20  # modes as they were before
+
+def test_the_student_distills_without_dropout_unless_asked_for_it():
+    """A lossless conversion starts at loss 0 when the student computes what the teacher computes
+    (BERT's hidden and attention dropout both off); with dropout=True step one's loss is the
+    dropout's. Every module's mode comes back as it was."""
+    teacher = tiny_bert()  # hidden and attention dropout 0.1
+    batch = {"input_ids": torch.randint(5, 500, (8, 16), generator=torch.Generator().manual_seed(0))}
+    first = {}
+    for dropout in (False, True):
+        model = convert(teacher, ratio=1.0).train()
+        torch.manual_seed(0)
+        first[dropout] = recover(model, teacher, [batch], steps=1, lr=1e-3, loss="mse", dropout=dropout, quiet=True).loss[0]
+        assert all(m.training for m in model.modules()) and not any(m.training for m in teacher.modules())
+    assert first[False] < 1e-10 and first[True] > 0.01
+
 
 def test_labeled_batches_need_only_a_way_to_find_the_inputs():
     teacher = trained_mlp()
@@ -188,10 +203,7 @@ def _block_errors(model, teacher, batch) -> list[float]:
 
 
 def test_hidden_state_distillation_adds_each_blocks_error_and_brings_the_blocks_back():
-    teacher = tiny_bert()
-    for module in teacher.modules():  # recovery trains in train mode: no dropout, so step one is exact
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    teacher = tiny_bert()  # its dropout stays off in the student (recover's default), so step one is exact
     batches = [{"input_ids": torch.randint(5, 500, (8, 16), generator=torch.Generator().manual_seed(i))} for i in range(6)]
     runs = {}
     hooks = lambda *models: sum(len(m._forward_hooks) for model in models for m in model.modules())  # noqa: E731
