@@ -16,7 +16,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Iterator, Literal, Optional
+from typing import Annotated, Callable, Iterator, Literal, Optional
 
 import click
 import torch
@@ -28,13 +28,15 @@ from typer.core import TyperGroup
 
 import rpsconvert
 from rpsconvert.engine.budget import check_ratio, format_bytes, parse_bytes
-from rpsconvert.format.checkpoint import Checkpoint, checkpoint_file, decompress, encode, is_directory, read, save_directory
+from rpsconvert.format.checkpoint import Checkpoint, checkpoint_file, decompress, encode, is_directory, read, save_directory, serialized
+from rpsconvert.format.serialized import Serialized
+from rpsconvert.streaming import available_memory, convert_files, original_weights, streams
 from rpsconvert.format import provenance
 from rpsconvert.format.files import save_dense, taken, write_atomic
 from rpsconvert.engine.storage import dtype_name
 from rpsconvert.errors import OutputExistsError, RPSError, RPSWarning
 from rpsconvert.cli import sweep
-from rpsconvert.cli.inputs import ModelInput, read_calibration, read_model
+from rpsconvert.cli.inputs import ModelInput, default_output, read_calibration, read_model
 from rpsconvert.cli.tables import WRAP_WIDTH, plan_table, tensor_table
 from rpsconvert.cli.verify import check_inputs, gate_message, verification_table, verify_file
 from rpsconvert.engine.mapping import MAPPINGS
@@ -152,6 +154,19 @@ class _Stages:
             self.progress.start()
         self.progress.advance(self.task)
 
+    def counter(self, description: str) -> Callable[[int], None]:
+        """A function to call with the bytes of each read; the stage's line shows their sum and
+        rate, so a conversion that reads a model's files many times over is seen to progress."""
+        start, total = time.perf_counter(), 0
+
+        def add(count: int) -> None:
+            nonlocal total
+            total += count
+            rate = total / max(time.perf_counter() - start, 1e-9)
+            self.progress.update(self.task, description=f"{description}: {format_bytes(total)} ({format_bytes(int(rate))}/s)")
+
+        return add
+
 
 @app.command("convert")
 def convert_command(
@@ -181,6 +196,7 @@ def convert_command(
     max_drop: MaxDrop = None,
     atol: Atol = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Convert and report, with the plan per tensor, but write nothing.")] = False,
+    max_memory: Annotated[Optional[str], typer.Option("--max-memory", metavar="SIZE", help="Refuse to start a conversion from safetensors files (a Hugging Face directory, or a .safetensors file with --arch, read a piece at a time) that would need more memory than SIZE. Default: 90% of the memory available now.", show_default=False)] = None,
     json_output: JsonOutput = False,
     force: Force = False,
     quiet: Quiet = False,
@@ -220,29 +236,38 @@ def convert_command(
         made_by = {"command": _command_line(ctx.command, given), "inputs": _inputs(model, calibrate), **dict.fromkeys(later)}
         with _Stages(3 + bool(recover_steps), enabled=not quiet) as stage, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", RPSWarning)
-            with stage("read", f"reading {model}"):
-                source = _read(model, arch, trust_pickle)
+            # from safetensors files without --calibrate or --verify (which run the original), the
+            # model is converted without loading it (streaming.py): the same bytes in a fraction of the memory
+            stream = calibrate is None and not verify and streams(model, arch)
+            with stage("read", f"reading {model}" if not stream else f"reading the structure of {model}"):
+                source = None if stream else _read(model, arch, trust_pickle)
                 as_directory = output is not None and is_directory(output)
-                output = Path(output) if output else source.output
+                output = Path(output) if output else (source.output if source else default_output(Path(model)))
                 if (taken(output) if as_directory else output.exists()) and not (force or dry_run):  # fail before the long part
                     raise OutputExistsError(f"{output} already exists: pass {{overwrite}} to replace it, or -o another path", overwrite=True)
                 state_file = output.with_name(output.name + (".recovery" if strategy == "fsdp" else ".recovery.pt"))
                 if resume and not saved(state_file):
                     raise FileNotFoundError(f"nothing to resume: {state_file} does not exist (--checkpoint-every writes it while recovery runs)")
+            options = dict(
+                ratio=ratio, budget=budget, mapping=mapping, seed=seed, include=include or None, exclude=exclude or None,
+                min_numel=min_numel, dtype=_POOL_DTYPES.get(dtype), bits=bits, provenance=made_by,
+            )
             with stage("convert", "converting", own_bar=calibration is not None):
-                converted = rpsconvert.convert(
-                    source.model, ratio, budget=budget, mapping=mapping, seed=seed, include=include or None,
-                    exclude=exclude or None, min_numel=min_numel, dtype=_POOL_DTYPES.get(dtype), bits=bits, architecture=source.architecture,
-                    calibration=calibration, quiet=quiet, provenance=made_by,
-                )
-            quality = _quality(converted, source.model, heldout)
+                if stream:
+                    read = stage.counter("converting: weights read")
+                    limit = parse_bytes(max_memory) if max_memory else int(0.9 * available_memory())
+                    converted = convert_files(model, arch=arch, max_memory=limit, on_read=read, **options)
+                else:
+                    converted = rpsconvert.convert(source.model, architecture=source.architecture, calibration=calibration, quiet=quiet, **options)
+            original = source.model if source else original_weights(model, converted)
+            quality = _quality(converted, original, heldout)
             if recover_steps:
                 saving = checkpoint_every or resume
                 with stage("recover", "recovering", own_bar=True):
                     try:
                         with torchrun_job():
                             history = recover(
-                                converted, source.model, calibration, steps=recover_steps, lr=lr, eval_data=heldout or None, quiet=quiet,
+                                converted, original, calibration, steps=recover_steps, lr=lr, eval_data=heldout or None, quiet=quiet,
                                 checkpoint=state_file if saving else None, checkpoint_every=every_steps, checkpoint_seconds=every_seconds,
                                 resume=resume, strategy=strategy,
                             )
@@ -254,14 +279,14 @@ def convert_command(
                 quality["recovery lr"] = max(history.lr)  # the peak: chosen by the trials under --recover-lr auto
                 if not writer:
                     return  # every process holds the recovered model whole
-            quality["weight error"] = weight_errors(converted, source.model)["total"]  # of the model as it is written
+            quality["weight error"] = weight_errors(converted, original)["total"]  # of the model as it is written
             _record(converted, "weight_error", provenance.figure(quality["weight error"]))
             if quality.get("after recovery") or quality.get("converted"):
                 on = "recovered" if quality.get("after recovery") else "converted"
                 _record(converted, "fidelity", provenance.fidelity(on, asdict(quality.get("after recovery") or quality["converted"])))
             rep = report(converted)
             with stage("write", "writing" if not dry_run else "dry run: writing nothing"):
-                data = encode(converted)
+                data = serialized(converted)
                 written = None if dry_run else _write(converted, data, output, as_directory, model, force)
                 if written and recover_steps:
                     discard(state_file)  # the result is written: nothing is left to resume
@@ -271,7 +296,7 @@ def convert_command(
                 _record(converted, "fidelity", provenance.fidelity("file", {**asdict(checked.fidelity), "max_abs_error": checked.max_abs_error}))
                 if gated:
                     _record(converted, "gate", provenance.gate(not checked.failures(max_drop, atol), max_drop, atol))
-                data = encode(converted)  # the same tensors, the figures recorded in the room kept for them
+                data = serialized(converted)  # the same tensors, the figures recorded in the room kept for them
                 write_atomic(written, data, overwrite=True)
         if not quiet:
             for w in caught:
@@ -285,13 +310,13 @@ def convert_command(
                 )
             if verify and note:
                 typer.secho(note, err=True)
-            if source.architecture is None and written:
+            if converted.rps.info.get("architecture") is None and written:
                 typer.secho(f"note: {model} is not a torchvision, timm or Hugging Face model, so its architecture is not "
                             f"recorded: load the output with rpsconvert.load(path, model=YourModel())", err=True)
         if json_output:
             typer.echo(json.dumps({
                 "input": model, "output": str(written) if written else None, "file_bytes": len(data),
-                "budget_bytes": budget_bytes, "architecture": source.architecture, "seconds": stage.seconds,
+                "budget_bytes": budget_bytes, "architecture": converted.rps.info.get("architecture"), "seconds": stage.seconds,
                 "report": rep.to_dict(),
                 "quality": {k: asdict(v) if isinstance(v, Fidelity) else v for k, v in quality.items()},
                 **({"verification": checked.to_dict()} if verify else {}),
@@ -430,7 +455,7 @@ def _check_inputs(source: ModelInput, heldout: list | None, *key) -> tuple[list,
     return sweep.once(("check inputs", *key), lambda: check_inputs(source.model, source.architecture, heldout))
 
 
-def _write(converted: torch.nn.Module, data: bytes, output: Path, as_directory: bool, model: str, force: bool) -> Path:
+def _write(converted: torch.nn.Module, data: Serialized, output: Path, as_directory: bool, model: str, force: bool) -> Path:
     """Write the checkpoint `data`, or a model directory holding it, with MODEL's tokenizer files
     when MODEL is a Hugging Face directory; the checkpoint file's path, which --verify reads."""
     if not as_directory:

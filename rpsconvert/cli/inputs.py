@@ -91,7 +91,7 @@ def read_model(source: str, *, arch: str | dict | None = None, trust_pickle: boo
         return _hugging_face(path)
     if path.is_file():
         loaded = _read_file(path, trust_pickle)
-        output = path.with_name(path.stem + ".rps.safetensors")
+        output = default_output(path)
         if isinstance(loaded, nn.Module):
             return ModelInput(loaded, _module_architecture(loaded, arch, path), output)
         return ModelInput(_from_state_dict(loaded, arch, path), normalize(arch) if arch else None, output)
@@ -99,6 +99,11 @@ def read_model(source: str, *, arch: str | dict | None = None, trust_pickle: boo
     if library in ("torchvision", "timm") and name:
         return _pretrained(source, name)
     raise InputError(f"{source}: no such file or directory, nor a model name such as torchvision:resnet50 or timm:resnet50")
+
+
+def default_output(path: Path) -> Path:
+    """Where the converted model goes by default: beside MODEL, as <its name>.rps.safetensors."""
+    return path.parent / f"{path.name}.rps.safetensors" if path.is_dir() else path.with_name(path.stem + ".rps.safetensors")
 
 
 def _read_file(path: Path, trust_pickle: bool) -> object:
@@ -189,7 +194,7 @@ def _hugging_face(path: Path) -> ModelInput:
         model = cls.from_pretrained(path, local_files_only=True, use_safetensors=True)
     except Exception as exc:
         raise InputError(f"cannot read the Hugging Face model in {path} ({_first_line(exc)})") from None
-    return ModelInput(model, identify(model), path.parent / f"{path.name}.rps.safetensors")
+    return ModelInput(model, identify(model), default_output(path))
 
 
 def read_calibration(path: Path, model: str, holdout: float = 0.2) -> tuple[list[Batch], list[Batch]]:

@@ -1,0 +1,211 @@
+"""Converting a model larger than memory, from its safetensors files, never holding it whole.
+
+The model is built with its parameters on the meta device (no memory, no initialization), its
+weights are found on that skeleton (discovery needs only shapes), the tensors that stay dense are
+read into it, and `convert` reads every compressed weight from the files a piece at a time
+(`weights_from`): the least-squares pool is computed a range of slots at a time and packed as it
+goes (engine/encoding.py), so the memory is the pool's codes, one weight and the pieces in flight.
+Every number is computed as from memory, in the same order, so the file is the same byte for byte
+as converting the loaded model (tests/test_streaming.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from rpsconvert.conversion import choose_weights, convert
+from rpsconvert.engine.budget import format_bytes, parse_bytes
+from rpsconvert.engine.discovery import discover
+from rpsconvert.engine.encoding import PIECE
+from rpsconvert.engine.modules import find_pool
+from rpsconvert.engine.projection import Reader
+from rpsconvert.errors import ArchitectureError, InputError
+from rpsconvert.format.architectures import build, identify, normalize
+from rpsconvert.format.lazy_weights import INDEX_FILE, SINGLE_FILE, SafetensorsFiles
+from rpsconvert.format.manifest import MANIFEST_KEY
+
+CONFIG_FILE = "config.json"
+
+
+def convert_files(
+    path: str | os.PathLike, *, arch: str | dict | None = None, max_memory: int | None = None,
+    on_read: Callable[[int], None] | None = None, **options,
+) -> nn.Module:
+    """`convert` a model from its safetensors files without loading it: a Hugging Face directory
+    (config.json with model.safetensors, or shards and model.safetensors.index.json), or one
+    .safetensors state dict with `arch` (such as "torchvision:resnet50").
+
+    `options` are `convert`'s (ratio or budget, bits, include, ...), calibration excepted: it runs
+    the original model. The result is the converted model, as `convert(load(path))` gives it.
+    With `max_memory` (bytes), a conversion whose `memory_needed` exceeds it is refused before it
+    starts (MemoryError), rather than killed by the system when memory runs out; `on_read` is
+    called with the bytes of every read of a weight (a progress display).
+    """
+    path = Path(path)
+    files = SafetensorsFiles.open(path)
+    if MANIFEST_KEY in files.metadata:
+        raise InputError(f"{path} is already an rpsconvert checkpoint: convert the original model instead")
+    model, architecture = skeleton(path, arch, files)
+    found = discover(model)
+    chosen, _ = choose_weights(model, found, options.get("include"), options.get("exclude"), options.get("min_numel", 1000))
+    keys = _file_keys(model.state_dict(keep_vars=True), getattr(model, "base_model_prefix", "") or "", files)
+    compressed = {alias for name in chosen for alias in found.aliases.get(name, (name,))} | set(chosen)
+    if max_memory is not None:
+        params = dict(model.named_parameters())
+        needed = memory_needed([params[name] for name in chosen], files, [keys[n] for n in keys if n not in compressed], options)
+        if needed > max_memory:
+            raise MemoryError(
+                f"converting {path} needs about {format_bytes(needed)} of memory (the pool twice while the plan weighs "
+                f"candidates, the largest weight in float64, the tensors kept dense), more than the {format_bytes(max_memory)} "
+                "allowed: free memory and raise --max-memory, or give a smaller budget"
+            )
+    _load_dense(model, files, keys, compressed, path)
+    return convert(model, weights_from=files.reader(keys, on_read), inplace=True, architecture=architecture, **options)
+
+
+def memory_needed(weights: list[torch.Tensor], files: SafetensorsFiles, dense_keys: list[str], options: dict) -> int:
+    """A bound on the memory `convert_files` holds at its peak, in bytes: the stored pool twice (the
+    plan keeps its best candidate while it scores the next), the largest compressed weight in its
+    dtype and in float64 (its layer scale), the pieces in flight, and the tensors kept dense. The
+    pool takes at most the budget, or with a ratio that share of the weights in their dtype."""
+    weight_bytes = sum(w.numel() * w.dtype.itemsize for w in weights)
+    if options.get("budget") is not None:
+        pool = parse_bytes(options["budget"])
+    else:
+        pool = int(options["ratio"] * weight_bytes) + 1
+    largest = max(w.numel() for w in weights) if weights else 0
+    dense = sum(files.entries[key].numel * files.entries[key].dtype.itemsize for key in set(dense_keys))
+    return 2 * pool + largest * (weights[0].dtype.itemsize + 8) + 8 * PIECE * 8 + dense
+
+
+def streams(source: str, arch: str | dict | None) -> bool:
+    """Whether `convert_files` reads `source`: a directory with config.json and safetensors
+    weights, or a .safetensors file given with its architecture."""
+    path = Path(source)
+    if path.is_dir():
+        return (path / CONFIG_FILE).is_file() and ((path / INDEX_FILE).is_file() or (path / SINGLE_FILE).is_file())
+    return path.is_file() and path.suffix == ".safetensors" and arch is not None
+
+
+def available_memory() -> int:
+    """The memory the system can give now without swapping (Linux's MemAvailable), else the total."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def skeleton(path: Path, arch: str | dict | None, files: SafetensorsFiles) -> tuple[nn.Module, str | dict | None]:
+    """The model `path` holds with its parameters on the meta device (buffers are made for real:
+    some, such as rotary frequencies, are computed and never stored), and its architecture."""
+    if path.is_dir():
+        return _hugging_face(path, files)
+    if arch is None:
+        raise InputError(f"{path} is a state dict, not a model: pass its architecture, for example {{arch}}", arch="torchvision:resnet50")
+    try:
+        with _parameters_on_meta():
+            model = build(arch)
+    except ArchitectureError as exc:
+        raise InputError(str(exc)) from None
+    return model, normalize(arch)
+
+
+def _hugging_face(path: Path, files: SafetensorsFiles) -> tuple[nn.Module, dict]:
+    """A Hugging Face model's skeleton, in the dtype `from_pretrained` would give it (config.json's
+    dtype, else the checkpoint's), from a class of transformers itself (no remote code)."""
+    if not (path / CONFIG_FILE).is_file():
+        raise InputError(f"{path} is a directory without config.json: a Hugging Face model directory has config.json and model.safetensors")
+    try:
+        import transformers
+    except ImportError:
+        raise InputError(f"{path} is a Hugging Face model: pip install transformers to read it") from None
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # transformers raises many types for a bad config
+        raise InputError(f"cannot read {path / CONFIG_FILE} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    name = (config.architectures or ["AutoModel"])[0]
+    cls = getattr(transformers, name, None)
+    if name == "AutoModel":
+        cls = transformers.AutoModel._model_mapping[type(config)]
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise InputError(f"{path}: transformers has no model class {name!r} (rpsconvert never runs a model's own code)")
+    dtype = getattr(config, "dtype", None) or next((e.dtype for e in files.entries.values() if e.dtype.is_floating_point), torch.float32)
+    with _parameters_on_meta():
+        model = cls._from_config(config, dtype=dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype)))
+    return model, identify(model)
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Every parameter a module registers meanwhile goes to the meta device: a model's skeleton
+    costs no memory and its initialization no time, while its buffers are made as usual."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _file_keys(names: Iterable[str], prefix: str, files: SafetensorsFiles) -> dict[str, str]:
+    """The files' name of each of the model's state-dict `names` that they hold: the same name, or
+    with the base model's `prefix` added or removed (a checkpoint saved from a task model, loaded
+    as its base model, and back), as `from_pretrained` matches them."""
+    keys = {}
+    for name in names:
+        candidates = (name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")) if prefix else (name,)
+        found = next((candidate for candidate in candidates if candidate in files.entries), None)
+        if found is not None:
+            keys[name] = found
+    return keys
+
+
+def original_weights(path: str | os.PathLike, converted: nn.Module) -> Reader:
+    """A Reader of the original compressed weights of `converted` from the files it was converted
+    from (`convert_files`), for `weight_errors` without loading the original."""
+    files = SafetensorsFiles.open(path)
+    names = [n for w in find_pool(converted).weights.values() for n in (w.name, *w.aliases)]
+    return files.reader(_file_keys(names, getattr(converted, "base_model_prefix", "") or "", files))
+
+
+def _load_dense(model: nn.Module, files: SafetensorsFiles, keys: dict[str, str], compressed: set[str], path: Path) -> None:
+    """Read every tensor that stays dense into the skeleton, in the model's own dtype, a tied
+    tensor once (the same Parameter under each name); refuse a file that does not fit the model."""
+    state = model.state_dict(keep_vars=True)
+    ties: dict[int, list[str]] = {}
+    for name, tensor in state.items():
+        ties.setdefault(id(tensor), []).append(name)
+    missing = [name for name in state if name not in compressed and not any(n in keys for n in ties[id(state[name])])]
+    missing = [name for name in missing if state[name].device.type == "meta"]  # a buffer made at init need not be stored
+    if missing:
+        raise InputError(f"{path} does not fit the model it describes (missing: {', '.join(missing[:3])})")
+    dense = {}
+    for group in ties.values():
+        if group[0] in compressed:
+            continue
+        stored = next((keys[n] for n in group if n in keys), None)
+        if stored is None:
+            continue
+        like = state[group[0]]
+        entry = files.entries[stored]
+        if tuple(entry.shape) != tuple(like.shape):
+            raise InputError(f"{path} does not fit the model: {stored} has shape {tuple(entry.shape)}, the model {tuple(like.shape)}")
+        value = files.tensor(stored).to(like.dtype)
+        value = nn.Parameter(value, requires_grad=like.requires_grad) if isinstance(like, nn.Parameter) else value
+        dense.update(dict.fromkeys(group, value))
+    model.load_state_dict(dense, strict=False, assign=True)
