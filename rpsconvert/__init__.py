@@ -40,11 +40,14 @@ from rpsconvert.quality.fidelity import Fidelity, fidelity, layer_errors, weight
 from rpsconvert.quality.recovery import RecoveryHistory, recover
 from rpsconvert.quality.verification import Verification, random_inputs, verify
 from rpsconvert.conversion import convert
+from rpsconvert.streaming import convert_files, memory_needed
 from rpsconvert.format.transformers_loading import register_when_imported as _register_with_transformers
 
 __all__ = [
     # convert, run, save and load
     "convert",
+    "convert_files",
+    "memory_needed",
     "report",
     "resident_bytes",
     "save",

@@ -49,17 +49,9 @@ def convert_files(
     called with the bytes of every read of a weight (a progress display).
     """
     path = Path(path)
-    files = SafetensorsFiles.open(path)
-    if MANIFEST_KEY in files.metadata:
-        raise InputError(f"{path} is already an rpsconvert checkpoint: convert the original model instead")
-    model, architecture = skeleton(path, arch, files)
-    found = discover(model)
-    chosen, _ = choose_weights(model, found, options.get("include"), options.get("exclude"), options.get("min_numel", 1000))
-    keys = _file_keys(model.state_dict(keep_vars=True), getattr(model, "base_model_prefix", "") or "", files)
-    compressed = {alias for name in chosen for alias in found.aliases.get(name, (name,))} | set(chosen)
+    files, model, architecture, chosen, keys, compressed = _prepare(path, arch, options)
     if max_memory is not None:
-        params = dict(model.named_parameters())
-        needed = memory_needed([params[name] for name in chosen], files, [keys[n] for n in keys if n not in compressed], options)
+        needed = _needed(model, files, chosen, keys, compressed, options)
         if needed > max_memory:
             raise MemoryError(
                 f"converting {path} needs about {format_bytes(needed)} of memory (the pool twice while the plan weighs "
@@ -70,19 +62,39 @@ def convert_files(
     return convert(model, weights_from=files.reader(keys, on_read), inplace=True, architecture=architecture, **options)
 
 
-def memory_needed(weights: list[torch.Tensor], files: SafetensorsFiles, dense_keys: list[str], options: dict) -> int:
-    """A bound on the memory `convert_files` holds at its peak, in bytes: the stored pool twice (the
-    plan keeps its best candidate while it scores the next), the largest compressed weight in its
-    dtype and in float64 (its layer scale), the pieces in flight, and the tensors kept dense. The
-    pool takes at most the budget, or with a ratio that share of the weights in their dtype."""
-    weight_bytes = sum(w.numel() * w.dtype.itemsize for w in weights)
-    if options.get("budget") is not None:
-        pool = parse_bytes(options["budget"])
-    else:
-        pool = int(options["ratio"] * weight_bytes) + 1
-    largest = max(w.numel() for w in weights) if weights else 0
-    dense = sum(files.entries[key].numel * files.entries[key].dtype.itemsize for key in set(dense_keys))
-    return 2 * pool + largest * (weights[0].dtype.itemsize + 8) + 8 * PIECE * 8 + dense
+def memory_needed(path: str | os.PathLike, *, arch: str | dict | None = None, **options) -> int:
+    """A bound on the memory `convert_files(path, arch=arch, **options)` takes at its peak beyond
+    what the process held before, in bytes (what --max-memory is checked against): the stored
+    pool twice (the plan keeps its best candidate while it scores the next), the largest
+    compressed weight in its dtype and in float64 (its layer scale), the pieces in flight, and the
+    tensors kept dense. The pool takes at most the budget, or with a ratio that share of the
+    weights at 4 bytes each."""
+    files, model, _, chosen, keys, compressed = _prepare(Path(path), arch, options)
+    return _needed(model, files, chosen, keys, compressed, options)
+
+
+def _prepare(path: Path, arch: str | dict | None, options: dict) -> tuple:
+    """The files, the skeleton and its architecture, the weights to compress, the files' names of
+    the model's tensors, and every name of the compressed weights."""
+    files = SafetensorsFiles.open(path)
+    if MANIFEST_KEY in files.metadata:
+        raise InputError(f"{path} is already an rpsconvert checkpoint: convert the original model instead")
+    model, architecture = skeleton(path, arch, files)
+    found = discover(model)
+    chosen, _ = choose_weights(model, found, options.get("include"), options.get("exclude"), options.get("min_numel", 1000))
+    keys = _file_keys(model.state_dict(keep_vars=True), getattr(model, "base_model_prefix", "") or "", files)
+    compressed = {alias for name in chosen for alias in found.aliases.get(name, (name,))} | set(chosen)
+    return files, model, architecture, chosen, keys, compressed
+
+
+def _needed(model: nn.Module, files: SafetensorsFiles, chosen: list[str], keys: dict[str, str], compressed: set[str], options: dict) -> int:
+    params = dict(model.named_parameters())
+    weights = [params[name] for name in chosen]
+    count = sum(w.numel() for w in weights)
+    pool = parse_bytes(options["budget"]) if options.get("budget") is not None else int(options["ratio"] * count * 4) + 1
+    largest = max((w.numel() * (w.dtype.itemsize + 8) for w in weights), default=0)
+    dense = sum(files.entries[key].numel * files.entries[key].dtype.itemsize for name, key in keys.items() if name not in compressed)
+    return 2 * pool + largest + 8 * PIECE * 8 + dense
 
 
 def streams(source: str, arch: str | dict | None) -> bool:

@@ -13,8 +13,9 @@ ALLOWED = {
     "format": {"engine", "errors", "version"},
     "quality": {"engine", "errors"},
     "conversion": {"engine", "format", "quality", "errors"},
-    "cli": {"engine", "format", "quality", "conversion", "errors", "version", "__init__"},
-    "__init__": {"engine", "format", "quality", "conversion", "errors", "version"},
+    "streaming": {"engine", "format", "conversion", "errors"},  # convert() of a model read from its files
+    "cli": {"engine", "format", "quality", "conversion", "streaming", "errors", "version", "__init__"},
+    "__init__": {"engine", "format", "quality", "conversion", "streaming", "errors", "version"},
     "__main__": {"cli"},  # python -m rpsconvert
 }
 

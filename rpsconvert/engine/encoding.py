@@ -19,7 +19,7 @@ from rpsconvert.engine.operator import CompressedWeight, PoolOperator
 from rpsconvert.engine.projection import Reader, project_range
 from rpsconvert.engine.storage import MixedStorage, PoolStorage
 
-PIECE = 1 << 22  # slots computed at once: two float64 vectors of 32 MB
+PIECE = 1 << 20  # slots computed at once: two float64 vectors of 8 MB
 
 
 def encode_pool(

@@ -60,7 +60,10 @@ def _build_transformers(name: str, config: dict) -> nn.Module:
     cls = getattr(transformers, name, None)
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise ArchitectureError(f"transformers has no model class {name!r}")
-    return cls(cls.config_class.from_dict(config))
+    config = cls.config_class.from_dict(config)
+    dtype = getattr(config, "dtype", None)  # what from_pretrained builds it in: a bf16 model's dense tensors stay bf16
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    return cls._from_config(config, dtype=dtype) if isinstance(dtype, torch.dtype) else cls(config)
 
 
 def transformers_architecture(model: nn.Module) -> dict:
