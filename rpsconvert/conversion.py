@@ -76,9 +76,8 @@ def _spend(
     layout_for: Callable[[int], list[CompressedWeight]],
     mapping: Mapping,
     seed: int,
-) -> tuple[PoolStorage | MixedStorage, int, list[plan.Candidate], dict[str, torch.Tensor] | None]:
-    """The storage and slot count a byte budget buys, every candidate the plan scored, and the
-    stored pool of the winner where scoring computed it (else None).
+) -> tuple[PoolStorage | MixedStorage, int, list[plan.Candidate]]:
+    """The storage and slot count a byte budget buys, and every candidate the plan scored.
 
     Each candidate storage gets the most slots that fit (never more than the weights' elements);
     a float pool of the weights' own dtype that holds every element is lossless and wins outright.
@@ -100,7 +99,7 @@ def _spend(
         candidates.append((storage, count, fixed[storage] + storage.bytes(count)))
     lossless = [(s, n) for s, n, _ in candidates if n == total and not s.quantized and s.dtype == dtype]
     if lossless:
-        return *lossless[0], [], None
+        return *lossless[0], []
     whole = [c for c in candidates if c[0].quantized and c[1] == total]
     candidates = [c for c in candidates if c not in whole]
     if storages is None and isinstance(mapping, RandomFold):
@@ -113,9 +112,9 @@ def _spend(
     elif whole:
         candidates.append(whole[0])  # the widest: a narrower one at the same slots only rounds more coarsely
     if len(candidates) == 1:
-        return *candidates[0][:2], [], None
-    best, scored, stored = plan.choose(candidates, mapping, seed, read, layout_for, dtype)
-    return best.storage, best.slots, scored, stored
+        return *candidates[0][:2], []
+    best, scored = plan.choose(candidates, mapping, seed, read, layout_for, dtype)
+    return best.storage, best.slots, scored
 
 
 def _storage(dtype: torch.dtype | None, bits: int | PoolStorage | None) -> PoolStorage:
@@ -292,7 +291,6 @@ def convert(
     chosen_set = {alias for w in layout for alias in (w.name, *w.aliases)}
     state = model.state_dict()
     dense = {k: v for k, v in state.items() if k not in chosen_set}
-    stored = None
     if ratio is not None:
         storage, slots = (storages or [PoolStorage(layout[0].dtype)])[0], max(1, round(ratio * total))
     else:
@@ -303,7 +301,7 @@ def convert(
             probe.info.update(architecture=architecture, discovery=found.method, provenance=room)
             return header_bound(probe, dense, budget_bytes, module_versions(state)) + stored_bytes(dense)
 
-        storage, slots, scored, stored = _spend(budget_bytes, fixed_bytes, storages, dense, read, layout_for, mapping_impl, seed)
+        storage, slots, scored = _spend(budget_bytes, fixed_bytes, storages, dense, read, layout_for, mapping_impl, seed)
         if len(scored) > 1:
             notes.append(f"plan: {storage} pool of {slots:,} slots (ratio {slots / total:.4g}), the least weight error of {len(scored)} candidates")
         elif slots == total and not storage.quantized and storage.dtype == layout[0].dtype:
@@ -314,9 +312,7 @@ def convert(
 
     layout = layout_for(slots)
     operator = PoolOperator(mapping_impl, slots, seed)
-    if stored is None:
-        stored = encode_pool(storage, operator, layout, read, layout[0].dtype)
-    pool = RPSPool.from_stored(stored, storage, slots, layout[0].dtype, mapping_impl, seed, layout)
+    pool = RPSPool.from_stored(encode_pool(storage, operator, layout, read, layout[0].dtype), storage, slots, layout[0].dtype, mapping_impl, seed, layout)
     result = model if inplace else _copy_without(model, weights)
     pool.info.update(
         discovery=found.method,

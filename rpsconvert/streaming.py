@@ -54,8 +54,8 @@ def convert_files(
         needed = _needed(model, files, chosen, keys, compressed, options)
         if needed > max_memory:
             raise MemoryError(
-                f"converting {path} needs about {format_bytes(needed)} of memory (the pool twice while the plan weighs "
-                f"candidates, the largest weight in float64, the tensors kept dense), more than the {format_bytes(max_memory)} "
+                f"converting {path} needs about {format_bytes(needed)} of memory (the stored pool, the largest weight "
+                f"in float64, the pieces in flight, the tensors kept dense), more than the {format_bytes(max_memory)} "
                 "allowed: free memory and raise --max-memory, or give a smaller budget"
             )
     _load_dense(model, files, keys, compressed, path)
@@ -65,9 +65,8 @@ def convert_files(
 def memory_needed(path: str | os.PathLike, *, arch: str | dict | None = None, **options) -> int:
     """A bound on the memory `convert_files(path, arch=arch, **options)` takes at its peak beyond
     what the process held before, in bytes (what --max-memory is checked against): the stored
-    pool twice (the plan keeps its best candidate while it scores the next), the largest
-    compressed weight in its dtype and in float64 (its layer scale), the pieces in flight, and the
-    tensors kept dense. The pool takes at most the budget, or with a ratio that share of the
+    pool (the plan holds one candidate's at a time), the largest compressed weight in its dtype
+    and in float64 (its layer scale), the pieces in flight, and the tensors kept dense. The pool takes at most the budget, or with a ratio that share of the
     weights at 4 bytes each."""
     files, model, _, chosen, keys, compressed = _prepare(Path(path), arch, options)
     return _needed(model, files, chosen, keys, compressed, options)
@@ -94,7 +93,7 @@ def _needed(model: nn.Module, files: SafetensorsFiles, chosen: list[str], keys: 
     pool = parse_bytes(options["budget"]) if options.get("budget") is not None else int(options["ratio"] * count * 4) + 1
     largest = max((w.numel() * (w.dtype.itemsize + 8) for w in weights), default=0)
     dense = sum(files.entries[key].numel * files.entries[key].dtype.itemsize for name, key in keys.items() if name not in compressed)
-    return 2 * pool + largest + 8 * PIECE * 8 + dense
+    return pool + largest + 8 * PIECE * 8 + dense
 
 
 def streams(source: str, arch: str | dict | None) -> bool:

@@ -17,6 +17,9 @@ from rpsconvert import convert, load
 from rpsconvert.cli import app
 from rpsconvert.cli.inputs import read_model
 from rpsconvert.engine import encoding, plan
+from rpsconvert.engine.mapping import RandomFold
+from rpsconvert.engine.operator import CompressedWeight, PoolOperator
+from rpsconvert.engine.report import slots_used
 from rpsconvert.errors import InputError
 from rpsconvert.format.architectures import normalize
 from rpsconvert.format.checkpoint import encode
@@ -81,7 +84,7 @@ def test_a_state_dict_file_with_its_architecture_streams(tmp_path):
 
 def test_converting_from_files_holds_less_than_the_model_and_never_more_than_the_bound(tmp_path):
     """Peak memory of a process converting a 117 MB fp32 model at 1/8 of its bytes, beyond what it
-    held before: the pool twice while the plan weighs candidates (2 x 14.6 MB), one weight in
+    held before: the pool (14.6 MB, one candidate's at a time while the plan weighs them), one weight in
     float64 (16 MB) and the pieces in flight (PIECE cut to 2**18 slots here), within memory_needed
     (what --max-memory is checked against). Loading the model alone would take 117 MB, and
     projecting it whole a float64 pool twice its size more."""
@@ -178,3 +181,11 @@ def test_the_command_refuses_a_run_above_max_memory_in_one_line_and_writes_nothi
     assert result.exit_code == 1
     assert result.output.count("\n") == 1 and "more than the 1.00 MB allowed" in result.output
     assert not (tmp_path / "out.rps.safetensors").exists()
+
+
+@pytest.mark.parametrize("slots", [37, 1000, 5000])
+def test_the_slots_a_weight_reads_are_counted_without_a_pool_sized_vector(slots):
+    for offset, numel in [(0, 50), (30, 170), (990, 1500), (77, 3000), (5, 20000)]:
+        operator = PoolOperator(RandomFold(), slots, 1)
+        weight = CompressedWeight("w", (numel,), torch.float32, offset, 1.0)
+        assert slots_used(operator, weight) == int((operator.counts([weight]) > 0).sum())

@@ -217,21 +217,19 @@ def choose(
     read: Reader,
     layout_for: Callable[[int], list[CompressedWeight]],
     dtype: torch.dtype,
-) -> tuple[Candidate, list[Candidate], dict[str, torch.Tensor]]:
-    """The candidate (storage, slots, file bytes) with the least weight error, all of them scored,
-    and the winner's stored pool (`encode_pool`), so that it is computed once.
+) -> tuple[Candidate, list[Candidate]]:
+    """The candidate (storage, slots, file bytes) with the least weight error, and all of them scored.
 
     `layout_for(slots)` gives the weights' layout (their scales depend on whether the pool is
-    lossless). Ties go to the earlier candidate. Only the best candidate's codes are kept while the
-    next is scored: the plan's memory is two pools as stored, not one per candidate.
+    lossless). Ties go to the earlier candidate. Each candidate's stored pool is dropped once it
+    is scored, so the plan holds one pool at a time: keeping the best one for the end would save
+    one pass over the weights and cost a second pool's memory (3.4 GB for a 7B model at 1/8).
     """
-    scored, best = [], None
+    scored = []
     for storage, slots, file_bytes in candidates:
         operator = PoolOperator(mapping, slots, seed)
         layout = layout_for(slots)
         stored = encode_pool(storage, operator, layout, read, dtype)
-        candidate = Candidate(storage, slots, file_bytes, weight_error(operator, layout, read, PackedPool(storage, stored, slots, dtype)))
-        scored.append(candidate)
-        if best is None or candidate.error < best[0].error:
-            best = (candidate, stored)
-    return best[0], scored, best[1]
+        scored.append(Candidate(storage, slots, file_bytes, weight_error(operator, layout, read, PackedPool(storage, stored, slots, dtype))))
+        del stored
+    return min(scored, key=lambda c: c.error), scored
