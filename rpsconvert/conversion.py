@@ -95,14 +95,14 @@ def _spend(
         slots_for_budget(budget, fixed[cheapest], cheapest.bytes, largest)
     candidates = []
     for storage in fitting:
-        count = min(slots_for_budget(budget, fixed[storage], storage.bytes, []), total)
+        count = min(slots_for_budget(budget, fixed[storage], storage.bytes, []), total, MAX_SLOTS - 1)  # the format's limit
         candidates.append((storage, count, fixed[storage] + storage.bytes(count)))
     lossless = [(s, n) for s, n, _ in candidates if n == total and not s.quantized and s.dtype == dtype]
     if lossless:
         return *lossless[0], []
     whole = [c for c in candidates if c[0].quantized and c[1] == total]
     candidates = [c for c in candidates if c not in whole]
-    if storages is None and isinstance(mapping, RandomFold):
+    if storages is None and isinstance(mapping, RandomFold) and total < MAX_SLOTS:
         # at ratio 1.0 each layer gets its own width and row-aligned blocks (plan.mixed), in place
         # of the integer pools of one width that hold every element
         operator = PoolOperator(mapping, total, seed)
@@ -273,6 +273,8 @@ def convert(
     )
     aliases = [tuple(n for n in found.aliases[name] if n != name) for name in chosen]
     *offsets, total = accumulate((p.numel() for p in weights), initial=0)
+    if ratio is not None and round(ratio * total) >= MAX_SLOTS:  # before any weight is read
+        raise ValueError(f"a pool of {round(ratio * total):,} slots exceeds the format's limit of 2**32: use a ratio below {(MAX_SLOTS - 1) / total:.3g}")
 
     def layouts(scales: list[float]) -> list[CompressedWeight]:
         return [
@@ -307,8 +309,6 @@ def convert(
         elif slots == total and not storage.quantized and storage.dtype == layout[0].dtype:
             notes.append(f"the budget {format_bytes(budget_bytes)} holds the whole model: converted at ratio 1.0 (lossless)")
             warnings.warn(notes[-1], RPSWarning, stacklevel=2)
-    if slots >= MAX_SLOTS:
-        raise ValueError(f"a pool of {slots:,} slots exceeds the format's limit of 2**32: use a smaller ratio")
 
     layout = layout_for(slots)
     operator = PoolOperator(mapping_impl, slots, seed)
