@@ -11,7 +11,6 @@ as converting the loaded model (tests/test_streaming.py).
 
 from __future__ import annotations
 
-import json
 import os
 from contextlib import contextmanager
 from pathlib import Path

@@ -28,7 +28,7 @@ from typer.core import TyperGroup
 
 import rpsconvert
 from rpsconvert.engine.budget import check_ratio, format_bytes, parse_bytes
-from rpsconvert.format.checkpoint import Checkpoint, checkpoint_file, decompress, encode, is_directory, read, save_directory, serialized
+from rpsconvert.format.checkpoint import Checkpoint, checkpoint_file, decompress, is_directory, read, save_directory, serialized
 from rpsconvert.format.serialized import Serialized
 from rpsconvert.streaming import available_memory, convert_files, original_weights, streams
 from rpsconvert.format import provenance

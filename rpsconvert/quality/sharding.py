@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from rpsconvert.engine.modules import find_pool, is_converted
-from rpsconvert.engine.pool import POOL_ATTR, POOL_PARAM
+from rpsconvert.engine.pool import POOL_PARAM
 from rpsconvert.quality.blocks import repeated_blocks
 
 STRATEGIES = ("ddp", "fsdp")
