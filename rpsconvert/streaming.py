@@ -131,7 +131,19 @@ def skeleton(path: Path, arch: str | dict | None, files: SafetensorsFiles) -> tu
 
 def _hugging_face(path: Path, files: SafetensorsFiles) -> tuple[nn.Module, dict]:
     """A Hugging Face model's skeleton, in the dtype `from_pretrained` would give it (config.json's
-    dtype, else the checkpoint's), from a class of transformers itself (no remote code)."""
+    dtype, else the checkpoint's)."""
+    cls, config = hugging_face_class(path)
+    if cls.__name__ == "AutoModel":  # a config that names no class: the base model of its type
+        cls = cls._model_mapping[type(config)]
+    dtype = getattr(config, "dtype", None) or next((e.dtype for e in files.entries.values() if e.dtype.is_floating_point), torch.float32)
+    with _parameters_on_meta():
+        model = cls._from_config(config, dtype=dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype)))
+    return model, identify(model)
+
+
+def hugging_face_class(path: Path) -> tuple[type, object]:
+    """The transformers class a Hugging Face directory's config.json names (AutoModel when it names
+    none) and its config, from transformers itself: rpsconvert never runs a model's own code."""
     if not (path / CONFIG_FILE).is_file():
         raise InputError(f"{path} is a directory without config.json: a Hugging Face model directory has config.json and model.safetensors")
     try:
@@ -144,14 +156,9 @@ def _hugging_face(path: Path, files: SafetensorsFiles) -> tuple[nn.Module, dict]
         raise InputError(f"cannot read {path / CONFIG_FILE} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     name = (config.architectures or ["AutoModel"])[0]
     cls = getattr(transformers, name, None)
-    if name == "AutoModel":
-        cls = transformers.AutoModel._model_mapping[type(config)]
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+    if not (isinstance(cls, type) and (issubclass(cls, transformers.PreTrainedModel) or name == "AutoModel")):
         raise InputError(f"{path}: transformers has no model class {name!r} (rpsconvert never runs a model's own code)")
-    dtype = getattr(config, "dtype", None) or next((e.dtype for e in files.entries.values() if e.dtype.is_floating_point), torch.float32)
-    with _parameters_on_meta():
-        model = cls._from_config(config, dtype=dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype)))
-    return model, identify(model)
+    return cls, config
 
 
 @contextmanager

@@ -22,6 +22,7 @@ from torch import nn
 
 from rpsconvert.errors import ArchitectureError, InputError
 from rpsconvert.format.architectures import build, identify, matches, normalize
+from rpsconvert.streaming import hugging_face_class
 from rpsconvert.quality.batches import MAX_TOKENS, TEXT_SUFFIXES, Batch, load_calibration
 
 # Modules whose nn.Module and Enum classes may be unpickled: their constructors and __setstate__
@@ -176,20 +177,7 @@ def _pretrained(architecture: str, name: str) -> ModelInput:
 
 def _hugging_face(path: Path) -> ModelInput:
     """A local Hugging Face model: config.json and model.safetensors (no pickle, no remote code)."""
-    if not (path / "config.json").is_file():
-        raise InputError(f"{path} is a directory without config.json: a Hugging Face model directory has config.json and model.safetensors")
-    try:
-        import transformers
-    except ImportError:
-        raise InputError(f"{path} is a Hugging Face model: pip install transformers to read it") from None
-    try:
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    except Exception as exc:  # transformers raises many types for a bad config
-        raise InputError(f"cannot read {path / 'config.json'} ({_first_line(exc)})") from None
-    name = (config.architectures or ["AutoModel"])[0]
-    cls = getattr(transformers, name, None)
-    if not (isinstance(cls, type) and (issubclass(cls, transformers.PreTrainedModel) or name == "AutoModel")):
-        raise InputError(f"{path}: transformers has no model class {name!r} (rpsconvert never runs a model's own code)")
+    cls, _ = hugging_face_class(path)
     try:
         model = cls.from_pretrained(path, local_files_only=True, use_safetensors=True)
     except Exception as exc:
