@@ -19,29 +19,14 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 import torch.nn.functional as F
 from torch import nn
 
-sys.path[:0] = [str(Path(__file__).resolve().parent.parent)]
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 
 from rpsconvert import convert  # noqa: E402
 from rpsconvert.quality.recovery import recover  # noqa: E402
+from interrupted import Interrupted  # noqa: E402
 
 STEPS = 10
 INTERRUPT_AFTER = 9  # batches: lr="auto"'s trials train on 3, then the run's skip of those 3 and 3 more steps
-
-
-class Interrupted(list):
-    """The training batches, with a Ctrl-C after `after` of them, on every process: a job killed
-    in the middle (as tests/test_resume.py's)."""
-
-    def __init__(self, data, after):
-        super().__init__(data)
-        self.left = after
-
-    def __iter__(self):
-        for batch in super().__iter__():
-            if self.left == 0:
-                raise KeyboardInterrupt
-            self.left -= 1
-            yield batch
 
 
 class Block(nn.Module):

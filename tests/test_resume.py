@@ -13,26 +13,12 @@ import torch
 from typer.testing import CliRunner
 
 from digits import batches, digits_data, trained_mlp
+from interrupted import Interrupted
 from rpsconvert import convert, load, recover
 from rpsconvert.cli import app
 from rpsconvert.quality.resume import Checkpointer, parse_interval
 
 STEPS = 12
-
-
-class Interrupted(list):
-    """The training batches, with a Ctrl-C after `after` of them: a run killed in the middle."""
-
-    def __init__(self, data, after):
-        super().__init__(data)
-        self.left = after
-
-    def __iter__(self):
-        for batch in super().__iter__():
-            if self.left == 0:
-                raise KeyboardInterrupt
-            self.left -= 1
-            yield batch
 
 
 def _recover(data, **kwargs):
