@@ -63,14 +63,14 @@ def project_range(operator: PoolOperator, layout: Sequence[CompressedWeight], re
     to slice (PoolOperator._folded) scatter whole weights into a pool-sized vector.
     """
     device = _device(layout, read)
-    numerator = torch.zeros(hi - lo, dtype=torch.float64, device=device)
-    denominator = torch.zeros(hi - lo, dtype=torch.float64, device=device)
     if not (operator._folded() and len(layout)):
         whole = torch.zeros(operator.slots, dtype=torch.float64, device=device)
         for weight in layout:
             operator.adjoint(weight, read(weight, 0, weight.numel).double(), out=whole)
         numerator, denominator = whole[lo:hi], operator.diagonal(layout, device)[lo:hi]
     else:
+        numerator = torch.zeros(hi - lo, dtype=torch.float64, device=device)
+        denominator = torch.zeros(hi - lo, dtype=torch.float64, device=device)
         for index, start, stop, slot in operator.landing(layout, lo, hi):
             weight = layout[index]
             values = read(weight, start, stop).double()
