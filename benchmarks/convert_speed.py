@@ -38,7 +38,7 @@ def run_case(kind: str) -> dict:
 
     from rpsconvert import convert
 
-    conv = importlib.import_module("rpsconvert.engine.convert")  # the module, not the function of that name
+    conv = importlib.import_module("rpsconvert.conversion")  # the module, not the function of that name
     from rpsconvert.engine.discovery import discover
 
     torch.manual_seed(0)
@@ -49,8 +49,8 @@ def run_case(kind: str) -> dict:
     discover(model)
     t_discovery = time.perf_counter() - t0
 
-    spent = {"projection": 0.0}
-    original_project = conv.project
+    spent = {"projection": 0.0}  # the final pool: projected, rounded and packed a piece at a time (encode_pool)
+    original_project = conv.encode_pool
 
     def timed_project(*args, **kwargs):
         start = time.perf_counter()
@@ -59,7 +59,7 @@ def run_case(kind: str) -> dict:
         finally:
             spent["projection"] += time.perf_counter() - start
 
-    conv.project = timed_project
+    conv.encode_pool = timed_project
     t0 = time.perf_counter()
     converted = convert(model, ratio=0.01) if kind == "ratio 0.01" else convert(model, budget="1MB")
     t_total = time.perf_counter() - t0
