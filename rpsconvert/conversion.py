@@ -27,8 +27,9 @@ from rpsconvert.engine.projection import Reader, in_memory, layer_scales, powers
 from rpsconvert.engine.storage import MixedStorage, PoolStorage, dtype_name
 from rpsconvert.errors import RPSWarning
 from rpsconvert.format import provenance as format_provenance
-from rpsconvert.format.manifest import module_versions
-from rpsconvert.format.sizing import header_bound, stored_bytes
+from rpsconvert.format.manifest import POOL_TENSOR, module_versions
+from rpsconvert.format.shards import reserve
+from rpsconvert.format.sizing import dedupe, header_bound, stored_bytes
 from rpsconvert.quality.calibration import calibrate
 
 
@@ -178,6 +179,7 @@ def convert(
     calibration: Iterable | None = None,
     provenance: dict | None = None,
     weights_from: Reader | None = None,
+    shard_size: str | int | None = None,
 ) -> nn.Module:
     """Return `model` with its weights generated from one shared pool (STABLE-RPS).
 
@@ -224,6 +226,9 @@ def convert(
             the model's own tensors). The streaming conversion of a model larger than memory
             (rpsconvert/streaming.py) passes its files, with the model's compressed weights on the
             meta device; every number is computed as from memory, so the file is the same.
+        shard_size: a model directory saved from the result is cut into shards of at most this
+            size ("5GB"; `save`'s `max_shard_size` by default), and a `budget` counts the shards'
+            headers and their index too (the single file then stays within it as well).
 
     Returns:
         The converted model (`model` itself with `inplace`). `report(model)` says what was done.
@@ -242,6 +247,7 @@ def convert(
     if ratio is not None:
         check_ratio(ratio)
     budget_bytes = parse_bytes(budget) if budget is not None else None
+    shard_bytes = parse_bytes(shard_size) if shard_size is not None else None
     mapping_impl = get_mapping(mapping)
     check_seed(seed)
     if is_converted(model):
@@ -301,7 +307,10 @@ def convert(
         def fixed_bytes(storage) -> int:  # the file's bytes outside the pool (the header depends on the storage)
             probe = RPSPool(torch.zeros(1, dtype=layout[0].dtype), mapping_impl, seed, layout, grad_scaling=False, storage=storage)
             probe.info.update(architecture=architecture, discovery=found.method, provenance=room)
-            return header_bound(probe, dense, budget_bytes, module_versions(state)) + stored_bytes(dense)
+            fixed = header_bound(probe, dense, budget_bytes, module_versions(state)) + stored_bytes(dense)
+            if shard_bytes is not None and budget_bytes > shard_bytes:  # the result may be cut into shards
+                fixed += reserve([*dedupe(dense)[0], *(POOL_TENSOR + suffix for suffix, _, _ in storage.tensors(1))])
+            return fixed
 
         storage, slots, scored = _spend(budget_bytes, fixed_bytes, storages, dense, read, layout_for, mapping_impl, seed)
         if len(scored) > 1:
@@ -315,6 +324,7 @@ def convert(
     pool = RPSPool.from_stored(encode_pool(storage, operator, layout, read, layout[0].dtype), storage, slots, layout[0].dtype, mapping_impl, seed, layout)
     result = model if inplace else _copy_without(model, weights)
     pool.info.update(
+        shard_size=shard_bytes,
         discovery=found.method,
         fallback_reason=found.fallback_reason,
         dense_reasons=reasons,

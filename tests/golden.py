@@ -16,8 +16,9 @@ from torch import nn
 from rpsconvert import RoastTile
 
 DATA = Path(__file__).parent / "data"
-# name -> (mapping, pool storage: a float dtype or bits, ratio): every mapping and pool dtype of
-# format v1, a mapping parameter of v2, every quantized width of v3, widths that straddle bytes in v4
+# name -> (mapping, pool storage: a float dtype or bits, ratio[, shard size]): every mapping and
+# pool dtype of format v1, a mapping parameter of v2, every quantized width of v3, widths that
+# straddle bytes in v4, and a model directory cut into shards (docs/format.md, "Sharded checkpoints")
 GOLDEN = {
     "golden-v1-randomfold-fp32": ("randomfold", torch.float32, 0.3),
     "golden-v1-hashednet-fp16": ("hashednet", torch.float16, 0.5),
@@ -28,7 +29,13 @@ GOLDEN = {
     "golden-v3-randomfold-int2": ("randomfold", 2, 1.0),
     "golden-v4-randomfold-int5": ("randomfold", 5, 0.7),
     "golden-v4-hashednet-int3": ("hashednet", 3, 1.0),
+    "golden-sharded-v3-randomfold-int4": ("randomfold", 4, 0.5, 1500),
 }
+
+
+def checkpoint(name: str) -> Path:
+    """Where golden checkpoint `name` is: a file, or for a sharded one its model directory."""
+    return DATA / (f"{name}.rps" if len(GOLDEN[name]) == 4 else f"{name}.rps.safetensors")
 
 
 class GoldenNet(nn.Module):
@@ -74,12 +81,12 @@ def write() -> None:
 
     DATA.mkdir(exist_ok=True)
     tokens = torch.randint(0, 60, (2, 5), generator=torch.Generator().manual_seed(1))
-    for name, (mapping, storage, ratio) in GOLDEN.items():
-        if (DATA / f"{name}.rps.safetensors").exists():
+    for name, (mapping, storage, ratio, *shard_size) in GOLDEN.items():
+        if checkpoint(name).exists():
             continue  # a shipped golden file is never rewritten
         bits, dtype = (storage, None) if isinstance(storage, int) else (None, storage)
         converted = convert(trained_like(), ratio, mapping=mapping, dtype=dtype, bits=bits, seed=1234)
-        path = save(converted, DATA / f"{name}.rps.safetensors")
+        path = save(converted, f"{checkpoint(name)}/" if shard_size else checkpoint(name), max_shard_size=shard_size[0] if shard_size else None)
         with torch.no_grad():
             output = converted(tokens)
         state = {f"state.{k}": v.clone() for k, v in decompress(path).items()}

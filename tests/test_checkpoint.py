@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from golden import DATA, GOLDEN, GoldenNet
+from golden import DATA, GOLDEN, GoldenNet, checkpoint
 from models import TiedLM
 from rpsconvert import BudgetError, CheckpointError, convert, decompress, load, materialize, parse_bytes, save
 from rpsconvert.format.files import write_atomic
@@ -336,8 +336,8 @@ def test_a_filesystem_without_hard_links_still_gets_the_file(tmp_path, monkeypat
 @pytest.mark.parametrize("name", GOLDEN)
 def test_a_golden_checkpoint_still_loads_to_the_same_outputs_and_weights(name):
     expected = safetensors.torch.load_file(DATA / f"{name}.expected.safetensors")
-    model = load(DATA / f"{name}.rps.safetensors", model=GoldenNet()).eval()
-    dense = decompress(DATA / f"{name}.rps.safetensors")
+    model = load(checkpoint(name), model=GoldenNet()).eval()
+    dense = decompress(checkpoint(name))
     assert sorted(dense) == sorted(k.removeprefix("state.") for k in expected if k.startswith("state."))
     assert all(torch.equal(dense[k], expected[f"state.{k}"]) for k in dense)  # bit for bit, on every machine
     # The weights are integer hashing and exact float scaling: bit for bit on every machine (above).

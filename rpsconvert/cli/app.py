@@ -28,7 +28,7 @@ from typer.core import TyperGroup
 
 import rpsconvert
 from rpsconvert.engine.budget import check_ratio, format_bytes, parse_bytes
-from rpsconvert.format.checkpoint import Checkpoint, checkpoint_file, decompress, is_directory, read, save_directory, serialized
+from rpsconvert.format.checkpoint import Checkpoint, checkpoint_bytes, checkpoint_file, decompress, is_directory, read, save_directory, serialized
 from rpsconvert.format.serialized import Serialized
 from rpsconvert.streaming import available_memory, convert_files, original_weights, streams
 from rpsconvert.format import provenance
@@ -197,6 +197,7 @@ def convert_command(
     atol: Atol = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Convert and report, with the plan per tensor, but write nothing.")] = False,
     max_memory: Annotated[Optional[str], typer.Option("--max-memory", metavar="SIZE", help="Refuse to start a conversion from safetensors files (a Hugging Face directory, or a .safetensors file with --arch, read a piece at a time) that would need more memory than SIZE. Default: 90% of the memory available now.", show_default=False)] = None,
+    shard_size: Annotated[str, typer.Option("--shard-size", metavar="SIZE", help="A model directory's checkpoint larger than SIZE is written as shards of at most SIZE and their index, model.rps.safetensors.index.json (a --budget counts them all).")] = "5GB",
     json_output: JsonOutput = False,
     force: Force = False,
     quiet: Quiet = False,
@@ -251,6 +252,7 @@ def convert_command(
             options = dict(
                 ratio=ratio, budget=budget, mapping=mapping, seed=seed, include=include or None, exclude=exclude or None,
                 min_numel=min_numel, dtype=_POOL_DTYPES.get(dtype), bits=bits, provenance=made_by,
+                shard_size=parse_bytes(shard_size) if as_directory else None,
             )
             with stage("convert", "converting", own_bar=calibration is not None):
                 if stream:
@@ -288,6 +290,7 @@ def convert_command(
             with stage("write", "writing" if not dry_run else "dry run: writing nothing"):
                 data = serialized(converted)
                 written = None if dry_run else _write(converted, data, output, as_directory, model, force)
+                file_bytes = checkpoint_bytes(written) if written else len(data)
                 if written and recover_steps:
                     discard(state_file)  # the result is written: nothing is left to resume
             if verify:
@@ -296,8 +299,9 @@ def convert_command(
                 _record(converted, "fidelity", provenance.fidelity("file", {**asdict(checked.fidelity), "max_abs_error": checked.max_abs_error}))
                 if gated:
                     _record(converted, "gate", provenance.gate(not checked.failures(max_drop, atol), max_drop, atol))
-                data = serialized(converted)  # the same tensors, the figures recorded in the room kept for them
-                write_atomic(written, data, overwrite=True)
+                # the same tensors, the figures recorded in the room kept for them
+                written = _write(converted, serialized(converted), output, as_directory, model, True)
+                file_bytes = checkpoint_bytes(written)
         if not quiet:
             for w in caught:
                 if issubclass(w.category, RPSWarning):
@@ -315,18 +319,18 @@ def convert_command(
                             f"recorded: load the output with rpsconvert.load(path, model=YourModel())", err=True)
         if json_output:
             typer.echo(json.dumps({
-                "input": model, "output": str(written) if written else None, "file_bytes": len(data),
+                "input": model, "output": str(written) if written else None, "file_bytes": file_bytes,
                 "budget_bytes": budget_bytes, "architecture": converted.rps.info.get("architecture"), "seconds": stage.seconds,
                 "report": rep.to_dict(),
                 "quality": {k: asdict(v) if isinstance(v, Fidelity) else v for k, v in quality.items()},
                 **({"verification": checked.to_dict()} if verify else {}),
             }))
         elif not quiet:
-            _stdout.print(_conversion_table(rep, model, written, len(data), sum(stage.seconds.values())))
+            _stdout.print(_conversion_table(rep, model, written, file_bytes, sum(stage.seconds.values())))
             if dry_run:
                 _stdout.print(plan_table(rep, _stdout.width))
             if budget_bytes is not None:  # the budget as read: 1MB and 1MiB differ by 5 %
-                _stdout.print(f"budget {budget} = {budget_bytes:,} bytes; the file takes {len(data):,}")
+                _stdout.print(f"budget {budget} = {budget_bytes:,} bytes; the {'checkpoint' if as_directory else 'file'} takes {file_bytes:,}")
             if heldout:
                 _stdout.print(_quality_table(quality, model))
             if recover_steps:
@@ -353,7 +357,7 @@ def verify_command(
 ) -> None:
     """Compare a checkpoint, loaded afresh, with its original: errors, cosine, top-1 agreement, size."""
     with _reported(debug):
-        file = checkpoint_file(file)  # a model directory's own checkpoint: its size is the file's
+        file = checkpoint_file(file)  # a model directory's own checkpoint (its shard index when sharded)
         given = read_calibration(data, against, holdout=0)[0] if data else None
         original = read_model(against, arch=arch, trust_pickle=trust_pickle)
         inputs, checked_on, note = check_inputs(original.model, original.architecture, given)
@@ -362,7 +366,7 @@ def verify_command(
         checked = verify_file(file, original.model, inputs)
         failures = checked.failures(max_drop, atol)
         if json_output:
-            typer.echo(json.dumps({"file": str(file), "file_bytes": file.stat().st_size, "inputs": checked_on, **checked.to_dict(), "failures": failures}))
+            typer.echo(json.dumps({"file": str(file), "file_bytes": checkpoint_bytes(file), "inputs": checked_on, **checked.to_dict(), "failures": failures}))
         else:
             _stdout.print(verification_table(checked, file, against, checked_on, None))
     if failures:
@@ -512,11 +516,11 @@ def info(
 ) -> None:
     """Show a checkpoint's metadata and its per-layer table (after checking its sha256)."""
     with _reported(debug):
-        file = checkpoint_file(file)  # a model directory's own checkpoint: its size is the file's
+        file = checkpoint_file(file)  # a model directory's own checkpoint (its shard index when sharded)
         ckpt = read(file)
         if json_output:
             dense = {name: {"shape": list(t.shape), "dtype": dtype_name(t.dtype)} for name, t in ckpt.tensors.items()}
-            typer.echo(json.dumps({"file": str(file), "file_bytes": file.stat().st_size, "manifest": ckpt.manifest, "dense": dense}))
+            typer.echo(json.dumps({"file": str(file), "file_bytes": checkpoint_bytes(file), "manifest": ckpt.manifest, "dense": dense}))
         else:
             _stdout.print(_metadata_table(ckpt, file))
             _stdout.print(_layer_table(ckpt))
@@ -525,7 +529,7 @@ def info(
 def _metadata_table(ckpt: Checkpoint, file: Path) -> Table:
     manifest, pool = ckpt.manifest, ckpt.pool
     elements = sum(w.numel for w in pool.weights.values())
-    size = file.stat().st_size
+    size = checkpoint_bytes(file)
     table = Table(title=str(file), title_justify="left", show_header=False)
     table.add_column()
     table.add_column(overflow="fold")  # a sha256 is shown whole, over two lines if it must
@@ -655,6 +659,6 @@ def export_command(
         except ImportError:
             error = None
         if not quiet:
-            sizes = f"{format_bytes(output.stat().st_size)} (the checkpoint {format_bytes(file.stat().st_size)}, dense {format_bytes(read(file).manifest['original_bytes'])})"
+            sizes = f"{format_bytes(output.stat().st_size)} (the checkpoint {format_bytes(checkpoint_bytes(file))}, dense {format_bytes(read(file).manifest['original_bytes'])})"
             checked = "not checked: onnxruntime is not installed" if error is None else f"onnxruntime's outputs within {error:.3g} of PyTorch's"
             typer.echo(f"wrote {output}: {sizes}; {checked}")

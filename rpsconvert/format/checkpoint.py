@@ -6,7 +6,8 @@ regenerated, and a sha256 over that manifest and the tensors. Nothing is unpickl
 file is written completely or not at all.
 
 A converted Hugging Face model can also be written as a model directory, the layout its users
-expect: `model.rps.safetensors`, `config.json` and the tokenizer files, written all at once too.
+expect: `model.rps.safetensors` (or, beyond a shard size, shards and their index: format/shards.py),
+`config.json` and the tokenizer files, written all at once too.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import safetensors
 import torch
 from torch import nn
 
+from rpsconvert.engine.budget import parse_bytes
 from rpsconvert.engine.modules import find_pool, install, is_converted, set_mode
 from rpsconvert.engine.pool import RPSPool, check_mode
 from rpsconvert.errors import ArchitectureError, CheckpointError
@@ -34,6 +36,7 @@ from rpsconvert.format.manifest import (
     DIGEST_KEY, FORMAT_VERSION, MANIFEST_KEY, POOL_TENSOR, digest, manifest_json, module_versions, parse, state_metadata,
 )
 from rpsconvert.format.serialized import Serialized, serialize
+from rpsconvert.format.shards import INDEX_FILE, SHARD_KEY, is_shard, shard_files, split
 from rpsconvert.format.sizing import dedupe
 
 
@@ -61,17 +64,23 @@ def encode(model: nn.Module) -> bytes:
 def serialized(model: nn.Module) -> Serialized:
     """A converted model's checkpoint file as its header and tensors (format/serialized.py): what
     `save` writes without first joining the bytes in memory."""
+    return serialize(*_contents(model))
+
+
+def _contents(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors a converted model's checkpoint stores and its metadata (manifest and digest)."""
     pool = find_pool(model)
     state = model.state_dict()
     held = pool.tensors  # the pool as the model holds it: written as the file stores it instead
     tensors, aliases = dedupe({name: t for name, t in state.items() if name not in held})
     tensors.update({POOL_TENSOR + suffix: t for suffix, t in pool.stored().items()})
     manifest = manifest_json(pool, aliases, pool.info.get("original_bytes", 0), module_versions(state))
-    return serialize(tensors, _metadata(manifest, tensors))
+    return tensors, _metadata(manifest, tensors)
 
 
 def save(
-    model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False, tokenizer_from: str | os.PathLike | None = None
+    model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False, tokenizer_from: str | os.PathLike | None = None,
+    max_shard_size: str | int | None = None,
 ) -> Path:
     """Write a converted model as a .rps.safetensors checkpoint, or as a model directory.
 
@@ -87,22 +96,27 @@ def save(
             (a string: pathlib drops a trailing slash).
         overwrite: replace an existing file or model directory (otherwise OutputExistsError).
         tokenizer_from: a Hugging Face model directory whose tokenizer files the model directory gets.
+        max_shard_size: a model directory's checkpoint larger than this ("5GB" or bytes) is written
+            as shards of at most this size and their index (docs/format.md, "Sharded checkpoints").
+            Default: the `shard_size` the model was converted with (its budget counts the shards),
+            else one file.
 
     Returns:
         The path written.
 
     Raises:
         OutputExistsError: `path` exists and `overwrite` is False, or is a directory of other files.
-        ValueError: `model` is not converted, or `tokenizer_from` is given for a file.
+        ValueError: `model` is not converted, or `tokenizer_from` or `max_shard_size` is given for a file.
 
     Example:
         >>> save(convert(model, budget="1MB"), "model.rps.safetensors")
         >>> save(convert(bert, ratio=0.1), "bert-rps/", tokenizer_from="bert")  # then from_pretrained("bert-rps")
     """
     if is_directory(path):
-        return save_directory(model, path, overwrite=overwrite, tokenizer_from=tokenizer_from)
-    if tokenizer_from is not None:
-        raise ValueError(f"tokenizer files go into a model directory: end the path with '/' ({os.fspath(path)}/)")
+        return save_directory(model, path, overwrite=overwrite, tokenizer_from=tokenizer_from, max_shard_size=max_shard_size)
+    if tokenizer_from is not None or max_shard_size is not None:
+        what = "tokenizer files go" if tokenizer_from is not None else "shards go"
+        raise ValueError(f"{what} into a model directory: end the path with '/' ({os.fspath(path)}/)")
     return write_atomic(path, serialized(model), overwrite=overwrite)
 
 
@@ -114,34 +128,51 @@ def is_directory(path: str | os.PathLike) -> bool:
 
 
 def save_directory(
-    model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False, tokenizer_from: str | os.PathLike | None = None
+    model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False, tokenizer_from: str | os.PathLike | None = None,
+    max_shard_size: str | int | None = None,
 ) -> Path:
     """Write a converted model as a model directory, all its files at once (files.py
-    `write_directory_atomic`): `model.rps.safetensors`; for a Hugging Face model a `config.json`
-    that transformers' `from_pretrained` loads through rpsconvert's quantizer
-    (format/transformers_loading.py); the model card `README.md`; and the tokenizer and generation
-    files found in `tokenizer_from`. Returns the directory."""
-    data = serialized(model)
-    manifest = _manifest_of(data.header)
-    files = {CHECKPOINT_FILE: data}
-    config = _config_json(model, manifest)
+    `write_directory_atomic`): `model.rps.safetensors`, or its shards and index beyond
+    `max_shard_size` (see `save`); for a Hugging Face model a `config.json` that transformers'
+    `from_pretrained` loads through rpsconvert's quantizer (format/transformers_loading.py); the
+    model card `README.md`; and the tokenizer and generation files found in `tokenizer_from`.
+    Returns the directory."""
+    files = checkpoint_files(model, max_shard_size)
+    name = INDEX_FILE if INDEX_FILE in files else CHECKPOINT_FILE
+    manifest = _manifest_of(files.get(CHECKPOINT_FILE) or next(iter(files.values())))
+    config = _config_json(model, manifest, name)
     if config is not None:
         files[CONFIG_FILE] = json.dumps(config, indent=2, sort_keys=True).encode() + b"\n"
-    files[CARD_FILE] = model_card(manifest, len(data), config).encode()
+    files[CARD_FILE] = model_card(manifest, sum(map(len, files.values())), config).encode()
     if tokenizer_from is not None:
         source = Path(tokenizer_from)
         files.update({name: (source / name).read_bytes() for name in SOURCE_FILES if (source / name).is_file()})
-    replaceable = (CHECKPOINT_FILE, CONFIG_FILE, CARD_FILE, *SOURCE_FILES)
+    old_shards = [entry.name for entry in Path(path).iterdir() if is_shard(entry.name)] if Path(path).is_dir() else []
+    replaceable = (CHECKPOINT_FILE, INDEX_FILE, *old_shards, CONFIG_FILE, CARD_FILE, *SOURCE_FILES)
     return write_directory_atomic(path, files, overwrite=overwrite, replaceable=replaceable)
 
 
-def _manifest_of(data: bytes) -> dict:
-    """The manifest in a checkpoint's bytes (`encode`, or a Serialized header), read from its safetensors header."""
+def checkpoint_files(model: nn.Module, max_shard_size: str | int | None = None) -> dict[str, bytes | Serialized]:
+    """A converted model's checkpoint as the files of a model directory: `model.rps.safetensors`,
+    or, when that would exceed `max_shard_size` (default: the `shard_size` it was converted with),
+    its shards and index (format/shards.py). Their bytes add up to what the budget counted."""
+    tensors, metadata = _contents(model)
+    single = serialize(tensors, metadata)
+    limit = max_shard_size if max_shard_size is not None else find_pool(model).info.get("shard_size")
+    limit = parse_bytes(limit) if limit is not None else None
+    if limit is None or len(single) <= limit:
+        return {CHECKPOINT_FILE: single}
+    return split(tensors, metadata, limit)
+
+
+def _manifest_of(data: bytes | Serialized) -> dict:
+    """The manifest in a checkpoint's bytes (`encode`, a Serialized file or its first shard), read from its safetensors header."""
+    data = data.header if isinstance(data, Serialized) else data
     header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
     return json.loads(header["__metadata__"][MANIFEST_KEY])
 
 
-def _config_json(model: nn.Module, manifest: dict) -> dict | None:
+def _config_json(model: nn.Module, manifest: dict, checkpoint: str) -> dict | None:
     """A Hugging Face model's config.json naming its class in `architectures`, as `save_pretrained`
     writes it, so that transformers' tools read the directory; in full, since defaults change between
     transformers versions. Its `quantization_config` and `transformers_weights` make
@@ -157,15 +188,27 @@ def _config_json(model: nn.Module, manifest: dict) -> dict | None:
     written = json.loads(config.to_json_string(use_diff=False))
     # transformers builds the model in this dtype; unset, it takes the checkpoint's first float tensor's (a block scale's float16)
     written["dtype"] = written.get("dtype") or manifest["weights"][0]["dtype"]
-    written["quantization_config"] = quantization_config(manifest, CHECKPOINT_FILE)
+    written["quantization_config"] = quantization_config(manifest, checkpoint)
     written["transformers_weights"] = NEEDS_RPSCONVERT
     return written
 
 
 def checkpoint_file(path: str | os.PathLike) -> Path:
-    """The checkpoint `path` names: itself, or the `model.rps.safetensors` of a model directory."""
+    """The checkpoint `path` names: itself, or the `model.rps.safetensors` of a model directory, or
+    the shard index of a sharded one (format/shards.py)."""
     path = Path(path)
-    return path / CHECKPOINT_FILE if path.is_dir() else path
+    if not path.is_dir():
+        return path
+    return path / INDEX_FILE if (path / INDEX_FILE).is_file() and not (path / CHECKPOINT_FILE).is_file() else path / CHECKPOINT_FILE
+
+
+def checkpoint_bytes(path: str | os.PathLike) -> int:
+    """The bytes of the checkpoint `path` names (`checkpoint_file`): a sharded one's shards and
+    index together, which is what its budget counted."""
+    file = checkpoint_file(path)
+    if file.name != INDEX_FILE:
+        return file.stat().st_size
+    return file.stat().st_size + sum(shard.stat().st_size for shard in shard_files(file.parent)[0])
 
 
 @dataclass
@@ -183,18 +226,17 @@ class Checkpoint:
 
 
 def read(path: str | os.PathLike) -> Checkpoint:
-    """Read and verify a checkpoint (a file, or a model directory's): a corrupt, truncated or
-    foreign file is a CheckpointError."""
+    """Read and verify a checkpoint (a file, or a model directory's, sharded or not): a corrupt,
+    truncated or foreign file, or a lone shard, is a CheckpointError."""
     path = checkpoint_file(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
-    try:
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except Exception as exc:  # safetensors raises its own error types for every kind of bad file
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"{path} is not a readable safetensors file ({reason}): it is truncated, corrupt or not a checkpoint") from None
+    if path.name == INDEX_FILE:
+        metadata, tensors = _read_shards(path.parent)
+    else:
+        metadata, tensors = _read_file(path)
+        if SHARD_KEY in metadata:
+            raise CheckpointError(f"{path} is one shard of a sharded checkpoint: read its directory, which holds {metadata[SHARD_KEY]} and every shard")
     if MANIFEST_KEY not in metadata:
         raise CheckpointError(f"{path} is a safetensors file but not an rpsconvert checkpoint (no '{MANIFEST_KEY}' metadata)")
     text = metadata[MANIFEST_KEY]
@@ -211,6 +253,39 @@ def read(path: str | os.PathLike) -> Checkpoint:
         return Checkpoint(manifest, tensors, parse(manifest, tensors))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"{path}: invalid rpsconvert metadata ({exc})") from None
+
+
+def _read_file(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """A safetensors file's metadata and tensors."""
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}, {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for every kind of bad file
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path} is not a readable safetensors file ({reason}): it is truncated, corrupt or not a checkpoint") from None
+
+
+def _read_shards(directory: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """A sharded checkpoint's metadata (its first shard's) and the tensors of all its shards, each
+    where the index says it is (the digest then covers them all, as for one file)."""
+    files, weight_map = shard_files(directory)
+    metadata, tensors = {}, {}
+    for file in files:
+        meta, found = _read_file(file)
+        if MANIFEST_KEY in meta:
+            if metadata:
+                raise CheckpointError(f"{directory}: two shards hold a manifest; the checkpoint is corrupt")
+            metadata = meta
+        tensors.update(found)
+        misplaced = [name for name in found if weight_map.get(name) != file.name]
+        if misplaced:
+            raise CheckpointError(f"{file} holds {misplaced[0]}, which {INDEX_FILE} places elsewhere: the checkpoint is corrupt")
+    if not metadata:
+        raise CheckpointError(f"{directory}: no shard of {INDEX_FILE} holds the manifest: the checkpoint is corrupt")
+    lost = sorted(weight_map.keys() - tensors.keys())
+    if lost:
+        raise CheckpointError(f"{directory}: {lost[0]} is in {INDEX_FILE} but in no shard: the checkpoint is corrupt")
+    return metadata, tensors
 
 
 def _check_skeleton(model: nn.Module, ckpt: Checkpoint, path: Path, strict: bool) -> None:
@@ -276,6 +351,7 @@ def load(
     """
     check_mode(mode)
     path = Path(path)
+    path = path.parent if path.name == INDEX_FILE else path  # a sharded checkpoint is its directory
     ckpt = read(path)
     if model is None:
         model = _rebuild(ckpt.manifest.get("architecture"), path)

@@ -45,7 +45,7 @@ class Serialized:
 
 def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Serialized:
     """`tensors` (name -> tensor, none sharing memory) and string `metadata` as a safetensors file."""
-    order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
+    order = data_order(tensors)
     entries, offset = {}, 0
     for name in order:
         size = tensors[name].numel() * tensors[name].element_size()
@@ -55,3 +55,9 @@ def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Ser
     text += b" " * (-len(text) % 8)
     data = tuple(tensors[name].detach().contiguous().cpu() for name in order)
     return Serialized(len(text).to_bytes(8, "little") + text, data)
+
+
+def data_order(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The names of `tensors` in the order their data is written: widest dtype first, then by
+    name, as safetensors orders them (so a file written here is byte for byte safetensors' own)."""
+    return sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))

@@ -105,7 +105,7 @@ def _classes() -> tuple[type, type]:
             return config
 
         def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-            self.checkpoint = checkpoint_files[0]
+            self.checkpoint = Path(checkpoint_files[0]).parent  # its directory: a checkpoint may be sharded
             # the compressed weights are not in the file, the pool is not a model tensor yet
             model._keys_to_ignore_on_load_missing = {*(model._keys_to_ignore_on_load_missing or ()),
                                                     *(rf"^{name}$" for name in self.quantization_config.weights)}
