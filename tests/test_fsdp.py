@@ -96,6 +96,32 @@ def test_a_resumed_sharded_recovery_ends_exactly_where_an_uninterrupted_one_does
     assert {f"{folder}/.metadata", f"{folder}/state.pt"} <= set(run["files"])
 
 
+@pytest.mark.slow
+def test_a_teacher_read_from_its_files_into_its_shards_gives_the_eager_teachers_run(tmp_path):
+    """The teacher given to recover(strategy="fsdp") as its safetensors files (the Stack as a
+    state dict and its skeleton on the meta device; a tiny Llama as a Hugging Face directory of
+    shards with its index, its student converted from the files too) gives the same run as the
+    teacher given as a model, bit for bit: every process holds the same values in the same shares
+    and does the same arithmetic, so any difference would be a value read from the wrong place.
+    Each process read its torch.chunk share of every tensor and no more (half of every Stack
+    tensor; the Llama's odd vocabulary of 299 rows cut 150 / 149): 6821 of the Stack's 13642
+    elements each, 14096 and 14064 of the Llama's 28160."""
+    run = _torchrun(tmp_path / "lazy.pt", "lazy")
+    for model in ("stack", "llama"):
+        eager, lazy = run[model]["eager"], run[model]["lazy"]
+        assert lazy["loss"] == eager["loss"] and lazy["after"] == eager["after"] and lazy["best_step"] == eager["best_step"], model
+        assert lazy["state"].keys() == eager["state"].keys()
+        for name, tensor in eager["state"].items():
+            assert torch.equal(lazy["state"][name], tensor), (model, name)
+    for model, each in (("stack", [6821, 6821]), ("llama", [14096, 14064])):  # elements of the teacher's parameters held
+        shares = run[model]["shares"]
+        for name, (_, shape) in shares[0].items():
+            pieces = [piece.numel() for piece in torch.empty(shape, device="meta").chunk(2)]
+            assert [held[name][0] for held in shares] == pieces + [0] * (2 - len(pieces)), (model, name)
+        assert [sum(n for n, _ in mine.values()) for mine in shares] == each, model  # half each, but for one row of 32
+    assert [held["model.embed_tokens.weight"] for held in run["llama"]["shares"]] == [(150 * 32, (299, 32)), (149 * 32, (299, 32))]
+
+
 def _state(step: int) -> dict:
     return {"step": step, "steps": 10, "model": {"w": torch.arange(4.0) * step}, "optimizer": {"m": torch.ones(2) * step}, "best_state": None, "loss": [0.5] * step}
 
@@ -167,6 +193,38 @@ def test_fsdp_needs_torchrun_and_unknown_strategies_are_refused():
         recover(model, teacher, data("train"), steps=1, lr=1e-3, quiet=True, strategy="fsdp")
     with pytest.raises(ValueError, match="unknown strategy"):
         recover(model, teacher, data("train"), steps=1, lr=1e-3, quiet=True, strategy="zero")
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_teacher_given_as_files_that_do_not_fit_is_one_line(tmp_path):
+    """Files are read into shards only under strategy='fsdp'; a skeleton with real parameters, a
+    file without one of the teacher's tensors, or with one in another shape, is refused in one
+    line (in a job of one process: every share is the whole tensor)."""
+    from fsdp_recover import Stack, data
+
+    from rpsconvert.errors import InputError
+    from rpsconvert.quality.recovery import TeacherFiles
+    from rpsconvert.quality.sharding import device_mesh, shard_files
+
+    teacher = Stack().eval()
+    with pytest.raises(ValueError, match="a teacher given as its files is read into its shards: pass strategy='fsdp'"):
+        recover(convert(teacher, ratio=1 / 4), tmp_path, data("train"), steps=1, lr=1e-3, quiet=True)
+    state = teacher.state_dict()
+    safetensors.torch.save_file({k: v for k, v in state.items() if k != "head.bias"}, tmp_path / "lacking.safetensors")
+    safetensors.torch.save_file({**state, "head.bias": torch.zeros(3)}, tmp_path / "shape.safetensors")
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = device_mesh(torch.device("cpu"))
+        with torch.device("meta"):
+            skeleton = Stack()
+        with pytest.raises(InputError, match="skeleton must have its parameters on the meta device"):
+            shard_files(TeacherFiles(tmp_path / "lacking.safetensors", skeleton=teacher), mesh)
+        with pytest.raises(InputError, match="lacking.safetensors does not fit the teacher: it lacks head.bias$"):
+            shard_files(TeacherFiles(tmp_path / "lacking.safetensors", skeleton=skeleton), mesh)
+        with pytest.raises(InputError, match=r"does not fit the teacher: head.bias has shape \(3,\), the teacher \(10,\)$"):
+            shard_files(TeacherFiles(tmp_path / "shape.safetensors", skeleton=skeleton), mesh)
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def _digits_files(folder: Path) -> list[str]:

@@ -34,6 +34,7 @@ from rpsconvert.quality.blocks import repeated_blocks
 from rpsconvert.quality.batches import Batch, cycle, device_of, eval_mode, is_logits, outputs, process_group, run, shard, size, to_device
 from rpsconvert.quality.fidelity import Fidelity, fidelity, paired_outputs
 from rpsconvert.quality.resume import Checkpointer, fidelity_from_dict, fidelity_to_dict
+from rpsconvert.quality.sharding import TeacherFiles
 
 Loss = Union[str, Callable[[object, object], torch.Tensor]]
 LOSSES = ("auto", "kl", "mse", "cosine")
@@ -141,7 +142,7 @@ def _global_mean(x: torch.Tensor) -> torch.Tensor:
 
 def recover(
     model: nn.Module,
-    teacher: nn.Module,
+    teacher: nn.Module | str | os.PathLike | TeacherFiles,
     data: Iterable[Batch],
     *,
     steps: int,
@@ -175,7 +176,10 @@ def recover(
 
     Args:
         model: the converted model (trained in place).
-        teacher: the original model, unchanged.
+        teacher: the original model, unchanged; with strategy="fsdp" also its safetensors
+            files (`TeacherFiles`, or the path of a Hugging Face directory), which each process
+            reads only its shares of, so that none ever holds the whole teacher
+            (quality/sharding.py).
         data: a list or DataLoader of batches (tensor, tuple or dict), cycled for `steps` steps.
         steps: optimizer steps.
         lr: Adam's peak learning rate, or "auto" (the default): the run's first steps (a tenth
@@ -233,6 +237,9 @@ def recover(
     if lr != "auto" and not (isinstance(lr, (int, float)) and lr > 0):
         raise ValueError(f"lr must be a positive number or 'auto', got {lr!r}")
     sharding.check_strategy(strategy)
+    files = sharding.teacher_files(teacher)
+    if files is not None and strategy != "fsdp":
+        raise ValueError("a teacher given as its files is read into its shards: pass strategy='fsdp' (under torchrun), or load the teacher and pass the model")
     pool = find_pool(model) if is_converted(model) else None
     if pool is not None:
         pool.unpack()  # trained as float values, packed back into its stored form at the end
@@ -243,9 +250,12 @@ def recover(
     callers = None  # strategy="fsdp": the caller's models, while their sharded twins train
     if strategy == "fsdp":
         mesh = sharding.device_mesh(device)
-        callers = (model, teacher)
+        callers = (model, teacher if files is None else None)
         model = sharding.shard(model, mesh, sharding.block_names(model))
-        teacher = sharding.shard(teacher, mesh, sharding.block_names(teacher), forward_only=True)
+        if files is None:
+            teacher = sharding.shard(teacher, mesh, sharding.block_names(teacher), forward_only=True)
+        else:
+            teacher = sharding.shard_files(files, mesh)
     params = [p for n, p in model.named_parameters() if p.requires_grad and (trainable is None or trainable(n, p))]
     net = _distributed(model, device) if world > 1 and callers is None else model
     objective = _Objective(teacher, loss, inputs, labels, _BlockOutputs(model, teacher, hidden), device, rank, world)
@@ -364,7 +374,8 @@ def recover(
         history.after = next(f for s, f in history.evals if s == history.best_step)
     if callers is not None:
         for twin, caller in zip((teacher, model), callers[::-1]):
-            sharding.gather(twin, caller)
+            if caller is not None:  # a teacher read from its files has no caller's model to fill
+                sharding.gather(twin, caller)
     if pool is not None:
         pool.pack()
     return history

@@ -20,14 +20,22 @@ good. A twin of each is built on the meta device (no memory), sharded, filled fr
 tensors, whose storage is then freed; at the end the trained shards are gathered back into the
 caller's tensors and the twins are dropped. The twin shares the caller's RPSPool object and pool
 Parameter, so the pool trains in place.
+
+The teacher can also be given as its safetensors files (`TeacherFiles`, or a path): its skeleton
+is built on the meta device (from config.json, an architecture name, or the caller's), sharded
+there, allocated, and each process reads only its share of every tensor from the files
+(`shard_files`), so no process ever holds the whole teacher, not even before recovery starts.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+import os
 from contextlib import contextmanager
-from typing import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Union
 
 import torch
 import torch.distributed as dist
@@ -35,6 +43,9 @@ from torch import nn
 
 from rpsconvert.engine.modules import find_pool, is_converted
 from rpsconvert.engine.pool import POOL_PARAM
+from rpsconvert.errors import InputError
+from rpsconvert.format.lazy_weights import SafetensorsFiles
+from rpsconvert.format.manifest import MANIFEST_KEY
 from rpsconvert.quality.blocks import repeated_blocks
 
 STRATEGIES = ("ddp", "fsdp")
@@ -86,15 +97,10 @@ def shard(module: nn.Module, mesh, blocks: list[str], *, forward_only: bool = Fa
     """A sharded twin of `module` holding its values; `module`'s parameters are emptied (to
     `gather` them back) except the pool Parameter, which the twin shares.
 
-    The root of a model that is only run forward (the teacher) is resharded after its forward:
-    FSDP2 keeps a root's parameters gathered for the backward that follows, which for a teacher
-    never comes (BERT-base's word embeddings: 89 MiB held whole on every process).
-
     The twin is deep-copied with every parameter and buffer replaced by a meta tensor (so the copy
-    costs no memory), wrapped with fully_shard per block and on the root, allocated (`to_empty`)
-    and filled with this process's share of each tensor.
+    costs no memory), sharded and allocated (`_allocate`), and filled with this process's share of
+    each tensor.
     """
-    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     pool = find_pool(module) if is_converted(module) else None
@@ -106,13 +112,8 @@ def shard(module: nn.Module, mesh, blocks: list[str], *, forward_only: bool = Fa
     if pool is not None:
         memo[id(pool)] = pool  # one RPSPool: it reads the Parameter registered on its own (the caller's) root
     twin = copy.deepcopy(module, memo)
-    for name in blocks:
-        fully_shard(twin.get_submodule(name), mesh=mesh)
     placeholder = twin._parameters.get(POOL_PARAM) if latent is not None else None
-    ignored = {placeholder} if placeholder is not None else None
-    fully_shard(twin, mesh=mesh, ignored_params=ignored, reshard_after_forward=True if forward_only else None)
-    device = mesh.device_type if mesh.device_type == "cpu" else torch.device(mesh.device_type, torch.cuda.current_device())
-    twin.to_empty(device=device)
+    device = _allocate(twin, mesh, blocks, forward_only, ignored={placeholder} if placeholder is not None else None)
     if latent is not None:
         twin._parameters[POOL_PARAM] = latent  # the same Parameter: to_empty must not touch its values
     with torch.no_grad():
@@ -132,6 +133,114 @@ def shard(module: nn.Module, mesh, blocks: list[str], *, forward_only: bool = Fa
             if param is not latent:
                 param.data = torch.empty(0, dtype=param.dtype, device=param.device)
     return twin
+
+
+def _allocate(twin: nn.Module, mesh, blocks: list[str], forward_only: bool, ignored: set | None = None) -> torch.device:
+    """Wrap `twin` (its parameters on the meta device) with fully_shard per block and on the root,
+    then allocate this process's shares (`to_empty`: uninitialized, every buffer too); the device
+    they are on.
+
+    The root of a model that is only run forward (the teacher) is resharded after its forward:
+    FSDP2 keeps a root's parameters gathered for the backward that follows, which for a teacher
+    never comes (BERT-base's word embeddings: 89 MiB held whole on every process).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    for name in blocks:
+        fully_shard(twin.get_submodule(name), mesh=mesh)
+    fully_shard(twin, mesh=mesh, ignored_params=ignored, reshard_after_forward=True if forward_only else None)
+    device = torch.device(mesh.device_type) if mesh.device_type == "cpu" else torch.device(mesh.device_type, torch.cuda.current_device())
+    twin.to_empty(device=device)
+    return device
+
+
+@dataclass(frozen=True)
+class TeacherFiles:
+    """The teacher as its safetensors files, for recover(strategy="fsdp") to read straight into
+    each process's shards (a plain path means `TeacherFiles(path)`): a Hugging Face directory
+    (config.json with model.safetensors, or shards and model.safetensors.index.json), whose model
+    is built as `from_pretrained` builds it, or one .safetensors state dict with its architecture
+    (`arch`, such as "torchvision:resnet50") or its `skeleton`: the model with its parameters on
+    the meta device (`with torch.device("meta"): MyModel()`; a buffer the files do not store must be
+    real in it, with its value). The skeleton itself is left as it is (a copy is sharded).
+    """
+
+    path: Union[str, os.PathLike]
+    arch: Union[str, dict, None] = None
+    skeleton: nn.Module | None = None
+
+
+def teacher_files(teacher) -> TeacherFiles | None:
+    """`teacher` as TeacherFiles (a path becomes one), or None for a model."""
+    if isinstance(teacher, (str, os.PathLike)):
+        return TeacherFiles(teacher)
+    return teacher if isinstance(teacher, TeacherFiles) else None
+
+
+def shard_files(source: TeacherFiles, mesh) -> nn.Module:
+    """The teacher of `source`, sharded as `shard` shards a teacher, each process's shares read
+    from the files: the skeleton is built (or copied) on the meta device, sharded and allocated,
+    and every parameter gets the elements of its share (FSDP2 cuts dim 0 into torch.chunk's
+    pieces, so a share of a row-major tensor is one range of its elements: the first rank's rows
+    are ceil(rows / world), the last may have fewer, or none), in the skeleton's dtype. Buffers
+    keep the skeleton's values unless the files store them. A tensor the files lack, or store in
+    another shape, is one InputError line.
+    """
+    from rpsconvert.streaming import _file_keys, skeleton  # streaming imports the conversion; recover need not
+
+    path = Path(source.path)
+    files = SafetensorsFiles.open(path)
+    if MANIFEST_KEY in files.metadata:
+        raise InputError(f"{path} is an rpsconvert checkpoint: the teacher is the original model, give its files")
+    if source.skeleton is not None:
+        if any(p.device.type != "meta" for p in source.skeleton.parameters()):
+            raise InputError("TeacherFiles' skeleton must have its parameters on the meta device: build it under `with torch.device('meta'):`")
+        twin = copy.deepcopy(source.skeleton)
+    else:
+        twin = skeleton(path, source.arch, files)[0]
+    made = dict(twin.named_buffers())  # real (computed at init); to_empty replaces them with empty ones
+    keys = _file_keys(twin.state_dict(keep_vars=True), getattr(twin, "base_model_prefix", "") or "", files)
+    _allocate(twin, mesh, block_names(twin), forward_only=True)
+    ties: dict[int, list[str]] = {}
+    for name, param in twin.named_parameters(remove_duplicate=False):
+        ties.setdefault(id(param), []).append(name)
+    params = dict(twin.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for names in ties.values():
+            key = next((keys[name] for name in names if name in keys), None)
+            if key is None:
+                raise InputError(f"{path} does not fit the teacher: it lacks {names[0]}")
+            _read_share(files, key, params[names[0]], mesh, path)
+        for name, buffer in twin.named_buffers():
+            if name in keys:
+                _shape(files, keys[name], buffer, path)
+                buffer.copy_(files.tensor(keys[name]))
+            elif made[name].device.type == "meta":
+                raise InputError(f"{path} does not store the teacher's buffer {name}, and the skeleton's is on the meta device: build it with real buffers")
+            else:
+                buffer.copy_(made[name])
+    return twin
+
+
+def _read_share(files: SafetensorsFiles, key: str, param: torch.Tensor, mesh, path: Path) -> None:
+    """Read this process's share of `param` (a DTensor sharded on dim 0, or a whole tensor) from
+    the files' tensor `key`."""
+    from torch.distributed.tensor import DTensor
+
+    _shape(files, key, param, path)
+    local, lo = param, 0
+    if isinstance(param, DTensor):
+        local, rows = param.to_local(), param.shape[0]
+        lo = min(mesh.get_local_rank() * -(-rows // mesh.size()), rows) * (param.numel() // rows)
+    local.copy_(files.read(key, lo, lo + local.numel()).view(local.shape))
+
+
+def _shape(files: SafetensorsFiles, key: str, tensor: torch.Tensor, path: Path) -> tuple[int, ...]:
+    """The shape of the files' `key`, which must be `tensor`'s (a DTensor's global one)."""
+    shape = tuple(files.entries[key].shape)
+    if shape != tuple(tensor.shape):
+        raise InputError(f"{path} does not fit the teacher: {key} has shape {shape}, the teacher {tuple(tensor.shape)}")
+    return shape
 
 
 def gather(twin: nn.Module, module: nn.Module) -> None:
