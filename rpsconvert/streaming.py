@@ -12,9 +12,8 @@ as converting the loaded model (tests/test_streaming.py).
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -26,7 +25,7 @@ from rpsconvert.engine.encoding import PIECE
 from rpsconvert.engine.modules import find_pool
 from rpsconvert.engine.projection import Reader
 from rpsconvert.errors import ArchitectureError, InputError
-from rpsconvert.format.architectures import build, identify, normalize
+from rpsconvert.format.architectures import build, identify, normalize, parameters_on_meta
 from rpsconvert.format.lazy_weights import INDEX_FILE, SINGLE_FILE, SafetensorsFiles
 from rpsconvert.format.manifest import MANIFEST_KEY
 
@@ -122,7 +121,7 @@ def skeleton(path: Path, arch: str | dict | None, files: SafetensorsFiles) -> tu
     if arch is None:
         raise InputError(f"{path} is a state dict, not a model: pass its architecture, for example {{arch}}", arch="torchvision:resnet50")
     try:
-        with _parameters_on_meta():
+        with parameters_on_meta():
             model = build(arch)
     except ArchitectureError as exc:
         raise InputError(str(exc)) from None
@@ -136,7 +135,7 @@ def _hugging_face(path: Path, files: SafetensorsFiles) -> tuple[nn.Module, dict]
     if cls.__name__ == "AutoModel":  # a config that names no class: the base model of its type
         cls = cls._model_mapping[type(config)]
     dtype = getattr(config, "dtype", None) or next((e.dtype for e in files.entries.values() if e.dtype.is_floating_point), torch.float32)
-    with _parameters_on_meta():
+    with parameters_on_meta():
         model = cls._from_config(config, dtype=dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype)))
     return model, identify(model)
 
@@ -159,24 +158,6 @@ def hugging_face_class(path: Path) -> tuple[type, object]:
     if not (isinstance(cls, type) and (issubclass(cls, transformers.PreTrainedModel) or name == "AutoModel")):
         raise InputError(f"{path}: transformers has no model class {name!r} (rpsconvert never runs a model's own code)")
     return cls, config
-
-
-@contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Every parameter a module registers meanwhile goes to the meta device: a model's skeleton
-    costs no memory and its initialization no time, while its buffers are made as usual."""
-    register = nn.Module.register_parameter
-
-    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    nn.Module.register_parameter = on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
 
 
 def _file_keys(names: Iterable[str], prefix: str, files: SafetensorsFiles) -> dict[str, str]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -143,3 +145,21 @@ def input_shape(architecture: str | dict) -> tuple[int, ...] | None:
     if not isinstance(channels, int) or not isinstance(side, (int, list)):
         return None
     return (channels, *([side] * 2 if isinstance(side, int) else side))
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Every parameter a module registers meanwhile goes to the meta device: a model's skeleton
+    costs no memory and its initialization no time, while its buffers are made as usual."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
