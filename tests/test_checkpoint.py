@@ -127,6 +127,31 @@ def test_decompress_keeps_tied_weights_as_one_tensor_under_both_names(tmp_path):
     TiedLM().load_state_dict(state, strict=True)
 
 
+def test_the_dense_file_is_written_a_generated_weight_at_a_time_and_equals_decompress(tmp_path, monkeypatch):
+    import weakref
+
+    from rpsconvert.engine.pool import RPSPool
+    from rpsconvert.format.checkpoint import write_dense
+    from rpsconvert.format.files import save_dense
+
+    path = save(convert(TiedLM(), 0.5), tmp_path / "tied.rps.safetensors")
+    alive, most = [], []
+    generate = RPSPool.weight
+
+    def counted(self, name):
+        most.append(sum(ref() is not None for ref in alive))  # generated weights still held when the next is made
+        weight = generate(self, name)
+        alive.append(weakref.ref(weight))
+        return weight
+
+    monkeypatch.setattr(RPSPool, "weight", counted)
+    write_dense(path, tmp_path / "lazy.safetensors")
+    assert len(most) == 3 and max(most) == 0  # embed, head (tied: made again for its own copy), the hidden layer
+    monkeypatch.setattr(RPSPool, "weight", generate)
+    save_dense(decompress(path), tmp_path / "whole.safetensors")
+    assert (tmp_path / "lazy.safetensors").read_bytes() == (tmp_path / "whole.safetensors").read_bytes()
+
+
 class _Versioned(nn.Module):
     """A module that, like torchvision's MNASNet, refuses a state dict without its layout version."""
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Annotated, Callable, Iterator, Literal, Optional
 
 import click
+import safetensors
 import torch
 import typer
 from rich.console import Console
@@ -28,11 +29,11 @@ from typer.core import TyperGroup
 
 import rpsconvert
 from rpsconvert.engine.budget import check_ratio, format_bytes, parse_bytes
-from rpsconvert.format.checkpoint import Checkpoint, checkpoint_bytes, checkpoint_file, decompress, is_directory, read, save_directory, serialized
+from rpsconvert.format.checkpoint import Checkpoint, checkpoint_bytes, checkpoint_file, is_directory, read, save_directory, serialized, write_dense
 from rpsconvert.format.serialized import Serialized
 from rpsconvert.streaming import available_memory, convert_files, original_weights, streams
 from rpsconvert.format import provenance
-from rpsconvert.format.files import save_dense, taken, write_atomic
+from rpsconvert.format.files import taken, write_atomic
 from rpsconvert.engine.storage import dtype_name
 from rpsconvert.errors import OutputExistsError, RPSError, RPSWarning
 from rpsconvert.cli import sweep
@@ -623,10 +624,11 @@ def decompress_command(
         output = output or file.with_name(file.name.removesuffix(".safetensors").removesuffix(".rps") + ".dense.safetensors")
         if output.exists() and not force:
             raise OutputExistsError(f"{output} already exists: pass {{overwrite}} to replace it, or -o another path", overwrite=True)
-        state = decompress(file)
-        save_dense(state, output, overwrite=force)
+        write_dense(file, output, overwrite=force)  # a weight at a time: never the dense model in memory
         if not quiet:
-            typer.echo(f"wrote {output}: {len(state)} tensors, {format_bytes(output.stat().st_size)}")
+            with safetensors.safe_open(str(output), framework="pt") as f:
+                count = len(f.keys())
+            typer.echo(f"wrote {output}: {count} tensors, {format_bytes(output.stat().st_size)}")
 
 
 @app.command("export")

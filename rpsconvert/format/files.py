@@ -11,7 +11,7 @@ from typing import Collection
 import torch
 
 from rpsconvert.errors import OutputExistsError
-from rpsconvert.format.serialized import Serialized, serialize
+from rpsconvert.format.serialized import Deferred, Serialized, serialize
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | Serialized, *, overwrite: bool = False) -> Path:
@@ -118,12 +118,16 @@ def write_directory_atomic(
     return path
 
 
-def save_dense(state: dict[str, torch.Tensor], path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+def save_dense(state: dict[str, torch.Tensor | Deferred], path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write a plain state dict as safetensors, atomically, every name with its own copy of its
-    tensor (safetensors refuses shared memory, and every loader should find every key)."""
+    tensor (safetensors refuses shared memory, and every loader should find every key); a
+    Deferred tensor is made as it is written, once for each of its names."""
     seen: set[int] = set()
     unique = {}
     for name, t in state.items():
+        if isinstance(t, Deferred):
+            unique[name] = t
+            continue
         unique[name] = t.clone() if t.numel() and t.data_ptr() in seen else t.contiguous()
         seen.add(t.data_ptr())
     return write_atomic(path, serialize(unique, {"format": "pt"}), overwrite=overwrite)
