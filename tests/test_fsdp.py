@@ -197,15 +197,19 @@ def test_fsdp_needs_torchrun_and_unknown_strategies_are_refused():
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_a_teacher_given_as_files_that_do_not_fit_is_one_line(tmp_path):
-    """Files are read into shards only under strategy='fsdp'; a skeleton with real parameters, a
-    file without one of the teacher's tensors, or with one in another shape, is refused in one
-    line (in a job of one process: every share is the whole tensor)."""
+    """In a job of one process (every share is the whole tensor): a torchvision state dict with
+    its architecture is read into the sharded teacher whole, batch-norm statistics (buffers the
+    file stores) included. Files are read into shards only under strategy='fsdp'; a skeleton with
+    real parameters, a file without one of the teacher's tensors, or with one in another shape,
+    is refused in one line, as is a converted checkpoint."""
     from fsdp_recover import Stack, data
 
+    import rpsconvert
     from rpsconvert.errors import InputError
     from rpsconvert.quality.recovery import TeacherFiles
     from rpsconvert.quality.sharding import device_mesh, shard_files
 
+    torchvision = pytest.importorskip("torchvision")
     teacher = Stack().eval()
     with pytest.raises(ValueError, match="a teacher given as its files is read into its shards: pass strategy='fsdp'"):
         recover(convert(teacher, ratio=1 / 4), tmp_path, data("train"), steps=1, lr=1e-3, quiet=True)
@@ -215,8 +219,19 @@ def test_a_teacher_given_as_files_that_do_not_fit_is_one_line(tmp_path):
     torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
     try:
         mesh = device_mesh(torch.device("cpu"))
+        torch.manual_seed(0)
+        resnet = torchvision.models.resnet18().eval()
+        resnet.layer1[0].bn1.running_mean.uniform_()  # statistics that init would not make
+        safetensors.torch.save_file(resnet.state_dict(), tmp_path / "resnet18.safetensors")
+        read = shard_files(TeacherFiles(tmp_path / "resnet18.safetensors", arch="torchvision:resnet18"), mesh)
+        for name, tensor in resnet.state_dict().items():
+            value = read.state_dict()[name]
+            assert torch.equal(value.full_tensor() if hasattr(value, "full_tensor") else value, tensor), name
         with torch.device("meta"):
             skeleton = Stack()
+        rpsconvert.save(convert(teacher, ratio=1 / 4), tmp_path / "converted.rps.safetensors")
+        with pytest.raises(InputError, match="converted.rps.safetensors is an rpsconvert checkpoint: the teacher is the original model"):
+            shard_files(TeacherFiles(tmp_path / "converted.rps.safetensors", skeleton=skeleton), mesh)
         with pytest.raises(InputError, match="skeleton must have its parameters on the meta device"):
             shard_files(TeacherFiles(tmp_path / "lacking.safetensors", skeleton=teacher), mesh)
         with pytest.raises(InputError, match="lacking.safetensors does not fit the teacher: it lacks head.bias$"):

@@ -213,7 +213,7 @@ def shard_files(source: TeacherFiles, mesh) -> nn.Module:
             _read_share(files, key, params[names[0]], mesh, path)
         for name, buffer in twin.named_buffers():
             if name in keys:
-                _shape(files, keys[name], buffer, path)
+                _check_shape(files, keys[name], buffer, path)
                 buffer.copy_(files.tensor(keys[name]))
             elif made[name].device.type == "meta":
                 raise InputError(f"{path} does not store the teacher's buffer {name}, and the skeleton's is on the meta device: build it with real buffers")
@@ -227,7 +227,7 @@ def _read_share(files: SafetensorsFiles, key: str, param: torch.Tensor, mesh, pa
     the files' tensor `key`."""
     from torch.distributed.tensor import DTensor
 
-    _shape(files, key, param, path)
+    _check_shape(files, key, param, path)
     local, lo = param, 0
     if isinstance(param, DTensor):
         local, rows = param.to_local(), param.shape[0]
@@ -235,12 +235,11 @@ def _read_share(files: SafetensorsFiles, key: str, param: torch.Tensor, mesh, pa
     local.copy_(files.read(key, lo, lo + local.numel()).view(local.shape))
 
 
-def _shape(files: SafetensorsFiles, key: str, tensor: torch.Tensor, path: Path) -> tuple[int, ...]:
-    """The shape of the files' `key`, which must be `tensor`'s (a DTensor's global one)."""
+def _check_shape(files: SafetensorsFiles, key: str, tensor: torch.Tensor, path: Path) -> None:
+    """Refuse a files' tensor `key` whose shape is not `tensor`'s (a DTensor's global one)."""
     shape = tuple(files.entries[key].shape)
     if shape != tuple(tensor.shape):
         raise InputError(f"{path} does not fit the teacher: {key} has shape {shape}, the teacher {tuple(tensor.shape)}")
-    return shape
 
 
 def gather(twin: nn.Module, module: nn.Module) -> None:
