@@ -1,7 +1,12 @@
-"""Memory per process of recover() under torchrun: DDP against FSDP (docs/benchmarks.md, "Sharded recovery").
+"""Memory per process of recover() under torchrun: DDP against FSDP (docs/benchmarks.md, "Sharded recovery"),
+and the teacher built whole against read into its shards from its files (docs/recovery.md).
 
     torchrun --standalone --nproc_per_node=2 benchmarks/sharded_memory.py --strategy ddp
     torchrun --standalone --nproc_per_node=2 benchmarks/sharded_memory.py --strategy fsdp
+
+    python benchmarks/sharded_memory.py --write DIR        # the model as a Hugging Face directory, once
+    torchrun --standalone --nproc_per_node=2 benchmarks/sharded_memory.py --strategy fsdp --from DIR
+    torchrun --standalone --nproc_per_node=2 benchmarks/sharded_memory.py --strategy fsdp --from DIR --lazy
 
 Every process builds a BERT-base-sized encoder (random weights, float32: transformers' BertConfig
 defaults), converts it to 1/8 of its weights' bytes and recovers it for a few steps on random
@@ -11,12 +16,19 @@ built them), its peak up to the last optimizer step (training), its peak includi
 recover() (where FSDP gathers both models back whole into the caller's), and the bytes of the tensors
 the process holds for training (parameters, gradients and Adam's moments, counted at the last
 step: the process's share of a sharded tensor, the whole of a replicated one).
+
+With `--from DIR` the model is read from the directory `--write` made: by default loaded whole
+(from_pretrained) and converted, as a caller does today; with `--lazy` the student is converted
+from the files (convert_files) and the teacher given to recover as the directory, so that each
+process reads only its shares of it and no process builds it whole. Rank 0 then also prints each
+process's peak RSS over its whole life (getrusage), before recover() and in all.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import threading
 import time
@@ -29,7 +41,9 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent)]
 
 from rpsconvert import convert  # noqa: E402
+from rpsconvert.format.lazy_weights import SafetensorsFiles  # noqa: E402
 from rpsconvert.quality.recovery import recover  # noqa: E402
+from rpsconvert.streaming import convert_files  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -52,6 +66,11 @@ class Peak(threading.Thread):
             time.sleep(0.002)
 
 
+def lifetime_peak() -> int:
+    """The process's peak RSS so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def local_bytes(tensor: torch.Tensor | None) -> int:
     if tensor is None:
         return 0
@@ -61,17 +80,31 @@ def local_bytes(tensor: torch.Tensor | None) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--strategy", choices=("ddp", "fsdp"), required=True)
+    parser.add_argument("--strategy", choices=("ddp", "fsdp"))
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--ratio", type=float, default=1 / 8)
+    parser.add_argument("--write", type=Path, help="write the model to this directory and stop (no torchrun)")
+    parser.add_argument("--from", dest="directory", type=Path, help="read the model from the directory --write made")
+    parser.add_argument("--lazy", action="store_true", help="with --from: the teacher read into its shards (strategy fsdp)")
     args = parser.parse_args()
+    if not (args.write or args.strategy):
+        parser.error("pass --strategy (under torchrun), or --write DIR")
+    if args.lazy and not (args.directory and args.strategy == "fsdp"):
+        parser.error("--lazy reads the teacher into its shards: pass --strategy fsdp --from DIR")
     import transformers
 
     torch.set_num_threads(1)
+    if args.write:
+        torch.manual_seed(0)
+        transformers.BertModel(transformers.BertConfig()).save_pretrained(args.write)
+        return
     dist.init_process_group("gloo")
     torch.manual_seed(0)
-    teacher = transformers.BertModel(transformers.BertConfig()).eval()
-    model = convert(teacher, ratio=args.ratio)
+    if args.lazy:
+        model, teacher = convert_files(args.directory, ratio=args.ratio), args.directory
+    else:
+        teacher = (transformers.BertModel.from_pretrained(args.directory) if args.directory else transformers.BertModel(transformers.BertConfig())).eval()
+        model = convert(teacher, ratio=args.ratio)
     generator = torch.Generator().manual_seed(1)
     data = [{"input_ids": torch.randint(0, 30522, (8, 64), generator=generator)} for _ in range(args.steps)]
     held = {}
@@ -83,7 +116,7 @@ def main() -> None:
             for group in optimizer.param_groups for p in group["params"]
         )
 
-    start = rss()
+    start, before = rss(), lifetime_peak()
     peak = Peak()
     peak.start()
     handle = register_optimizer_step_post_hook(count)
@@ -91,15 +124,17 @@ def main() -> None:
     peak.running = False
     peak.join()
     handle.remove()
-    row = torch.tensor([start, held["peak"], held["bytes"], peak.peak], dtype=torch.float64)
+    row = torch.tensor([start, held["peak"], held["bytes"], peak.peak, before, lifetime_peak()], dtype=torch.float64)
     rows = [torch.zeros_like(row) for _ in range(dist.get_world_size())]
     dist.all_gather(rows, row)
     if dist.get_rank() == 0:
-        print(f"{args.strategy}: {sum(p.numel() for p in teacher.parameters()) / 1e6:.0f} M parameters, {dist.get_world_size()} processes")
-        for rank, (begin, top, tensors, end) in enumerate(r.tolist() for r in rows):
+        teacher_from = "" if args.directory is None else f", teacher {'read into its shards' if args.lazy else 'loaded whole'} from {args.directory}"
+        whole = (e.numel for e in SafetensorsFiles.open(args.directory).entries.values()) if args.lazy else (p.numel() for p in teacher.parameters())
+        print(f"{args.strategy}: {sum(whole) / 1e6:.0f} M parameters, {dist.get_world_size()} processes{teacher_from}")
+        for rank, (begin, top, tensors, end, first, life) in enumerate(r.tolist() for r in rows):
             print(f"  rank {rank}: RSS at start {begin / 2**20:.0f} MiB, peak in training {top / 2**20:.0f} MiB "
                   f"(+{(top - begin) / 2**20:.0f}), with the models gathered back {end / 2**20:.0f} MiB, "
-                  f"training tensors {tensors / 2**20:.0f} MiB")
+                  f"training tensors {tensors / 2**20:.0f} MiB, peak before recover {first / 2**20:.0f} MiB, in all {life / 2**20:.0f} MiB")
     dist.barrier()
     dist.destroy_process_group()
 
