@@ -201,7 +201,8 @@ def test_a_teacher_given_as_files_that_do_not_fit_is_one_line(tmp_path):
     its architecture is read into the sharded teacher whole, batch-norm statistics (buffers the
     file stores) included. Files are read into shards only under strategy='fsdp'; a skeleton with
     real parameters, a file without one of the teacher's tensors, or with one in another shape,
-    is refused in one line, as is a converted checkpoint."""
+    or without a buffer the skeleton has only on the meta device, is refused in one line, as is a
+    converted checkpoint."""
     from fsdp_recover import Stack, data
 
     import rpsconvert
@@ -228,7 +229,10 @@ def test_a_teacher_given_as_files_that_do_not_fit_is_one_line(tmp_path):
             value = read.state_dict()[name]
             assert torch.equal(value.full_tensor() if hasattr(value, "full_tensor") else value, tensor), name
         with torch.device("meta"):
-            skeleton = Stack()
+            skeleton, bare = Stack(), torchvision.models.resnet18()
+        safetensors.torch.save_file({k: v for k, v in resnet.state_dict().items() if k != "bn1.running_mean"}, tmp_path / "stats.safetensors")
+        with pytest.raises(InputError, match="does not store the teacher's buffer bn1.running_mean, and the skeleton's is on the meta device"):
+            shard_files(TeacherFiles(tmp_path / "stats.safetensors", skeleton=bare), mesh)
         rpsconvert.save(convert(teacher, ratio=1 / 4), tmp_path / "converted.rps.safetensors")
         with pytest.raises(InputError, match="converted.rps.safetensors is an rpsconvert checkpoint: the teacher is the original model"):
             shard_files(TeacherFiles(tmp_path / "converted.rps.safetensors", skeleton=skeleton), mesh)

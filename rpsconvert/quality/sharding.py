@@ -161,8 +161,9 @@ class TeacherFiles:
     (config.json with model.safetensors, or shards and model.safetensors.index.json), whose model
     is built as `from_pretrained` builds it, or one .safetensors state dict with its architecture
     (`arch`, such as "torchvision:resnet50") or its `skeleton`: the model with its parameters on
-    the meta device (`with torch.device("meta"): MyModel()`; a buffer the files do not store must be
-    real in it, with its value). The skeleton itself is left as it is (a copy is sharded).
+    the meta device, built under `rpsconvert.format.architectures.parameters_on_meta()`, which
+    keeps its buffers real (`torch.device("meta")` puts them there too, which suits only files that
+    store every buffer). The skeleton itself is left as it is (a copy is sharded).
     """
 
     path: Union[str, os.PathLike]
@@ -194,7 +195,7 @@ def shard_files(source: TeacherFiles, mesh) -> nn.Module:
         raise InputError(f"{path} is an rpsconvert checkpoint: the teacher is the original model, give its files")
     if source.skeleton is not None:
         if any(p.device.type != "meta" for p in source.skeleton.parameters()):
-            raise InputError("TeacherFiles' skeleton must have its parameters on the meta device: build it under `with torch.device('meta'):`")
+            raise InputError("TeacherFiles' skeleton must have its parameters on the meta device: build it under rpsconvert.format.architectures.parameters_on_meta()")
         twin = copy.deepcopy(source.skeleton)
     else:
         twin = skeleton(path, source.arch, files)[0]
@@ -216,7 +217,7 @@ def shard_files(source: TeacherFiles, mesh) -> nn.Module:
                 _check_shape(files, keys[name], buffer, path)
                 buffer.copy_(files.tensor(keys[name]))
             elif made[name].device.type == "meta":
-                raise InputError(f"{path} does not store the teacher's buffer {name}, and the skeleton's is on the meta device: build it with real buffers")
+                raise InputError(f"{path} does not store the teacher's buffer {name}, and the skeleton's is on the meta device: build the skeleton under parameters_on_meta(), which keeps buffers real")
             else:
                 buffer.copy_(made[name])
     return twin
