@@ -37,7 +37,7 @@ from rpsconvert.format.onnx_export import check_onnx, export_onnx
 from rpsconvert.quality.batches import load_calibration
 from rpsconvert.quality.calibration import LayerFit, calibrate
 from rpsconvert.quality.fidelity import Fidelity, fidelity, layer_errors, weight_errors
-from rpsconvert.quality.recovery import RecoveryHistory, recover
+from rpsconvert.quality.recovery import RecoveryHistory, TeacherFiles, recover
 from rpsconvert.quality.verification import Verification, random_inputs, verify
 from rpsconvert.conversion import convert
 from rpsconvert.streaming import convert_files, memory_needed
@@ -66,6 +66,7 @@ __all__ = [
     "load_calibration",
     "calibrate",
     "recover",
+    "TeacherFiles",
     "fidelity",
     "layer_errors",
     "weight_errors",

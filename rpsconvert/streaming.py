@@ -79,7 +79,7 @@ def _prepare(path: Path, arch: str | dict | None, options: dict) -> tuple:
     model, architecture = skeleton(path, arch, files)
     found = discover(model)
     chosen, _ = choose_weights(model, found, options.get("include"), options.get("exclude"), options.get("min_numel", 1000))
-    keys = _file_keys(model.state_dict(keep_vars=True), getattr(model, "base_model_prefix", "") or "", files)
+    keys = file_keys(model.state_dict(keep_vars=True), model, files)
     compressed = {alias for name in chosen for alias in found.aliases.get(name, (name,))} | set(chosen)
     return files, model, architecture, chosen, keys, compressed
 
@@ -160,10 +160,11 @@ def hugging_face_class(path: Path) -> tuple[type, object]:
     return cls, config
 
 
-def _file_keys(names: Iterable[str], prefix: str, files: SafetensorsFiles) -> dict[str, str]:
-    """The files' name of each of the model's state-dict `names` that they hold: the same name, or
-    with the base model's `prefix` added or removed (a checkpoint saved from a task model, loaded
-    as its base model, and back), as `from_pretrained` matches them."""
+def file_keys(names: Iterable[str], model: nn.Module, files: SafetensorsFiles) -> dict[str, str]:
+    """The files' name of each of `model`'s state-dict `names` that they hold: the same name, or
+    with the model's base-model prefix added or removed (a checkpoint saved from a task model,
+    loaded as its base model, and back), as `from_pretrained` matches them."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
     keys = {}
     for name in names:
         candidates = (name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")) if prefix else (name,)
@@ -178,7 +179,7 @@ def original_weights(path: str | os.PathLike, converted: nn.Module) -> Reader:
     from (`convert_files`), for `weight_errors` without loading the original."""
     files = SafetensorsFiles.open(path)
     names = [n for w in find_pool(converted).weights.values() for n in (w.name, *w.aliases)]
-    return files.reader(_file_keys(names, getattr(converted, "base_model_prefix", "") or "", files))
+    return files.reader(file_keys(names, converted, files))
 
 
 def _load_dense(model: nn.Module, files: SafetensorsFiles, keys: dict[str, str], compressed: set[str], path: Path) -> None:

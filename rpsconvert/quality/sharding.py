@@ -187,7 +187,7 @@ def shard_files(source: TeacherFiles, mesh) -> nn.Module:
     keep the skeleton's values unless the files store them. A tensor the files lack, or store in
     another shape, is one InputError line.
     """
-    from rpsconvert.streaming import _file_keys, skeleton  # streaming imports the conversion; recover need not
+    from rpsconvert.streaming import file_keys, skeleton  # streaming imports the conversion; recover need not
 
     path = Path(source.path)
     files = SafetensorsFiles.open(path)
@@ -200,7 +200,7 @@ def shard_files(source: TeacherFiles, mesh) -> nn.Module:
     else:
         twin = skeleton(path, source.arch, files)[0]
     made = dict(twin.named_buffers())  # real (computed at init); to_empty replaces them with empty ones
-    keys = _file_keys(twin.state_dict(keep_vars=True), getattr(twin, "base_model_prefix", "") or "", files)
+    keys = file_keys(twin.state_dict(keep_vars=True), twin, files)
     _allocate(twin, mesh, block_names(twin), forward_only=True)
     ties: dict[int, list[str]] = {}
     for name, param in twin.named_parameters(remove_duplicate=False):
