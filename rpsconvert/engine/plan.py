@@ -141,6 +141,19 @@ def mixed(
     pretrained MobileNetV2 at a quarter of the bytes, keeping sensitive layers at int8 and moving
     others to int4 beat int7 everywhere (docs/quality.md). At ratio 1.0 a layer's pool run is its
     weight times its signs over its scale, so its rounding error is measured on the run itself.
+
+    The layer whose step tips the balance keeps its first rows at the wider width and moves its
+    last rows down. For a matrix or a convolution which rows go is indifferent (output channels
+    have no order), but an embedding's rows are tokens, and tokenizers number them by frequency
+    (BPE merges in order, WordPiece and SentencePiece by count): on docstring sentences 79 % of
+    all-MiniLM-L6-v2's tokens are among its first 5,000 of 30,522 ids (42 % among the first 2,000).
+    At 1/8 of its bytes the plan splits that embedding between int3 and int2, and keeping its first
+    rows at int3 lifted the held-out embedding cosine without data from 0.9444 to 0.9631, the same
+    bytes and widths; a pretrained MobileNetV2 gained a crop or two of 128 (top-1 agreement 94.5 to
+    95.3 % at 1/4, 44.5 to 46.1 % at 1/8; docs/benchmarks.md, "Recovery speed"). Counting an
+    embedding's or a big layer's error more (a weight per layer of 4 to 64, or its elements' share
+    to the power 0.25 to 1) moved whole widths between the embedding and the encoder and gained at
+    most 0.003 (0.892 at worst): which rows it keeps matters more than how many bits it gets.
     """
     device = read(layout[0], 0, 0).device
     firsts = _first_slots(operator, layout, device)
@@ -153,11 +166,11 @@ def mixed(
     level = [0] * len(layout)  # index into widths of each layer's width
 
     def parts(step: int | None = None, rows: int = 0) -> list[list[tuple[int, int]]]:
-        """Every layer at its level; layer `step`'s first `rows` rows one width lower."""
+        """Every layer at its level; layer `step`'s last `rows` rows one width lower."""
         out = [[(w.numel, widths[k])] for w, k in zip(layout, level)]
         if step is not None:
             row = _row(layout[step])
-            out[step] = [(rows * row, widths[level[step] + 1]), (layout[step].numel - rows * row, widths[level[step]])]
+            out[step] = [(layout[step].numel - rows * row, widths[level[step]]), (rows * row, widths[level[step] + 1])]
         return out
 
     widest = fits(parts())
