@@ -152,6 +152,24 @@ def test_the_dense_file_is_written_a_generated_weight_at_a_time_and_equals_decom
     assert (tmp_path / "lazy.safetensors").read_bytes() == (tmp_path / "whole.safetensors").read_bytes()
 
 
+def test_a_block_scale_that_is_not_finite_is_refused_in_whichever_piece_it_is(tmp_path, monkeypatch):
+    from rpsconvert.engine import storage
+    from rpsconvert.format import checkpoint
+    from rpsconvert.format.serialized import serialize
+
+    path = save(convert(TiedLM(), 0.5, bits=4), tmp_path / "q.rps.safetensors")
+    ckpt = checkpoint.read(path)
+    stored = {f"rps_pool{suffix}": t.clone() for suffix, t in ckpt.pool.stored().items()}
+    stored["rps_pool.scales"][-1] = float("inf")  # in the last piece of the check
+    tensors = {**ckpt.tensors, **stored}
+    bad = tmp_path / "inf.rps.safetensors"
+    write_atomic(bad, serialize(tensors, checkpoint._metadata(ckpt.manifest, tensors)))  # a valid digest over a bad scale
+    monkeypatch.setattr(storage, "_CHECKED", 4)
+    assert len(stored["rps_pool.scales"]) > 4
+    with pytest.raises(CheckpointError, match="a block scale of the pool is not finite"):
+        load(bad, model=TiedLM())
+
+
 class _Versioned(nn.Module):
     """A module that, like torchvision's MNASNet, refuses a state dict without its layout version."""
 

@@ -437,8 +437,14 @@ def validate(storage: PoolStorage | MixedStorage, stored: dict[str, torch.Tensor
     `storage.tensors` names, and finite block scales (a loaded pool is read as it is stored, so it is
     checked once, when it is read from the file)."""
     check_stored(storage, stored, slots)
-    if ".scales" in stored and not torch.isfinite(stored[".scales"]).all():
+    scales = stored.get(".scales", torch.empty(0)).reshape(-1)
+    # a piece at a time: isfinite of a float16 tensor makes float32 and bool copies of it, half the
+    # codes' bytes again at load time for a large pool
+    if not all(torch.isfinite(scales[lo : lo + _CHECKED]).all() for lo in range(0, len(scales), _CHECKED)):
         raise ValueError("a block scale of the pool is not finite")
+
+
+_CHECKED = 1 << 20  # scales checked at once
 
 
 def storage_from_json(entry: dict) -> PoolStorage | MixedStorage:
