@@ -9,6 +9,9 @@ whole in memory, so the 7B one (13.5 GB) is made on a 24 GB machine. `convert` r
 `rpsconvert DIR --budget B -o OUT/` in a fresh process for each budget (1/FRACTION of the bf16
 bytes) and prints its wall and CPU seconds, its peak resident memory (the child's ru_maxrss), the
 file's bytes and the CPU seconds per billion weights, so that 125M, 1B and 7B compare per weight.
+Then, in another fresh process, the result is loaded lean (`rpsconvert.load(OUT)`) and runs one
+forward pass of 16 tokens: the memory it takes beyond the imports, after loading and at the peak of
+the forward pass, against the checkpoint's bytes (the memory budget is run-time memory).
 """
 
 from __future__ import annotations
@@ -42,6 +45,24 @@ done = subprocess.run(sys.argv[1:])
 usage = resource.getrusage(resource.RUSAGE_CHILDREN)
 print(json.dumps([usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024]))
 sys.exit(done.returncode)
+"""
+# loads a converted directory lean and runs it on 16 tokens; prints the resident bytes beyond the
+# imports after loading and at the forward pass's peak, and the forward pass's seconds. The baseline
+# is taken once a tiny Llama was built on meta and run: the libraries its code imports (about 200 MB
+# of transformers' integrations) are the same for every size, and not the checkpoint's
+LOADED = """
+import json, resource, sys, time, torch, transformers, rpsconvert
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+tiny = transformers.LlamaConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=100)
+with torch.no_grad():
+    transformers.LlamaForCausalLM(tiny)(torch.arange(16)[None])
+base = peak()
+model = rpsconvert.load(sys.argv[1]).eval()
+loaded = peak()
+start = time.perf_counter()
+with torch.no_grad():
+    model(torch.arange(16)[None])
+print(json.dumps([loaded - base, peak() - base, time.perf_counter() - start]))
 """
 
 
@@ -99,7 +120,8 @@ def convert(directory: Path, fraction: list[int] = typer.Option([8, 32]), keep: 
     source_bytes = index["metadata"]["total_size"]
     weights = source_bytes // 2
     print(f"{directory.name}: {weights / 1e9:.3f} B weights, {source_bytes / 1e9:.2f} GB bf16")
-    print(f"{'budget':>12} {'file bytes':>14} {'wall s':>8} {'CPU s':>8} {'peak RSS':>10} {'CPU s / B weights':>18}  plan")
+    print(f"{'budget':>12} {'file bytes':>14} {'wall s':>8} {'CPU s':>8} {'peak RSS':>10} {'CPU s / B weights':>18} "
+          f"{'loaded / file':>14} {'forward / file':>15} {'forward s':>10}  plan")
     for k in fraction:
         budget = source_bytes // k
         out = Path(tempfile.mkdtemp(dir=directory.parent)) / "out"
@@ -112,8 +134,12 @@ def convert(directory: Path, fraction: list[int] = typer.Option([8, 32]), keep: 
             continue
         *lines, usage = result.stdout.strip().splitlines()
         report, (cpu, peak) = json.loads(lines[-1]), json.loads(usage)
-        print(f"{'1/' + str(k):>12} {report['file_bytes']:>14,} {wall:>8.0f} {cpu:>8.0f} {peak / 2**30:>8.2f} GiB "
-              f"{cpu / (weights / 1e9):>18.0f}  {report['report']['pool_dtype']}, ratio {report['report']['ratio']:.3g}")
+        loaded = subprocess.run([sys.executable, "-c", LOADED, str(out)], capture_output=True, text=True, check=True)
+        after_load, at_forward, forward = json.loads(loaded.stdout.strip().splitlines()[-1])
+        size = report["file_bytes"]
+        print(f"{'1/' + str(k):>12} {size:>14,} {wall:>8.0f} {cpu:>8.0f} {peak / 2**30:>8.2f} GiB "
+              f"{cpu / (weights / 1e9):>18.0f} {after_load / size:>14.2f} {at_forward / size:>15.2f} {forward:>10.1f}  "
+              f"{report['report']['pool_dtype']}, ratio {report['report']['ratio']:.3g}")
         if not keep:
             shutil.rmtree(out.parent)
 
