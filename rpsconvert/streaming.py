@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
-import torch
 from torch import nn
 
 from rpsconvert.conversion import choose_weights, convert
@@ -24,12 +23,10 @@ from rpsconvert.engine.discovery import discover
 from rpsconvert.engine.encoding import PIECE
 from rpsconvert.engine.modules import find_pool
 from rpsconvert.engine.projection import Reader
-from rpsconvert.errors import ArchitectureError, InputError
-from rpsconvert.format.architectures import build, identify, normalize, parameters_on_meta
+from rpsconvert.errors import InputError
 from rpsconvert.format.lazy_weights import INDEX_FILE, SINGLE_FILE, SafetensorsFiles
 from rpsconvert.format.manifest import MANIFEST_KEY
-
-CONFIG_FILE = "config.json"
+from rpsconvert.format.skeleton import CONFIG_FILE, file_keys, skeleton
 
 
 def convert_files(
@@ -111,67 +108,6 @@ def available_memory() -> int:
         return int(fields["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def skeleton(path: Path, arch: str | dict | None, files: SafetensorsFiles) -> tuple[nn.Module, str | dict | None]:
-    """The model `path` holds with its parameters on the meta device (buffers are made for real:
-    some, such as rotary frequencies, are computed and never stored), and its architecture."""
-    if path.is_dir():
-        return _hugging_face(path, files)
-    if arch is None:
-        raise InputError(f"{path} is a state dict, not a model: pass its architecture, for example {{arch}}", arch="torchvision:resnet50")
-    try:
-        with parameters_on_meta():
-            model = build(arch)
-    except ArchitectureError as exc:
-        raise InputError(str(exc)) from None
-    return model, normalize(arch)
-
-
-def _hugging_face(path: Path, files: SafetensorsFiles) -> tuple[nn.Module, dict]:
-    """A Hugging Face model's skeleton, in the dtype `from_pretrained` would give it (config.json's
-    dtype, else the checkpoint's)."""
-    cls, config = hugging_face_class(path)
-    if cls.__name__ == "AutoModel":  # a config that names no class: the base model of its type
-        cls = cls._model_mapping[type(config)]
-    dtype = getattr(config, "dtype", None) or next((e.dtype for e in files.entries.values() if e.dtype.is_floating_point), torch.float32)
-    with parameters_on_meta():
-        model = cls._from_config(config, dtype=dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype)))
-    return model, identify(model)
-
-
-def hugging_face_class(path: Path) -> tuple[type, object]:
-    """The transformers class a Hugging Face directory's config.json names (AutoModel when it names
-    none) and its config, from transformers itself: rpsconvert never runs a model's own code."""
-    if not (path / CONFIG_FILE).is_file():
-        raise InputError(f"{path} is a directory without config.json: a Hugging Face model directory has config.json and model.safetensors")
-    try:
-        import transformers
-    except ImportError:
-        raise InputError(f"{path} is a Hugging Face model: pip install transformers to read it") from None
-    try:
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    except Exception as exc:  # transformers raises many types for a bad config
-        raise InputError(f"cannot read {path / CONFIG_FILE} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-    name = (config.architectures or ["AutoModel"])[0]
-    cls = getattr(transformers, name, None)
-    if not (isinstance(cls, type) and (issubclass(cls, transformers.PreTrainedModel) or name == "AutoModel")):
-        raise InputError(f"{path}: transformers has no model class {name!r} (rpsconvert never runs a model's own code)")
-    return cls, config
-
-
-def file_keys(names: Iterable[str], model: nn.Module, files: SafetensorsFiles) -> dict[str, str]:
-    """The files' name of each of `model`'s state-dict `names` that they hold: the same name, or
-    with the model's base-model prefix added or removed (a checkpoint saved from a task model,
-    loaded as its base model, and back), as `from_pretrained` matches them."""
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    keys = {}
-    for name in names:
-        candidates = (name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")) if prefix else (name,)
-        found = next((candidate for candidate in candidates if candidate in files.entries), None)
-        if found is not None:
-            keys[name] = found
-    return keys
 
 
 def original_weights(path: str | os.PathLike, converted: nn.Module) -> Reader:

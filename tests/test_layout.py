@@ -11,7 +11,7 @@ ALLOWED = {
     "errors": set(),
     "engine": {"errors"},
     "format": {"engine", "errors", "version"},
-    "quality": {"engine", "errors"},
+    "quality": {"engine", "format", "errors"},  # a teacher read from its files (quality/sharding.py)
     "conversion": {"engine", "format", "quality", "errors"},
     "streaming": {"engine", "format", "conversion", "errors"},  # convert() of a model read from its files
     "cli": {"engine", "format", "quality", "conversion", "streaming", "errors", "version", "__init__"},

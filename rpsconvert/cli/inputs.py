@@ -22,7 +22,7 @@ from torch import nn
 
 from rpsconvert.errors import ArchitectureError, InputError
 from rpsconvert.format.architectures import build, identify, matches, normalize
-from rpsconvert.streaming import hugging_face_class
+from rpsconvert.format.skeleton import hugging_face_class
 from rpsconvert.quality.batches import MAX_TOKENS, TEXT_SUFFIXES, Batch, load_calibration
 
 # Modules whose nn.Module and Enum classes may be unpickled: their constructors and __setstate__

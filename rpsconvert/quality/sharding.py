@@ -46,6 +46,7 @@ from rpsconvert.engine.pool import POOL_PARAM
 from rpsconvert.errors import InputError
 from rpsconvert.format.lazy_weights import SafetensorsFiles
 from rpsconvert.format.manifest import MANIFEST_KEY
+from rpsconvert.format.skeleton import file_keys, skeleton
 from rpsconvert.quality.blocks import repeated_blocks
 
 STRATEGIES = ("ddp", "fsdp")
@@ -187,8 +188,6 @@ def shard_files(source: TeacherFiles, mesh) -> nn.Module:
     keep the skeleton's values unless the files store them. A tensor the files lack, or store in
     another shape, is one InputError line.
     """
-    from rpsconvert.streaming import file_keys, skeleton  # streaming imports the conversion; recover need not
-
     path = Path(source.path)
     files = SafetensorsFiles.open(path)
     if MANIFEST_KEY in files.metadata:
