@@ -77,6 +77,7 @@ def _spend(
     layout_for: Callable[[int], list[CompressedWeight]],
     mapping: Mapping,
     seed: int,
+    on_stage: plan.OnStage,
 ) -> tuple[PoolStorage | MixedStorage, int, list[plan.Candidate]]:
     """The storage and slot count a byte budget buys, and every candidate the plan scored.
 
@@ -107,6 +108,7 @@ def _spend(
         # at ratio 1.0 each layer gets its own width and row-aligned blocks (plan.mixed), in place
         # of the integer pools of one width that hold every element
         operator = PoolOperator(mapping, total, seed)
+        on_stage("choosing each layer's width", None)  # the greedy reads a layer at a width when it first asks
         mix = plan.mixed(operator, layout_for(total), read, lambda storage: budget - fixed_bytes(storage))
         if mix is not None:
             candidates.append((mix, total, fixed_bytes(mix) + mix.bytes(total)))
@@ -114,7 +116,7 @@ def _spend(
         candidates.append(whole[0])  # the widest: a narrower one at the same slots only rounds more coarsely
     if len(candidates) == 1:
         return *candidates[0][:2], []
-    best, scored = plan.choose(candidates, mapping, seed, read, layout_for, dtype)
+    best, scored = plan.choose(candidates, mapping, seed, read, layout_for, dtype, on_stage)
     return best.storage, best.slots, scored
 
 
@@ -180,6 +182,7 @@ def convert(
     provenance: dict | None = None,
     weights_from: Reader | None = None,
     shard_size: str | int | None = None,
+    on_stage: plan.OnStage | None = None,
 ) -> nn.Module:
     """Return `model` with its weights generated from one shared pool (STABLE-RPS).
 
@@ -229,6 +232,11 @@ def convert(
         shard_size: a model directory saved from the result is cut into shards of at most this
             size ("5GB"; `save`'s `max_shard_size` by default), and a `budget` counts the shards'
             headers and their index too (the single file then stays within it as well).
+        on_stage: told each stage of the work on the compressed weights as it starts (the layer
+            scales, each candidate the plan scores, the pool's encoding), with the passes over
+            their values it reads (None where the plan decides as it goes): with `weights_from`
+            counting its reads, a progress display knows each stage's share done and its ETA
+            (the command's bars for a model read from its files).
 
     Returns:
         The converted model (`model` itself with `inplace`). `report(model)` says what was done.
@@ -288,6 +296,8 @@ def convert(
             for name, p, offset, scale, alias in zip(chosen, weights, offsets, scales, aliases)
         ]
 
+    on_stage = on_stage or (lambda description, passes: None)
+    on_stage("layer scales", 1)
     scales = layer_scales(read(w, 0, w.numel) for w in layouts([1.0] * len(chosen)))  # one weight in memory at a time
     layout = layouts(scales)
 
@@ -312,7 +322,7 @@ def convert(
                 fixed += reserve([*dedupe(dense)[0], *(POOL_TENSOR + suffix for suffix, _, _ in storage.tensors(1))])
             return fixed
 
-        storage, slots, scored = _spend(budget_bytes, fixed_bytes, storages, dense, read, layout_for, mapping_impl, seed)
+        storage, slots, scored = _spend(budget_bytes, fixed_bytes, storages, dense, read, layout_for, mapping_impl, seed, on_stage)
         if len(scored) > 1:
             notes.append(f"plan: {storage} pool of {slots:,} slots (ratio {slots / total:.4g}), the least weight error of {len(scored)} candidates")
         elif slots == total and not storage.quantized and storage.dtype == layout[0].dtype:
@@ -321,6 +331,7 @@ def convert(
 
     layout = layout_for(slots)
     operator = PoolOperator(mapping_impl, slots, seed)
+    on_stage(f"encoding the {storage} pool", 1)
     pool = RPSPool.from_stored(encode_pool(storage, operator, layout, read, layout[0].dtype), storage, slots, layout[0].dtype, mapping_impl, seed, layout)
     result = model if inplace else _copy_without(model, weights)
     pool.info.update(

@@ -41,7 +41,8 @@ def convert_files(
     the original model. The result is the converted model, as `convert(load(path))` gives it.
     With `max_memory` (bytes), a conversion whose `memory_needed` exceeds it is refused before it
     starts (MemoryError), rather than killed by the system when memory runs out; `on_read` is
-    called with the bytes of every read of a weight (a progress display).
+    called with the bytes of every read of a weight, and `convert`'s `on_stage` with the passes
+    each stage reads (a progress display with an ETA: the command's).
     """
     path = Path(path)
     files, model, architecture, chosen, keys, compressed = _prepare(path, arch, options)
@@ -110,12 +111,12 @@ def available_memory() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def original_weights(path: str | os.PathLike, converted: nn.Module) -> Reader:
+def original_weights(path: str | os.PathLike, converted: nn.Module, on_read: Callable[[int], None] | None = None) -> Reader:
     """A Reader of the original compressed weights of `converted` from the files it was converted
-    from (`convert_files`), for `weight_errors` without loading the original."""
+    from (`convert_files`), for `weight_errors` without loading the original; `on_read` as there."""
     files = SafetensorsFiles.open(path)
     names = [n for w in find_pool(converted).weights.values() for n in (w.name, *w.aliases)]
-    return files.reader(file_keys(names, converted, files))
+    return files.reader(file_keys(names, converted, files), on_read)
 
 
 def _load_dense(model: nn.Module, files: SafetensorsFiles, keys: dict[str, str], compressed: set[str], path: Path) -> None:

@@ -189,3 +189,49 @@ def test_the_slots_a_weight_reads_are_counted_without_a_pool_sized_vector(slots)
         operator = PoolOperator(RandomFold(), slots, 1)
         weight = CompressedWeight("w", (numel,), torch.float32, offset, 1.0)
         assert slots_used(operator, weight) == int((operator.counts([weight]) > 0).sum())
+
+
+@pytest.mark.parametrize("options, stages", [
+    # the scales, the per-layer widths (none fit 25kB), every candidate scored, the chosen one encoded
+    ({"budget": "25kB"}, 1 + 1 + 9 + 1),
+    ({"budget": "60kB"}, 1 + 1 + 8 + 1),
+    ({"ratio": 1.0}, 1 + 1),  # lossless: nothing to choose
+], ids=["shared-pool", "mixed-plan", "lossless"])
+def test_each_stage_reads_the_passes_it_announces(tmp_path, options, stages):
+    """on_stage's passes are what a progress display's ETA rests on: each announced stage reads that
+    many times the bytes of the first (the layer scales: one pass over the compressed weights)."""
+    directory = llama_directory(tmp_path / "llama")
+    read: list[list] = []  # [description, passes, bytes read]
+    convert_files(directory, on_stage=lambda description, passes: read.append([description, passes, 0]),
+                  on_read=lambda count: read[-1].__setitem__(2, read[-1][2] + count), **options)
+    assert len(read) == stages and read[0][:2] == ["layer scales", 1]
+    one_pass = read[0][2]
+    matrices = sum(p.numel() for p in transformers.LlamaForCausalLM.from_pretrained(directory).parameters() if p.dim() > 1)
+    assert one_pass == 2 * matrices  # bfloat16: the compressed weights are the model's matrices
+    assert all(count == passes * one_pass for _, passes, count in read if passes is not None), read
+
+
+def test_the_command_shows_each_stage_with_its_bytes_left_and_time_left():
+    """The progress line of a conversion from files: the first stage (one pass) teaches the bytes
+    of a pass, so a later stage of 2 passes knows its total, and the time left at its rate."""
+    from rpsconvert.cli.app import _Reads
+
+    shown: list[str] = []
+    clock = iter([0.0, 0.0, 10.0, 10.0, 15.0, 25.0, 25.0, 30.0])  # each time the line asks
+    reads = _Reads(shown.append, clock=lambda: next(clock))
+    reads.on_stage("layer scales", 1)
+    reads.on_read(1000)  # 1 kB in 10 s: a pass is 1000 bytes
+    reads.on_stage("scoring candidate 1 of 2: float32", 2)
+    reads.on_read(500)  # 500 B in 5 s of the stage's 2000: 15 s left
+    reads.on_read(500)  # 1000 B in 15 s, 1000 left: 15 s left
+    reads.on_stage("choosing each layer's width", None)
+    reads.on_read(100)
+    assert shown == [
+        "layer scales",
+        "layer scales, 1.00 kB read (100 B/s)",
+        "scoring candidate 1 of 2: float32",
+        "scoring candidate 1 of 2: float32, 500 B of 2.00 kB read (100 B/s, 15 s left)",
+        "scoring candidate 1 of 2: float32, 1.00 kB of 2.00 kB read (66 B/s, 15 s left)",
+        "choosing each layer's width",
+        "choosing each layer's width, 100 B read (20 B/s)",
+    ]

@@ -155,18 +155,48 @@ class _Stages:
             self.progress.start()
         self.progress.advance(self.task)
 
-    def counter(self, description: str) -> Callable[[int], None]:
-        """A function to call with the bytes of each read; the stage's line shows their sum and
-        rate, so a conversion that reads a model's files many times over is seen to progress."""
-        start, total = time.perf_counter(), 0
+    def reads(self, description: str) -> _Reads:
+        """The progress of a conversion that reads a model's files many times over, on the stage's line."""
+        return _Reads(lambda text: self.progress.update(self.task, description=f"{description}: {text}"))
 
-        def add(count: int) -> None:
-            nonlocal total
-            total += count
-            rate = total / max(time.perf_counter() - start, 1e-9)
-            self.progress.update(self.task, description=f"{description}: {format_bytes(total)} ({format_bytes(int(rate))}/s)")
 
-        return add
+class _Reads:
+    """`on_read` and `on_stage` of a conversion from files: the line shows the stage convert is in,
+    its bytes read of the passes it announced and the time left at its rate. The bytes of one pass
+    are those the first stage read (the layer scales: one pass), so the first stage and a stage of
+    unknown passes (the per-layer widths) show bytes and rate only."""
+
+    def __init__(self, show: Callable[[str], None], clock: Callable[[], float] = time.perf_counter):
+        self.show, self.clock = show, clock
+        self.stage, self.passes, self.pass_bytes = "", None, None
+        self.start, self.done = clock(), 0
+
+    def on_stage(self, stage: str, passes: int | None) -> None:
+        if self.pass_bytes is None and self.stage:
+            self.pass_bytes = self.done
+        self.stage, self.passes = stage, passes
+        self.start, self.done = self.clock(), 0
+        self.show(stage)
+
+    def on_read(self, count: int) -> None:
+        self.done += count
+        rate = self.done / max(self.clock() - self.start, 1e-9)
+        text = f"{self.stage}, {format_bytes(self.done)} read ({format_bytes(int(rate))}/s)"
+        if self.passes and self.pass_bytes:
+            total = self.passes * self.pass_bytes
+            left = max(total - self.done, 0) / max(rate, 1e-9)
+            text = f"{self.stage}, {format_bytes(self.done)} of {format_bytes(total)} read ({format_bytes(int(rate))}/s, {_duration(left)} left)"
+        self.show(text)
+
+
+def _duration(seconds: float) -> str:
+    """3 s, 4 min 10 s, 1 h 5 min: the time left, in the units that matter."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
 
 
 @app.command("convert")
@@ -257,12 +287,12 @@ def convert_command(
             )
             with stage("convert", "converting", own_bar=calibration is not None):
                 if stream:
-                    read = stage.counter("converting: weights read")
+                    reads = stage.reads("converting")
                     limit = parse_bytes(max_memory) if max_memory else int(0.9 * available_memory())
-                    converted = convert_files(model, arch=arch, max_memory=limit, on_read=read, **options)
+                    converted = convert_files(model, arch=arch, max_memory=limit, on_read=reads.on_read, on_stage=reads.on_stage, **options)
                 else:
                     converted = rpsconvert.convert(source.model, architecture=source.architecture, calibration=calibration, quiet=quiet, **options)
-            original = source.model if source else original_weights(model, converted)
+            original = source.model if source else original_weights(model, converted, reads.on_read)
             quality = _quality(converted, original, heldout)
             if recover_steps:
                 saving = checkpoint_every or resume
@@ -282,6 +312,8 @@ def convert_command(
                 quality["recovery lr"] = max(history.lr)  # the peak: chosen by the trials under --recover-lr auto
                 if not writer:
                     return  # every process holds the recovered model whole
+            if stream:
+                reads.on_stage("measuring the weight error", 1)
             quality["weight error"] = weight_errors(converted, original)["total"]  # of the model as it is written
             _record(converted, "weight_error", provenance.figure(quality["weight error"]))
             if quality.get("after recovery") or quality.get("converted"):

@@ -39,6 +39,11 @@ from rpsconvert.engine.storage import MixedStorage, PackedPool, PoolStorage
 QUANTIZED = tuple(PoolStorage(torch.float16, bits=bits, block=32) for bits in range(8, 1, -1))
 CANDIDATES = (PoolStorage(torch.float32), PoolStorage(torch.float16), *QUANTIZED)
 
+# Told each stage of a conversion as it starts, with the passes over the compressed weights it will
+# read (None where the plan decides as it goes): a model read from its files is read many times
+# over, and this is how a progress display knows how far a stage is and what is left.
+OnStage = Callable[[str, int | None], None]
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -230,6 +235,7 @@ def choose(
     read: Reader,
     layout_for: Callable[[int], list[CompressedWeight]],
     dtype: torch.dtype,
+    on_stage: OnStage,
 ) -> tuple[Candidate, list[Candidate]]:
     """The candidate (storage, slots, file bytes) with the least weight error, and all of them scored.
 
@@ -239,7 +245,8 @@ def choose(
     one pass over the weights and cost a second pool's memory (3.4 GB for a 7B model at 1/8).
     """
     scored = []
-    for storage, slots, file_bytes in candidates:
+    for i, (storage, slots, file_bytes) in enumerate(candidates, 1):
+        on_stage(f"scoring candidate {i} of {len(candidates)}: {storage}", 2)  # encoding, then the weight error
         operator = PoolOperator(mapping, slots, seed)
         layout = layout_for(slots)
         stored = encode_pool(storage, operator, layout, read, dtype)
