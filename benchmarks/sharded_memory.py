@@ -1,8 +1,10 @@
 """Memory per process of recover() under torchrun: DDP against FSDP (docs/benchmarks.md, "Sharded recovery"),
-and the teacher built whole against read into its shards from its files (docs/recovery.md).
+the pool replicated against sharded, and the teacher built whole against read into its shards from
+its files (docs/recovery.md).
 
     torchrun --standalone --nproc_per_node=2 benchmarks/sharded_memory.py --strategy ddp
     torchrun --standalone --nproc_per_node=2 benchmarks/sharded_memory.py --strategy fsdp
+    torchrun --standalone --nproc_per_node=2 benchmarks/sharded_memory.py --strategy fsdp --pool sharded --ratio 0.5 --steps 5
 
     python benchmarks/sharded_memory.py --write DIR        # the model as a Hugging Face directory, once
     torchrun --standalone --nproc_per_node=2 benchmarks/sharded_memory.py --strategy fsdp --from DIR
@@ -15,7 +17,9 @@ runs; rank 0 prints every process's RSS when recover() starts (both models whole
 built them), its peak up to the last optimizer step (training), its peak including the end of
 recover() (where FSDP gathers both models back whole into the caller's), and the bytes of the tensors
 the process holds for training (parameters, gradients and Adam's moments, counted at the last
-step: the process's share of a sharded tensor, the whole of a replicated one).
+step: the process's share of a sharded tensor, the whole of a replicated one), and the mean
+seconds of the optimizer steps after the first (which also initializes FSDP and the pool's
+gradient scaling). `--pool` is recover's shard_pool: "auto" (its rule), "replicated" or "sharded".
 
 With `--from DIR` the model is read from the directory `--write` made: by default loaded whole
 (from_pretrained) and converted, as a caller does today; with `--lazy` the student is converted
@@ -46,6 +50,7 @@ from rpsconvert.quality.recovery import recover  # noqa: E402
 from rpsconvert.streaming import convert_files  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
+SHARD_POOL = {"auto": "auto", "replicated": False, "sharded": True}  # --pool: recover's shard_pool
 
 
 def rss() -> int:
@@ -86,11 +91,14 @@ def main() -> None:
     parser.add_argument("--write", type=Path, help="write the model to this directory and stop (no torchrun)")
     parser.add_argument("--from", dest="directory", type=Path, help="read the model from the directory --write made")
     parser.add_argument("--lazy", action="store_true", help="with --from: the teacher read into its shards (strategy fsdp)")
+    parser.add_argument("--pool", choices=tuple(SHARD_POOL), default="auto", help="with --strategy fsdp: the pool replicated or sharded (recover's shard_pool)")
     args = parser.parse_args()
     if not (args.write or args.strategy):
         parser.error("pass --strategy (under torchrun), or --write DIR")
     if args.lazy and not (args.directory and args.strategy == "fsdp"):
         parser.error("--lazy reads the teacher into its shards: pass --strategy fsdp --from DIR")
+    if args.pool != "auto" and args.strategy != "fsdp":
+        parser.error("--pool chooses how strategy fsdp holds the pool: pass --strategy fsdp")
     import transformers
 
     torch.set_num_threads(1)
@@ -108,8 +116,10 @@ def main() -> None:
     generator = torch.Generator().manual_seed(1)
     data = [{"input_ids": torch.randint(0, 30522, (8, 64), generator=generator)} for _ in range(args.steps)]
     held = {}
+    steps: list[float] = []  # when each optimizer step ended
 
     def count(optimizer, *_):  # the training tensors, and the peak so far, at the last step
+        steps.append(time.perf_counter())
         held["peak"] = peak.peak
         held["bytes"] = sum(
             local_bytes(p) + local_bytes(p.grad) + sum(local_bytes(s) for s in optimizer.state[p].values() if torch.is_tensor(s) and s.dim())
@@ -120,21 +130,25 @@ def main() -> None:
     peak = Peak()
     peak.start()
     handle = register_optimizer_step_post_hook(count)
-    recover(model, teacher, data, steps=args.steps, lr=1e-4, quiet=True, strategy=args.strategy)
+    options = {"shard_pool": SHARD_POOL[args.pool]} if args.strategy == "fsdp" else {}
+    history = recover(model, teacher, data, steps=args.steps, lr=1e-4, quiet=True, strategy=args.strategy, **options)
     peak.running = False
     peak.join()
     handle.remove()
-    row = torch.tensor([start, held["peak"], held["bytes"], peak.peak, before, lifetime_peak()], dtype=torch.float64)
+    step_seconds = (steps[-1] - steps[0]) / (len(steps) - 1) if len(steps) > 1 else float("nan")
+    row = torch.tensor([start, held["peak"], held["bytes"], peak.peak, before, lifetime_peak(), step_seconds], dtype=torch.float64)
     rows = [torch.zeros_like(row) for _ in range(dist.get_world_size())]
     dist.all_gather(rows, row)
     if dist.get_rank() == 0:
         teacher_from = "" if args.directory is None else f", teacher {'read into its shards' if args.lazy else 'loaded whole'} from {args.directory}"
         whole = (e.numel for e in SafetensorsFiles.open(args.directory).entries.values()) if args.lazy else (p.numel() for p in teacher.parameters())
-        print(f"{args.strategy}: {sum(whole) / 1e6:.0f} M parameters, {dist.get_world_size()} processes{teacher_from}")
-        for rank, (begin, top, tensors, end, first, life) in enumerate(r.tolist() for r in rows):
+        pool = "" if history.pool_sharded is None else f", the pool {'sharded' if history.pool_sharded else 'replicated'}"
+        print(f"{args.strategy}: {sum(whole) / 1e6:.0f} M parameters, {dist.get_world_size()} processes{teacher_from}, ratio {args.ratio:g}{pool}")
+        for rank, (begin, top, tensors, end, first, life, seconds) in enumerate(r.tolist() for r in rows):
             print(f"  rank {rank}: RSS at start {begin / 2**20:.0f} MiB, peak in training {top / 2**20:.0f} MiB "
                   f"(+{(top - begin) / 2**20:.0f}), with the models gathered back {end / 2**20:.0f} MiB, "
-                  f"training tensors {tensors / 2**20:.0f} MiB, peak before recover {first / 2**20:.0f} MiB, in all {life / 2**20:.0f} MiB")
+                  f"training tensors {tensors / 2**20:.0f} MiB, peak before recover {first / 2**20:.0f} MiB, in all {life / 2**20:.0f} MiB, "
+                  f"{seconds:.2f} s a step")
     dist.barrier()
     dist.destroy_process_group()
 

@@ -1,8 +1,8 @@
-"""recover(strategy="fsdp") under torchrun: `torchrun --standalone --nproc_per_node=2 tests/fsdp_recover.py OUT.pt [BITS [auto]] [resume | lazy]`.
+"""recover(strategy="fsdp") under torchrun: `torchrun --standalone --nproc_per_node=2 tests/fsdp_recover.py OUT.pt [BITS [auto]] [pool] [resume | lazy]`.
 
 Every process builds the same converted model and teacher and passes the same global batches;
-recover() shards both models with FSDP2 (per block and on the root, the pool replicated) and rank
-0 saves the recovered state, the loss curve and the gradients of the first optimizer step (and how much of each it held), for the
+recover() shards both models with FSDP2 (per block and on the root; the pool replicated, or with
+`pool` sharded with the root: shard_pool=True) and rank 0 saves the recovered state, the loss curve and the gradients of the first optimizer step (and how much of each it held), for the
 test to compare with a single-process run of the same case (`case(strategy="ddp")`).
 
 With `resume`, the processes also run the case killed after INTERRUPT_AFTER batches while saving
@@ -18,6 +18,7 @@ process's elements of each teacher parameter read from the files.
 """
 
 import sys
+from functools import partial
 from pathlib import Path
 
 import safetensors.torch
@@ -170,13 +171,14 @@ def gathered(shares: dict) -> list[dict]:
     return every
 
 
-def main(out: str, bits: int | None, auto: bool, resume: bool, lazy: bool) -> None:
+def main(out: str, bits: int | None, auto: bool, pool: bool, resume: bool, lazy: bool) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo")
+    fsdp = partial(case, "fsdp", bits, auto, shard_pool=pool)
     if lazy:
         folder = Path(out).parent
-        eager = case("fsdp", bits, auto)
-        (files, _, history, _, _), stack = read_shares(lambda: case("fsdp", bits, auto, teacher_file=folder / "stack.safetensors"))
+        eager = fsdp()
+        (files, _, history, _, _), stack = read_shares(lambda: fsdp(teacher_file=folder / "stack.safetensors"))
         directory = llama_directory(folder / "llama")
         llama_eager = llama_case(directory, lazy=False)
         llama_lazy, llama = read_shares(lambda: llama_case(directory, lazy=True))
@@ -185,16 +187,16 @@ def main(out: str, bits: int | None, auto: bool, resume: bool, lazy: bool) -> No
             "llama": {"eager": _summary(*llama_eager), "lazy": _summary(*llama_lazy), "shares": gathered(llama)},
         }
     else:
-        model, teacher, history, first, held = case("fsdp", bits, auto)
-        result = {**_summary(model, history), "teacher": teacher.state_dict(), "grads": first, "held": held}
+        model, teacher, history, first, held = fsdp()
+        result = {**_summary(model, history), "teacher": teacher.state_dict(), "grads": first, "held": held, "pool_sharded": history.pool_sharded}
     if resume:
         state = Path(out).with_suffix(".recovery")
         try:
-            case("fsdp", bits, auto, Interrupted(data("train"), INTERRUPT_AFTER), checkpoint=state, checkpoint_every=3)
+            fsdp(train=Interrupted(data("train"), INTERRUPT_AFTER), checkpoint=state, checkpoint_every=3)
         except KeyboardInterrupt:
             torch.distributed.barrier()  # rank 0 has committed its last save: a new job would start after the kill
             result["killed_at"] = (state / "latest").read_text()
-        again, _, resumed, _, _ = case("fsdp", bits, auto, checkpoint=state, checkpoint_every=3, resume=True)
+        again, _, resumed, _, _ = fsdp(checkpoint=state, checkpoint_every=3, resume=True)
         result["resumed"] = _summary(again, resumed)
         result["files"] = sorted(str(f.relative_to(state)) for f in state.rglob("*"))
     if torch.distributed.get_rank() == 0:
@@ -206,4 +208,4 @@ def main(out: str, bits: int | None, auto: bool, resume: bool, lazy: bool) -> No
 if __name__ == "__main__":
     words = sys.argv[2:]
     bits = int(words.pop(0)) if words and words[0].isdigit() else None
-    main(sys.argv[1], bits, "auto" in words, "resume" in words, "lazy" in words)
+    main(sys.argv[1], bits, "auto" in words, "pool" in words, "resume" in words, "lazy" in words)

@@ -27,16 +27,20 @@ def _torchrun(out: Path, *args: str) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("pool", [False, True], ids=["replicated", "sharded"])
 @pytest.mark.parametrize("bits, auto", [(None, False), (8, True)], ids=["float32 pool", "8-bit pool, lr auto, hidden"])
-def test_two_sharded_processes_give_the_single_process_result(tmp_path, bits, auto):
-    """gloo, 2 processes, each holding half of every dense tensor and the whole (replicated) pool:
-    the losses, the gradients and the recovered model equal one process's run on the same global
-    batches (the 8-bit pool trains straight-through, as in one process; lr="auto"'s trials and
-    the blocks' outputs, hooked on the sharded blocks, too)."""
+def test_two_sharded_processes_give_the_single_process_result(tmp_path, bits, auto, pool):
+    """gloo, 2 processes, each holding half of every dense tensor and the whole (replicated) pool
+    or half of it (sharded with the root, gathered whole once a step): the losses, the gradients
+    and the recovered model equal one process's run on the same global batches (the 8-bit pool
+    trains straight-through, as in one process; lr="auto"'s trials and the blocks' outputs, hooked
+    on the sharded blocks, too)."""
     from fsdp_recover import Stack, case
 
-    sharded = _torchrun(tmp_path / "fsdp.pt", *([] if bits is None else [str(bits)]), *(["auto"] if auto else []))
+    words = [*([] if bits is None else [str(bits)]), *(["auto"] if auto else []), *(["pool"] if pool else [])]
+    sharded = _torchrun(tmp_path / "fsdp.pt", *words)
     model, teacher, history, first, _ = case("ddp", bits, auto)  # one process: no DDP, no FSDP
+    assert sharded["pool_sharded"] is pool and history.pool_sharded is None  # what the run reports
 
     # The same optimization up to float rounding: each process sums its half of the batch and the
     # halves are averaged, where one process sums the whole (measured 2e-6 relative on the loss,
@@ -48,12 +52,14 @@ def test_two_sharded_processes_give_the_single_process_result(tmp_path, bits, au
     assert [value for _, value in sharded["lr_probe"]] == pytest.approx([value for _, value in history.lr_probe], rel=1e-4)
     # The gradients the optimizer stepped on, not multiplied by the world size (the known gloo
     # averaging slip); Adam's updates are blind to a gradient's scale, so the losses alone would
-    # not show it. The first one is the pool's: replicated and averaged by sharding.py.
+    # not show it. The first one is the pool's: averaged by sharding.py when replicated, by FSDP's
+    # reduce-scatter when sharded, after STABLE-RPS's per-slot scaling either way.
     assert len(sharded["grads"]) == len(first)
     for ours, single in zip(sharded["grads"], first):
         assert (ours - single).norm() <= 1e-5 * single.norm()
-    # each process held the whole pool's gradient, and half of every other one
-    assert sharded["held"][0] == first[0].numel()
+    # each process held the whole pool's gradient (replicated) or half of it (3072 slots: 1536
+    # each), and half of every other one
+    assert sharded["held"][0] == first[0].numel() // (2 if pool else 1) and first[0].numel() == 3072
     assert all(2 * held == grad.numel() for held, grad in zip(sharded["held"][1:], first[1:]))
     # The recovered model, gathered whole on rank 0, is the single-process one; 1e-4 leaves room
     # for Adam's division by sqrt(v), which makes a rounding-level difference in a near-zero
@@ -73,13 +79,15 @@ def test_two_sharded_processes_give_the_single_process_result(tmp_path, bits, au
 
 
 @pytest.mark.slow
-def test_a_resumed_sharded_recovery_ends_exactly_where_an_uninterrupted_one_does(tmp_path):
-    """The 8-bit pool with lr="auto" and hidden=True, killed after its 6th step on both processes
-    and resumed from the sharded checkpoint (every 3 steps): the same losses, rates, trials, best
-    step and every recovered tensor as the uninterrupted sharded run, bit for bit, as
-    tests/test_resume.py asks of one process: the same processes redo the same arithmetic on the
-    same shares, so any difference would be state the checkpoint lost."""
-    run = _torchrun(tmp_path / "fsdp.pt", "8", "auto", "resume")
+@pytest.mark.parametrize("pool", [False, True], ids=["replicated pool", "sharded pool"])
+def test_a_resumed_sharded_recovery_ends_exactly_where_an_uninterrupted_one_does(tmp_path, pool):
+    """The 8-bit pool with lr="auto" and hidden=True, replicated or sharded, killed after its 6th
+    step on both processes and resumed from the sharded checkpoint (every 3 steps): the same
+    losses, rates, trials, best step and every recovered tensor as the uninterrupted sharded run,
+    bit for bit, as tests/test_resume.py asks of one process: the same processes redo the same
+    arithmetic on the same shares, so any difference would be state the checkpoint lost (a
+    sharded pool's Adam moments are each process's half, written by DCP)."""
+    run = _torchrun(tmp_path / "fsdp.pt", "8", "auto", *(["pool"] if pool else []), "resume")
     assert run["killed_at"].startswith("step-6-")  # the last save before the kill
     resumed = run["resumed"]
     assert resumed["loss"] == run["loss"] and resumed["lr"] == run["lr"]
@@ -193,6 +201,33 @@ def test_fsdp_needs_torchrun_and_unknown_strategies_are_refused():
         recover(model, teacher, data("train"), steps=1, lr=1e-3, quiet=True, strategy="fsdp")
     with pytest.raises(ValueError, match="unknown strategy"):
         recover(model, teacher, data("train"), steps=1, lr=1e-3, quiet=True, strategy="zero")
+    with pytest.raises(ValueError, match="shard_pool must be True, False or 'auto', got 'yes'"):
+        recover(model, teacher, data("train"), steps=1, lr=1e-3, quiet=True, strategy="fsdp", shard_pool="yes")
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_the_pool_is_sharded_from_the_threshold_and_the_run_says_so(monkeypatch, capsys):
+    """shard_pool="auto" shards a latent pool of at least SHARD_POOL_BYTES and
+    replicates a smaller one, True and False force either; RecoveryHistory.pool_sharded and the
+    line recover prints say which. In a job of one process, on the Stack's pool (3072 float32
+    slots, 12288 bytes), the threshold moved to either side of it."""
+    from fsdp_recover import Stack, data
+
+    from rpsconvert.quality import sharding
+
+    assert sharding.SHARD_POOL_BYTES == 64 * 2**20
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        for threshold, choice, sharded in [(12288, "auto", True), (12289, "auto", False), (12289, True, True), (0, False, False)]:
+            monkeypatch.setattr(sharding, "SHARD_POOL_BYTES", threshold)
+            torch.manual_seed(0)
+            teacher = Stack().eval()
+            history = recover(convert(teacher, ratio=1 / 4), teacher, data("train"), steps=1, lr=1e-3, strategy="fsdp", shard_pool=choice)
+            assert history.pool_sharded is sharded, (threshold, choice)
+            said = "sharded over 1 processes, gathered whole once a step" if sharded else "replicated on each of 1 processes, its gradient all-reduced"
+            assert f"strategy='fsdp': the pool (3072 slots, 12288 bytes) is {said}" in capsys.readouterr().err
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")

@@ -56,6 +56,7 @@ class RecoveryHistory:
     stopped_early: bool = False
     lr_probe: list[tuple[float, float]] = field(default_factory=list)  # lr="auto": (rate, loss) of each trial
     probe_steps: int = 0  # lr="auto": the steps its trials took that the run did not keep
+    pool_sharded: bool | None = None  # strategy="fsdp" on a converted model: whether the pool was sharded (recover's shard_pool)
 
     @property
     def steps(self) -> int:
@@ -162,6 +163,7 @@ def recover(
     checkpoint_seconds: float | None = None,
     resume: bool = False,
     strategy: Literal["ddp", "fsdp"] = "ddp",
+    shard_pool: bool | Literal["auto"] = False,
     dropout: bool = False,
 ) -> RecoveryHistory:
     """Fine-tune `model` in place to reproduce `teacher` (the original) on the inputs of `data`.
@@ -209,9 +211,16 @@ def recover(
         resume: continue the run saved in `checkpoint` (same model, data and `steps`): with the
             same batches, seed and thread count the result equals an uninterrupted run's.
         strategy: under torchrun, "ddp" (every process holds both models whole) or "fsdp" (both
-            sharded with FSDP2 per repeated block, the pool replicated: quality/sharding.py); the
-            models come back whole on every process. Its `checkpoint` is a directory where every
-            process writes its shares (torch.distributed.checkpoint; quality/resume.py).
+            sharded with FSDP2 per repeated block: quality/sharding.py); the models come back whole
+            on every process. Its `checkpoint` is a directory where every process writes its shares
+            (torch.distributed.checkpoint; quality/resume.py).
+        shard_pool: with strategy="fsdp", whether the pool is sharded too (each process holds
+            1/world of its Adam moments and of its reduced gradient, and gathers it whole once a
+            step) or replicated (each holds all of it, its gradient all-reduced: the default);
+            "auto" shards a pool of at least sharding.SHARD_POOL_BYTES. Measured at BERT-base size
+            (docs/recovery.md), sharding lowered the peak for a 52 MiB pool and raised it for a 210
+            MiB one, so the default stays replicated until the rule is measured right.
+            `RecoveryHistory.pool_sharded` says which.
         dropout: keep the student's dropout on while it distills. Off by default: the teacher runs
             in eval mode, so a student with dropout chases outputs it cannot produce and its
             gradient carries the dropout's noise. Pretrained all-MiniLM-L6-v2 at 1/8 of the bytes
@@ -237,6 +246,8 @@ def recover(
     if lr != "auto" and not (isinstance(lr, (int, float)) and lr > 0):
         raise ValueError(f"lr must be a positive number or 'auto', got {lr!r}")
     sharding.check_strategy(strategy)
+    if shard_pool not in (True, False, "auto"):
+        raise ValueError(f"shard_pool must be True, False or 'auto', got {shard_pool!r}")
     files = sharding.teacher_files(teacher)
     if files is not None and strategy != "fsdp":
         raise ValueError("a teacher given as its files is read into its shards: pass strategy='fsdp' (under torchrun), or load the teacher and pass the model")
@@ -248,10 +259,15 @@ def recover(
     rank, world = process_group()
     device = device_of(model)
     callers = None  # strategy="fsdp": the caller's models, while their sharded twins train
+    pool_sharded = None
     if strategy == "fsdp":
         mesh = sharding.device_mesh(device)
         callers = (model, teacher if files is None else None)
-        model = sharding.shard(model, mesh, sharding.block_names(model))
+        if pool is not None:
+            pool_sharded = sharding.shards_pool(pool, shard_pool)
+            if not quiet and rank == 0:
+                Console(stderr=True).print(sharding.pool_summary(pool, pool_sharded, world), soft_wrap=True)
+        model = sharding.shard(model, mesh, sharding.block_names(model), pool_sharded=bool(pool_sharded))
         if files is None:
             teacher = sharding.shard(teacher, mesh, sharding.block_names(teacher), forward_only=True)
         else:
@@ -378,6 +394,7 @@ def recover(
                 sharding.gather(twin, caller)
     if pool is not None:
         pool.pack()
+    history.pool_sharded = pool_sharded
     return history
 
 

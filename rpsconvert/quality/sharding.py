@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch import nn
 
 from rpsconvert.engine.modules import find_pool, is_converted
-from rpsconvert.engine.pool import POOL_PARAM
+from rpsconvert.engine.pool import POOL_PARAM, RPSPool
 from rpsconvert.errors import InputError
 from rpsconvert.format.lazy_weights import SafetensorsFiles
 from rpsconvert.format.manifest import MANIFEST_KEY
@@ -50,6 +50,7 @@ from rpsconvert.format.skeleton import file_keys, skeleton
 from rpsconvert.quality.blocks import repeated_blocks
 
 STRATEGIES = ("ddp", "fsdp")
+SHARD_POOL_BYTES = 64 * 2**20  # shard_pool="auto" shards a latent pool from this size; not the default (docs/recovery.md)
 
 
 def check_strategy(strategy: str) -> str:
@@ -87,6 +88,22 @@ def device_mesh(device: torch.device):
     return init_device_mesh(device.type, (dist.get_world_size(),))
 
 
+def shards_pool(pool: RPSPool, choice: bool | str) -> bool:
+    """Whether recover(strategy="fsdp") shards `pool`: `choice`, or for "auto" whether the latent
+    pool being trained (float, whatever its stored bits) holds at least SHARD_POOL_BYTES."""
+    if choice != "auto":
+        return choice
+    return pool.pool.numel() * pool.pool.element_size() >= SHARD_POOL_BYTES
+
+
+def pool_summary(pool: RPSPool, sharded: bool, world: int) -> str:
+    """The choice shards_pool made, in one line (recover prints it unless quiet)."""
+    size = f"{pool.pool.numel()} slots, {pool.pool.numel() * pool.pool.element_size()} bytes"
+    if sharded:
+        return f"strategy='fsdp': the pool ({size}) is sharded over {world} processes, gathered whole once a step"
+    return f"strategy='fsdp': the pool ({size}) is replicated on each of {world} processes, its gradient all-reduced"
+
+
 def block_names(model: nn.Module) -> list[str]:
     """The modules that get their own fully_shard: the repeated blocks of the compressed weights
     (of the parameters, for a model that is not converted)."""
@@ -94,29 +111,35 @@ def block_names(model: nn.Module) -> list[str]:
     return repeated_blocks(model, weights)
 
 
-def shard(module: nn.Module, mesh, blocks: list[str], *, forward_only: bool = False) -> nn.Module:
+def shard(module: nn.Module, mesh, blocks: list[str], *, forward_only: bool = False, pool_sharded: bool = False) -> nn.Module:
     """A sharded twin of `module` holding its values; `module`'s parameters are emptied (to
-    `gather` them back) except the pool Parameter, which the twin shares.
+    `gather` them back), except a replicated pool Parameter, which the twin shares.
 
     The twin is deep-copied with every parameter and buffer replaced by a meta tensor (so the copy
     costs no memory), sharded and allocated (`_allocate`), and filled with this process's share of
-    each tensor.
+    each tensor. With `pool_sharded` the pool Parameter is sharded with the root's group like any
+    other (`_TwinPool`); otherwise it is kept out of FSDP and shared with `module`.
     """
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     pool = find_pool(module) if is_converted(module) else None
-    latent = module._parameters.get(POOL_PARAM) if pool is not None else None
+    latent = module._parameters.get(POOL_PARAM) if pool is not None and not pool_sharded else None  # the replicated pool
     memo: dict[int, object] = {}
     for tensor in itertools.chain(module.parameters(), module.buffers()):
         empty = torch.empty_like(tensor, device="meta")
         memo[id(tensor)] = nn.Parameter(empty, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
-    if pool is not None:
-        memo[id(pool)] = pool  # one RPSPool: it reads the Parameter registered on its own (the caller's) root
+    if pool is not None:  # replicated: one RPSPool, reading the Parameter on its own (the caller's) root
+        memo[id(pool)] = _TwinPool.of(pool) if pool_sharded else pool
     twin = copy.deepcopy(module, memo)
+    if pool_sharded:
+        memo[id(pool)]._owner = twin
+        twin.register_forward_pre_hook(_renew_pool)  # after FSDP's, which registered first (prepend)
     placeholder = twin._parameters.get(POOL_PARAM) if latent is not None else None
     device = _allocate(twin, mesh, blocks, forward_only, ignored={placeholder} if placeholder is not None else None)
     if latent is not None:
         twin._parameters[POOL_PARAM] = latent  # the same Parameter: to_empty must not touch its values
+    if pool_sharded and mesh.device_type == "cpu":
+        twin.set_custom_reduce_scatter(_AllReduceScatter())
     with torch.no_grad():
         originals = dict(module.named_parameters())
         for name, param in twin.named_parameters():
@@ -134,6 +157,52 @@ def shard(module: nn.Module, mesh, blocks: list[str], *, forward_only: bool = Fa
             if param is not latent:
                 param.data = torch.empty(0, dtype=param.dtype, device=param.device)
     return twin
+
+
+class _TwinPool(RPSPool):
+    """The sharded twin's RPSPool when FSDP shards the pool: it reads the twin's pool Parameter
+    (the whole pool while the root's group is gathered, from its pre-forward to the end of the
+    backward: once a step, however many layers read it), where the caller's reads the caller's.
+
+    It never packs: FSDP owns that Parameter's storage, and a packed pool empties it (every
+    eval() of a quantized pool would). The caller's pool packs once the trained pool is gathered
+    back into it.
+    """
+
+    @classmethod
+    def of(cls, pool: RPSPool) -> _TwinPool:
+        """A twin of `pool` sharing its mapping, weights and storage (its caches start empty); its
+        owner is set once the model's twin exists."""
+        twin = cls.__new__(cls)
+        twin.__dict__.update(pool.__getstate__())
+        return twin
+
+    def pack(self) -> None:
+        """Nothing: the pool stays float while FSDP holds it (see the class)."""
+
+
+class _AllReduceScatter:
+    """FSDP2's reduce-scatter of the root's gradients (a sharded pool's) on gloo, made an all_reduce
+    in place on FSDP's own input buffer and a copy of this process's share (FSDP2's ReduceScatter
+    interface: `allocate` and the call). gloo's reduce_scatter_tensor allocates 1.5 times its
+    input beside it (314 MiB for BERT-base's 210 MiB pool at 1/2, measured) and takes twice an
+    all_reduce's time (0.33 against 0.16 s), which made the sharded pool's peak 104 MiB higher than
+    the replicated one's."""
+
+    def allocate(self, size: tuple[int, ...], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group, op, async_op: bool = False) -> None:
+        dist.all_reduce(input_tensor, op=op, group=group)
+        output_tensor.copy_(input_tensor.view(group.size(), -1)[group.rank()])
+
+
+def _renew_pool(root: nn.Module, args: tuple) -> None:
+    """A forward pre-hook on the twin's root, after FSDP's: FSDP2 all-gathers the pool into the
+    same Parameter every time without autograd seeing a write (its version stays 0, measured),
+    and RPSPool keeps a quantized pool's rounding and the pieces layers read per version, so the
+    version is moved on: every forward reads the pool as gathered."""
+    torch.autograd.graph.increment_version(root._parameters[POOL_PARAM])
 
 
 def _allocate(twin: nn.Module, mesh, blocks: list[str], forward_only: bool, ignored: set | None = None) -> torch.device:
@@ -254,6 +323,9 @@ def gather(twin: nn.Module, module: nn.Module) -> None:
                 continue
             full = param.full_tensor() if isinstance(param, DTensor) else param.detach()
             originals[name].data = full.detach().clone().to(originals[name].device)
+            # .data= leaves the version, by which the caller's RPSPool keys the pieces of its pool
+            # that its layers read: a sharded pool's new values must not be read as the old ones
+            torch.autograd.graph.increment_version(originals[name])
         originals = dict(module.named_buffers())
         for name, buffer in twin.named_buffers():
             originals[name].copy_(buffer)
