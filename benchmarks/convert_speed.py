@@ -120,10 +120,10 @@ def _h(x: int, key: int) -> int:
     return _fmix32(_fmix32((x & M32) ^ key) ^ (x >> 32))
 
 
-def naive_slots_and_signs(n: int, m: int, seed: int) -> tuple[list[int], list[int]]:
+def naive_slots_and_signs(n: int, m: int, seed: int, start: int = 0) -> tuple[list[int], list[int]]:
     rot, sgn = _key(seed, 1), _key(seed, 4)
-    slots = [(_h(i // m, rot) % m + i % m) % m for i in range(n)]
-    signs = [1 - 2 * ((_h(i >> 5, sgn) >> (i & 31)) & 1) for i in range(n)]
+    slots = [(_h(i // m, rot) % m + i % m) % m for i in range(start, start + n)]
+    signs = [1 - 2 * ((_h(i >> 5, sgn) >> (i & 31)) & 1) for i in range(start, start + n)]
     return slots, signs
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from rpsconvert.engine.budget import check_ratio, format_bytes, parse_bytes, slots_for_budget
 from rpsconvert.engine.discovery import Discovery, discover
 from rpsconvert.engine.hashing import check_seed
-from rpsconvert.engine.mapping import MAX_SLOTS, Mapping, RandomFold, get_mapping, mapping_params
+from rpsconvert.engine.mapping import Mapping, RandomFold, get_mapping, mapping_params
 from rpsconvert.engine.modules import install, is_converted
 from rpsconvert.engine.operator import CompressedWeight, PoolOperator
 from rpsconvert.engine.encoding import encode_pool
@@ -97,14 +97,14 @@ def _spend(
         slots_for_budget(budget, fixed[cheapest], cheapest.bytes, largest)
     candidates = []
     for storage in fitting:
-        count = min(slots_for_budget(budget, fixed[storage], storage.bytes, []), total, MAX_SLOTS - 1)  # the format's limit
+        count = min(slots_for_budget(budget, fixed[storage], storage.bytes, []), total, mapping.max_slots - 1)  # the format's limit
         candidates.append((storage, count, fixed[storage] + storage.bytes(count)))
     lossless = [(s, n) for s, n, _ in candidates if n == total and not s.quantized and s.dtype == dtype]
     if lossless:
         return *lossless[0], []
     whole = [c for c in candidates if c[0].quantized and c[1] == total]
     candidates = [c for c in candidates if c not in whole]
-    if storages is None and isinstance(mapping, RandomFold) and total < MAX_SLOTS:
+    if storages is None and isinstance(mapping, RandomFold) and total < mapping.max_slots:
         # at ratio 1.0 each layer gets its own width and row-aligned blocks (plan.mixed), in place
         # of the integer pools of one width that hold every element
         operator = PoolOperator(mapping, total, seed)
@@ -287,8 +287,12 @@ def convert(
     )
     aliases = [tuple(n for n in found.aliases[name] if n != name) for name in chosen]
     *offsets, total = accumulate((p.numel() for p in weights), initial=0)
-    if ratio is not None and round(ratio * total) >= MAX_SLOTS:  # before any weight is read
-        raise ValueError(f"a pool of {round(ratio * total):,} slots exceeds the format's limit of 2**32: use a ratio below {(MAX_SLOTS - 1) / total:.3g}")
+    if ratio is not None and round(ratio * total) >= mapping_impl.max_slots:  # before any weight is read
+        limit = mapping_impl.max_slots
+        raise ValueError(
+            f"a pool of {round(ratio * total):,} slots exceeds the {mapping_impl.name} mapping's limit of {limit:,}: "
+            f"use a ratio below {(limit - 1) / total:.3g}" + (" or mapping='randomfold'" if limit < RandomFold.max_slots else "")
+        )
 
     def layouts(scales: list[float]) -> list[CompressedWeight]:
         return [

@@ -143,6 +143,7 @@ class Strided:
 def test_a_registered_mapping_converts_saves_and_loads(tmp_path):
     register_mapping(Strided)  # here, not at import: other test modules list every registered mapping
     try:
+        assert Strided.max_slots == 2**32  # stated by no field: a hash word's values
         converted = convert(_mlp(), ratio=0.5, mapping=Strided(stride=3))
         path = save(converted, tmp_path / "strided.rps.safetensors")
         loaded = load(path, _mlp())

@@ -6,6 +6,7 @@ from torch import nn
 
 from rpsconvert import BudgetError, RPSWarning, convert, parse_bytes, report
 from rpsconvert.engine.budget import check_ratio
+from rpsconvert.engine.mapping import HashedNet
 
 
 @pytest.mark.parametrize(
@@ -85,15 +86,14 @@ def test_exactly_one_of_ratio_and_budget():
         convert(_model(), 0.5, budget="1MB")
 
 
-def test_a_budget_buying_more_slots_than_the_format_holds_gets_the_most_it_holds(monkeypatch):
-    """A 7B model at 2 bits a weight would buy 5.4e9 int2 slots; the format holds 2**32 - 1 (here
-    the limit is lowered to 3001 slots to show it on a small model)."""
-    from rpsconvert import conversion
-
-    monkeypatch.setattr(conversion, "MAX_SLOTS", 3001)
+def test_a_budget_buying_more_slots_than_the_mapping_holds_gets_the_most_it_holds(monkeypatch):
+    """A 7B model at 2 bits a weight would buy 5.4e9 int2 slots; a hashednet pool holds 2**32 - 1
+    (here the limit is lowered to 3001 slots to show it on a small model)."""
+    monkeypatch.setattr(HashedNet, "max_slots", 3001)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, 100))
-    converted = convert(model, budget="8kB", bits=2)  # 8 kB of int2 is ~25,000 slots
+    converted = convert(model, budget="8kB", bits=2, mapping="hashednet")  # 8 kB of int2 is ~25,000 slots
     assert report(converted).pool_slots == 3000
-    with pytest.raises(ValueError, match="exceeds the format's limit of 2\\*\\*32: use a ratio below 0.15"):
-        convert(model, ratio=0.5)
+    with pytest.raises(ValueError, match="exceeds the hashednet mapping's limit of 3,001: use a ratio below 0.15 or mapping='randomfold'"):
+        convert(model, ratio=0.5, mapping="hashednet")
+

@@ -22,7 +22,9 @@ from golden import DATA, GOLDEN, GoldenNet, checkpoint
 from models import TiedLM
 from rpsconvert import BudgetError, CheckpointError, convert, decompress, load, materialize, parse_bytes, save
 from rpsconvert.format.files import write_atomic
-from rpsconvert.format.manifest import DIGEST_KEY, FORMAT_VERSION, MANIFEST_KEY
+from rpsconvert.engine.operator import CompressedWeight
+from rpsconvert.engine.pool import RPSPool
+from rpsconvert.format.manifest import DIGEST_KEY, FORMAT_VERSION, MANIFEST_KEY, manifest_json, parse
 
 
 def _quiet_convert(model, *args, **kwargs):
@@ -318,6 +320,22 @@ def test_a_newer_format_version_asks_for_an_upgrade(tmp_path):
     safetensors.torch.save_file(tensors, path, metadata=metadata)
     with pytest.raises(CheckpointError, match=f"format version {FORMAT_VERSION + 1}, newer than this rpsconvert reads"):
         load(path, model=TiedLM())
+
+
+def test_randomfold_pools_may_have_more_slots_than_a_hash_word_has_values():
+    """A 7B model at ratio 1 needs 6.7e9 slots: a RandomFold pool may have up to 2**53 - 1, and one
+    of 2**32 slots or more is written as format version 5, which older readers refuse as newer."""
+    total = 2**32 + 5
+    weights = [CompressedWeight("w", (total,), torch.float32, 0, 1.0)]
+    pool = RPSPool(torch.empty(total, device="meta"), "randomfold", 0, weights, grad_scaling=False)
+    manifest = manifest_json(pool, {}, 0)
+    assert (manifest["format_version"], manifest["pool"]["slots"]) == (5, total)
+    with pytest.raises(ValueError, match="a pool of 4,294,967,301 slots stored as float32 needs format version 5"):
+        parse({**manifest, "format_version": 4}, {})
+    with pytest.raises(ValueError, match="a hashednet pool must have between 1 and 4,294,967,295 slots"):
+        parse({**manifest, "mapping": "hashednet"}, {})
+    with pytest.raises(ValueError, match="a randomfold pool must have between 1 and 9,007,199,254,740,991 slots"):
+        parse({**manifest, "pool": {**manifest["pool"], "slots": 2**53}}, {})
 
 
 def test_an_existing_file_is_not_overwritten_without_overwrite(tmp_path):

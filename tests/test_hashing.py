@@ -34,6 +34,8 @@ def test_signs_are_pinned_and_balanced():
 def test_mappings_are_pinned():
     assert RandomFold().slots(0, 12, 5, 0).tolist() == [2, 3, 4, 0, 1, 2, 3, 4, 0, 1, 4, 0]
     assert RandomFold().slots(2**40, 2**40 + 4, 1000, 9).tolist() == [264, 265, 266, 267]
+    big = 2**33 + 7  # more slots than a hash word has values (a 7B model at ratio 1): across the fold at 2 * big
+    assert RandomFold().slots(2 * big - 3, 2 * big + 3, big, 0).tolist() == [3231473669, 3231473670, 3231473671, 2550364134, 2550364135, 2550364136]
     assert HashedNet().slots(0, 8, 1000, 0).tolist() == [943, 662, 393, 97, 434, 819, 798, 244]
     assert RoastTile().slots(1020, 1030, 100, 0).tolist() == [72, 73, 74, 75, 96, 97, 98, 99, 0, 1]
 

@@ -22,6 +22,14 @@ def test_pure_python_reference_matches_vectorised_slots_and_signs(m, seed):
     assert signs(0, n, seed).tolist() == sign
 
 
+@pytest.mark.parametrize("m", [2**32, 2**33 + 7, 3 * 2**32 + 1])
+def test_pure_python_reference_matches_pools_beyond_two_to_the_32_slots(m):
+    start = 2 * m - 10_000  # the second fold ends inside the range: its last slots, then the third fold's first
+    slots, sign = convert_speed.naive_slots_and_signs(20_000, m, 5, start)
+    assert RandomFold().slots(start, start + 20_000, m, 5).tolist() == slots
+    assert signs(start, start + 20_000, 5).tolist() == sign
+
+
 def test_pure_python_hash_of_a_high_index_matches():
     i = 2**40 + 12_345
     key = convert_speed._key(9, 4)

@@ -27,12 +27,13 @@ from rpsconvert.engine.hashing import (
 )
 
 CHUNK = 1 << 20  # elements generated at once: about ten int64 temporaries of 8 MB each
-MAX_SLOTS = 1 << 32  # hash words are 32-bit, so slots beyond 2**32 would never be reached
+HASHED_SLOTS = 1 << 32  # a slot drawn from one 32-bit hash word: a pool beyond 2**32 slots is never reached past it
 _MAX_SEGMENTS = 64  # RandomFold: above this many folds in one range, arithmetic beats ranges
 
 
 class Mapping(Protocol):
     name: ClassVar[str]
+    max_slots: ClassVar[int]  # pools must have fewer slots than this (the format's bound, docs/format.md)
 
     def slots(self, start: int, stop: int, m: int, seed: int, device: torch.device | str) -> torch.Tensor:
         """h(i) for the global indices [start, stop), int64 in [0, m)."""
@@ -43,9 +44,13 @@ MAPPINGS: dict[str, type[Mapping]] = {}
 
 
 def register_mapping(cls: type[Mapping]) -> type[Mapping]:
-    """Class decorator: make a mapping known to `convert(mapping=...)`, the CLI and the file reader."""
+    """Class decorator: make a mapping known to `convert(mapping=...)`, the CLI and the file reader.
+
+    A mapping that does not state `max_slots` gets the bound of a slot drawn from a hash word."""
     if cls.name in MAPPINGS:
         raise ValueError(f"a mapping named {cls.name!r} is already registered")
+    if not hasattr(cls, "max_slots"):
+        cls.max_slots = HASHED_SLOTS
     MAPPINGS[cls.name] = cls
     return cls
 
@@ -81,9 +86,15 @@ class RandomFold:
 
     Every slot gets floor(N/m) or ceil(N/m) elements, and for m >= N the map is a bijection, so
     conversion at ratio 1.0 is lossless.
+
+    The offset `i mod m` reaches every slot whatever the size of the pool, so a pool may have more
+    slots than a hash word has values (a 7B model at ratio 1 needs 6.7e9): beyond 2**32 slots the
+    rotations H(c) mod m all fall in the first 2**32, which changes no slot's load (each fold still
+    covers the pool once). The bound is 2**53, the largest integer every JSON reader holds exactly.
     """
 
     name: ClassVar[str] = "randomfold"
+    max_slots: ClassVar[int] = 1 << 53
 
     def slots(self, start, stop, m, seed, device="cpu"):
         first, last = start // m, (stop - 1) // m
@@ -109,6 +120,7 @@ class HashedNet:
     """Chen et al. 2015: an independent hash per element (unbalanced, lossy even at m = N)."""
 
     name: ClassVar[str] = "hashednet"
+    max_slots: ClassVar[int] = HASHED_SLOTS
 
     def slots(self, start, stop, m, seed, device="cpu"):
         return hash32(torch.arange(start, stop, device=device), _key(seed, STREAM_SLOT)) % m
@@ -120,6 +132,7 @@ class RoastTile:
     """ROAST: contiguous tiles of `tile` elements are hashed as a whole onto the pool."""
 
     name: ClassVar[str] = "roast"
+    max_slots: ClassVar[int] = HASHED_SLOTS
     tile: int = 1024
 
     def __post_init__(self):

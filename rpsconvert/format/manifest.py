@@ -14,13 +14,13 @@ import torch
 
 from rpsconvert.version import __version__
 from rpsconvert.engine.hashing import check_seed
-from rpsconvert.engine.mapping import MAX_SLOTS, get_mapping, mapping_params
+from rpsconvert.engine.mapping import HASHED_SLOTS, get_mapping, mapping_params
 from rpsconvert.engine.operator import CompressedWeight
 from rpsconvert.engine.pool import POOL_PARAM, RPSPool
 from rpsconvert.engine.storage import dtype_name, parse_dtype, storage_from_json
 
 FORMAT = "rpsconvert"
-FORMAT_VERSION = 4  # the newest version this code reads; it writes the oldest that says everything
+FORMAT_VERSION = 5  # the newest version this code reads; it writes the oldest that says everything
 HASH_SPEC = "fmix32-v1"
 MANIFEST_KEY = "rpsconvert"  # safetensors metadata key of the JSON manifest
 DIGEST_KEY = "rpsconvert.sha256"  # safetensors metadata key of the digest
@@ -35,7 +35,7 @@ def manifest_json(pool: RPSPool, dense_aliases: dict[str, str], original_bytes: 
     params = mapping_params(pool.mapping)
     return {
         "format": FORMAT,
-        "format_version": _version(pool.storage, params == _V1_MAPPING_PARAMS.get(pool.mapping.name)),
+        "format_version": _version(pool.storage, params == _V1_MAPPING_PARAMS.get(pool.mapping.name), pool.size),
         "hash": HASH_SPEC,
         "mapping": pool.mapping.name,
         "mapping_params": params,
@@ -81,9 +81,12 @@ def state_metadata(keys: Iterable[str], versions: dict[str, int]) -> dict[str, d
     return {prefix: {"version": versions.get(prefix, 1)} for prefix in sorted(prefixes)}
 
 
-def _version(storage, v1_params: bool) -> int:
+def _version(storage, v1_params: bool, slots: int) -> int:
     """The oldest version that says everything, so that older readers read every file they can:
-    2 added mapping_params, 3 quantized pools of 2, 4 and 8 bits, 4 every width from 2 to 8."""
+    2 added mapping_params, 3 quantized pools of 2, 4 and 8 bits, 4 every width from 2 to 8,
+    5 pools of 2**32 slots and more (RandomFold's, for models above 4.3e9 weights at ratio 1)."""
+    if slots >= HASHED_SLOTS:
+        return 5
     if not storage.quantized:
         return 1 if v1_params else 2
     return 3 if storage.widths <= _V3_WIDTHS else 4
@@ -120,11 +123,11 @@ def parse(manifest: dict, tensors: dict[str, torch.Tensor]) -> RPSPool:
     mapping = get_mapping(manifest["mapping"], params)
     pool_entry = manifest["pool"]
     slots = pool_entry["slots"]
-    if not isinstance(slots, int) or not 0 < slots < MAX_SLOTS:
-        raise ValueError(f"the pool must have between 1 and 2**32 - 1 slots, the manifest says {slots!r}")
+    if not isinstance(slots, int) or not 0 < slots < mapping.max_slots:
+        raise ValueError(f"a {mapping.name} pool must have between 1 and {mapping.max_slots - 1:,} slots, the manifest says {slots!r}")
     storage = storage_from_json(pool_entry)
-    if storage.quantized and manifest["format_version"] < _version(storage, True):
-        raise ValueError(f"a pool of {'/'.join(map(str, sorted(storage.widths)))}-bit codes needs format version {_version(storage, True)}")
+    if manifest["format_version"] < (needed := _version(storage, True, slots)):
+        raise ValueError(f"a pool of {slots:,} slots stored as {storage} needs format version {needed}")
     names = {suffix: pool_entry["tensor"] + suffix for suffix, _, _ in storage.tensors(slots)}
     stored = {suffix: tensors.pop(name) for suffix, name in names.items()}
     if not set(manifest["dense_aliases"].values()) <= set(tensors):
