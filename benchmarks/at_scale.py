@@ -121,7 +121,7 @@ def convert(directory: Path, fraction: list[int] = typer.Option([8, 32]), keep: 
     weights = source_bytes // 2
     print(f"{directory.name}: {weights / 1e9:.3f} B weights, {source_bytes / 1e9:.2f} GB bf16")
     print(f"{'budget':>12} {'file bytes':>14} {'wall s':>8} {'CPU s':>8} {'peak RSS':>10} {'CPU s / B weights':>18} "
-          f"{'loaded / file':>14} {'forward / file':>15} {'forward s':>10}  plan")
+          f"{'loaded / file':>14} {'forward / file':>15} {'forward s':>10} {'weight error':>13}  plan")
     for k in fraction:
         budget = source_bytes // k
         out = Path(tempfile.mkdtemp(dir=directory.parent)) / "out"
@@ -138,7 +138,8 @@ def convert(directory: Path, fraction: list[int] = typer.Option([8, 32]), keep: 
         after_load, at_forward, forward = json.loads(loaded.stdout.strip().splitlines()[-1])
         size = report["file_bytes"]
         print(f"{'1/' + str(k):>12} {size:>14,} {wall:>8.0f} {cpu:>8.0f} {peak / 2**30:>8.2f} GiB "
-              f"{cpu / (weights / 1e9):>18.0f} {after_load / size:>14.2f} {at_forward / size:>15.2f} {forward:>10.1f}  "
+              f"{cpu / (weights / 1e9):>18.0f} {after_load / size:>14.2f} {at_forward / size:>15.2f} {forward:>10.1f} "
+              f"{report['quality']['weight error']:>13.4g}  "
               f"{report['report']['pool_dtype']}, ratio {report['report']['ratio']:.3g}")
         if not keep:
             shutil.rmtree(out.parent)

@@ -27,6 +27,7 @@ from rpsconvert.errors import InputError
 from rpsconvert.format.lazy_weights import INDEX_FILE, SINGLE_FILE, SafetensorsFiles
 from rpsconvert.format.manifest import MANIFEST_KEY
 from rpsconvert.format.skeleton import CONFIG_FILE, file_keys, skeleton
+from rpsconvert.quality.calibration import SLOT_BYTES
 
 
 def convert_files(
@@ -66,6 +67,29 @@ def memory_needed(path: str | os.PathLike, *, arch: str | dict | None = None, **
     weights at 4 bytes each."""
     files, model, _, chosen, keys, compressed = _prepare(Path(path), arch, options)
     return _needed(model, files, chosen, keys, compressed, options)
+
+
+def check_whole_load(path: str | os.PathLike, *, arch: str | dict | None, max_memory: int, calibrating: bool, **options) -> None:
+    """Refuse (MemoryError) a conversion from safetensors files that must load the model whole,
+    because it runs the original (`--calibrate`, `--verify`), when it would need more than
+    `max_memory` bytes: the model in its files' dtypes and, to calibrate, its dense copy and
+    calibration's pool-sized state (`SLOT_BYTES` a slot, the pool at most a slot per weight, or
+    two bits a slot of the budget). A 7B model in bf16 would need 27 GB before calibrating a
+    slot: one line now, rather than the system killing the process later."""
+    files, model, _, chosen, keys, compressed = _prepare(Path(path), arch, options)
+    params = dict(model.named_parameters())
+    count = sum(params[name].numel() for name in chosen)
+    model_bytes = sum(files.entries[key].numel * files.entries[key].dtype.itemsize for key in set(keys.values()))
+    ratio, budget = options.get("ratio"), options.get("budget")
+    slots = round(ratio * count) if ratio is not None else count if budget is None else min(count, parse_bytes(budget) * 4)
+    needed = model_bytes * (2 if calibrating else 1) + (SLOT_BYTES * slots if calibrating else 0)
+    if needed > max_memory:
+        what = "calibrating loads it whole: the model, its dense copy and calibration's state" if calibrating else "verifying loads it whole"
+        raise MemoryError(
+            f"converting {path} with {'--calibrate' if calibrating else '--verify'} needs about {format_bytes(needed)} of memory "
+            f"({what}), more than the {format_bytes(max_memory)} allowed: convert without it (the files are then read a piece at a time), "
+            "free memory and raise --max-memory, or give a smaller model"
+        )
 
 
 def _prepare(path: Path, arch: str | dict | None, options: dict) -> tuple:

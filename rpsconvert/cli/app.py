@@ -31,7 +31,7 @@ import rpsconvert
 from rpsconvert.engine.budget import check_ratio, format_bytes, parse_bytes
 from rpsconvert.format.checkpoint import Checkpoint, checkpoint_bytes, checkpoint_file, is_directory, read, save_directory, serialized, write_dense
 from rpsconvert.format.serialized import Serialized
-from rpsconvert.streaming import available_memory, convert_files, original_weights, streams
+from rpsconvert.streaming import available_memory, check_whole_load, convert_files, original_weights, streams
 from rpsconvert.format import provenance
 from rpsconvert.format.files import taken, write_atomic
 from rpsconvert.engine.storage import dtype_name
@@ -227,7 +227,7 @@ def convert_command(
     max_drop: MaxDrop = None,
     atol: Atol = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Convert and report, with the plan per tensor, but write nothing.")] = False,
-    max_memory: Annotated[Optional[str], typer.Option("--max-memory", metavar="SIZE", help="Refuse to start a conversion from safetensors files (a Hugging Face directory, or a .safetensors file with --arch, read a piece at a time) that would need more memory than SIZE. Default: 90% of the memory available now.", show_default=False)] = None,
+    max_memory: Annotated[Optional[str], typer.Option("--max-memory", metavar="SIZE", help="Refuse to start a conversion from safetensors files (a Hugging Face directory, or a .safetensors file with --arch, read a piece at a time; loaded whole with --calibrate or --verify) that would need more memory than SIZE. Default: 90% of the memory available now.", show_default=False)] = None,
     shard_size: Annotated[str, typer.Option("--shard-size", metavar="SIZE", help="A model directory's checkpoint larger than SIZE is written as shards of at most SIZE and their index, model.rps.safetensors.index.json (a --budget counts them all).")] = "5GB",
     json_output: JsonOutput = False,
     force: Force = False,
@@ -271,7 +271,11 @@ def convert_command(
             # from safetensors files without --calibrate or --verify (which run the original), the
             # model is converted without loading it (streaming.py): the same bytes in a fraction of the memory
             stream = calibrate is None and not verify and streams(model, arch)
+            limit = parse_bytes(max_memory) if max_memory else int(0.9 * available_memory())
             with stage("read", f"reading {model}" if not stream else f"reading the structure of {model}"):
+                if not stream and streams(model, arch):  # safetensors files loaded whole: refused now if they cannot fit
+                    check_whole_load(model, arch=arch, max_memory=limit, calibrating=calibrate is not None, ratio=ratio, budget=budget,
+                                     include=include or None, exclude=exclude or None, min_numel=min_numel)
                 source = None if stream else _read(model, arch, trust_pickle)
                 as_directory = output is not None and is_directory(output)
                 output = Path(output) if output else (source.output if source else default_output(Path(model)))
@@ -288,7 +292,6 @@ def convert_command(
             with stage("convert", "converting", own_bar=calibration is not None):
                 if stream:
                     reads = stage.reads("converting")
-                    limit = parse_bytes(max_memory) if max_memory else int(0.9 * available_memory())
                     converted = convert_files(model, arch=arch, max_memory=limit, on_read=reads.on_read, on_stage=reads.on_stage, **options)
                 else:
                     converted = rpsconvert.convert(source.model, architecture=source.architecture, calibration=calibration, quiet=quiet, **options)

@@ -99,6 +99,10 @@ from rpsconvert.quality.recovery import distillation_loss
 from rpsconvert.quality.rounding import round_layer, sole_slots
 
 ROWS = 1 << 22  # patch matrix elements processed at once (16 MB in float32)
+# The pool-sized state of a calibration, in bytes a slot: the pool in float32 and the copy the
+# held-out check may restore (8), the three penalty vectors in float64 (24), the solver's buffers
+# (three float32, one float64: 20) and which slots are one element's (1).
+SLOT_BYTES = 53
 
 
 @dataclass(frozen=True)
