@@ -20,6 +20,7 @@ from rpsconvert.errors import (
     BudgetError,
     CheckpointError,
     InputError,
+    MemoryLimitError,
     OutputExistsError,
     RPSError,
     RPSWarning,
@@ -95,6 +96,7 @@ __all__ = [
     "BudgetError",
     "CheckpointError",
     "InputError",
+    "MemoryLimitError",
     "OutputExistsError",
     "RPSWarning",
 ]

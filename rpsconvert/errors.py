@@ -54,6 +54,10 @@ class InputError(RPSError, ValueError):
     """A model input that cannot be read (safely)."""
 
 
+class MemoryLimitError(RPSError, MemoryError):
+    """A run that would need more memory than it is allowed (`--max-memory`): refused before it starts."""
+
+
 class OutputExistsError(RPSError, FileExistsError):
     """The output file exists and overwriting it was not asked for."""
 

@@ -23,7 +23,7 @@ from rpsconvert.engine.discovery import discover
 from rpsconvert.engine.encoding import PIECE
 from rpsconvert.engine.modules import find_pool
 from rpsconvert.engine.projection import Reader
-from rpsconvert.errors import InputError
+from rpsconvert.errors import InputError, MemoryLimitError
 from rpsconvert.format.lazy_weights import INDEX_FILE, SINGLE_FILE, SafetensorsFiles
 from rpsconvert.format.manifest import MANIFEST_KEY
 from rpsconvert.format.skeleton import CONFIG_FILE, file_keys, skeleton
@@ -41,7 +41,7 @@ def convert_files(
     `options` are `convert`'s (ratio or budget, bits, include, ...), calibration excepted: it runs
     the original model. The result is the converted model, as `convert(load(path))` gives it.
     With `max_memory` (bytes), a conversion whose `memory_needed` exceeds it is refused before it
-    starts (MemoryError), rather than killed by the system when memory runs out; `on_read` is
+    starts (MemoryLimitError), rather than killed by the system when memory runs out; `on_read` is
     called with the bytes of every read of a weight, and `convert`'s `on_stage` with the passes
     each stage reads (a progress display with an ETA: the command's).
     """
@@ -50,7 +50,7 @@ def convert_files(
     if max_memory is not None:
         needed = _needed(model, files, chosen, keys, compressed, options)
         if needed > max_memory:
-            raise MemoryError(
+            raise MemoryLimitError(
                 f"converting {path} needs about {format_bytes(needed)} of memory (the stored pool, the largest weight "
                 f"in float64, the pieces in flight, the tensors kept dense), more than the {format_bytes(max_memory)} "
                 "allowed: free memory and raise --max-memory, or give a smaller budget"
@@ -70,7 +70,7 @@ def memory_needed(path: str | os.PathLike, *, arch: str | dict | None = None, **
 
 
 def check_whole_load(path: str | os.PathLike, *, arch: str | dict | None, max_memory: int, calibrating: bool, **options) -> None:
-    """Refuse (MemoryError) a conversion from safetensors files that must load the model whole,
+    """Refuse (MemoryLimitError) a conversion from safetensors files that must load the model whole,
     because it runs the original (`--calibrate`, `--verify`), when it would need more than
     `max_memory` bytes: the model in its files' dtypes and, to calibrate, its dense copy and
     calibration's pool-sized state (`SLOT_BYTES` a slot, the pool at most a slot per weight, or
@@ -85,7 +85,7 @@ def check_whole_load(path: str | os.PathLike, *, arch: str | dict | None, max_me
     needed = model_bytes * (2 if calibrating else 1) + (SLOT_BYTES * slots if calibrating else 0)
     if needed > max_memory:
         what = "calibrating loads it whole: the model, its dense copy and calibration's state" if calibrating else "verifying loads it whole"
-        raise MemoryError(
+        raise MemoryLimitError(
             f"converting {path} with {'--calibrate' if calibrating else '--verify'} needs about {format_bytes(needed)} of memory "
             f"({what}), more than the {format_bytes(max_memory)} allowed: convert without it (the files are then read a piece at a time), "
             "free memory and raise --max-memory, or give a smaller model"

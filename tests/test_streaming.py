@@ -180,6 +180,7 @@ def test_the_command_refuses_a_run_above_max_memory_in_one_line_and_writes_nothi
     result = CliRunner().invoke(app, [str(directory), "--budget", "60kB", "--max-memory", "1MB", "-o", str(tmp_path / "out.rps.safetensors")])
     assert result.exit_code == 1
     assert result.output.count("\n") == 1 and "more than the 1.00 MB allowed" in result.output
+    assert result.output.startswith(f"error: converting {directory} needs about")  # a user's error, not "MemoryError: ..."
     assert not (tmp_path / "out.rps.safetensors").exists()
 
 
@@ -193,7 +194,7 @@ def test_a_run_that_loads_the_files_whole_is_refused_above_max_memory_in_one_lin
     out = tmp_path / "out.rps.safetensors"
     result = CliRunner().invoke(app, [str(directory), "--budget", "60kB", "--max-memory", "100kB", "-o", str(out), *extra])
     assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
-    assert f"with {flag} needs about" in result.output and "more than the 100.00 kB allowed" in result.output
+    assert result.output.startswith(f"error: converting {directory} with {flag} needs about") and "more than the 100.00 kB allowed" in result.output
     assert not out.exists()
     allowed = CliRunner().invoke(app, [str(directory), "--budget", "60kB", "--max-memory", "1GB", "-o", str(out), *extra])
     assert allowed.exit_code == 0, allowed.output
