@@ -13,7 +13,7 @@ ALLOWED = {
     "format": {"engine", "errors", "version"},
     "quality": {"engine", "format", "errors"},  # a teacher read from its files (quality/sharding.py)
     "conversion": {"engine", "format", "quality", "errors"},
-    "streaming": {"engine", "format", "conversion", "errors"},  # convert() of a model read from its files
+    "streaming": {"engine", "format", "quality", "conversion", "errors"},  # convert() of a model read from its files; what calibrating it would hold
     "cli": {"engine", "format", "quality", "conversion", "streaming", "errors", "version", "__init__"},
     "__init__": {"engine", "format", "quality", "conversion", "streaming", "errors", "version"},
     "__main__": {"cli"},  # python -m rpsconvert
