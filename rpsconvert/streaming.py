@@ -76,10 +76,10 @@ def check_whole_load(path: str | os.PathLike, *, arch: str | dict | None, max_me
     calibration's pool-sized state (`SLOT_BYTES` a slot, the pool at most a slot per weight, or
     two bits a slot of the budget). A 7B model in bf16 would need 27 GB before calibrating a
     slot: one line now, rather than the system killing the process later."""
-    files, model, _, chosen, keys, compressed = _prepare(Path(path), arch, options)
+    files, model, _, chosen, keys, _ = _prepare(Path(path), arch, options)
     params = dict(model.named_parameters())
     count = sum(params[name].numel() for name in chosen)
-    model_bytes = sum(files.entries[key].numel * files.entries[key].dtype.itemsize for key in set(keys.values()))
+    model_bytes = _stored_bytes(files, set(keys.values()))
     ratio, budget = options.get("ratio"), options.get("budget")
     slots = round(ratio * count) if ratio is not None else count if budget is None else min(count, parse_bytes(budget) * 4)
     needed = model_bytes * (2 if calibrating else 1) + (SLOT_BYTES * slots if calibrating else 0)
@@ -112,8 +112,13 @@ def _needed(model: nn.Module, files: SafetensorsFiles, chosen: list[str], keys: 
     count = sum(w.numel() for w in weights)
     pool = parse_bytes(options["budget"]) if options.get("budget") is not None else int(options["ratio"] * count * 4) + 1
     largest = max((w.numel() * (w.dtype.itemsize + 8) for w in weights), default=0)
-    dense = sum(files.entries[key].numel * files.entries[key].dtype.itemsize for name, key in keys.items() if name not in compressed)
+    dense = _stored_bytes(files, [key for name, key in keys.items() if name not in compressed])
     return pool + largest + 8 * PIECE * 8 + dense
+
+
+def _stored_bytes(files: SafetensorsFiles, keys) -> int:
+    """The bytes of the files' tensors `keys` in their stored dtypes (a key listed twice counts twice)."""
+    return sum(files.entries[key].numel * files.entries[key].dtype.itemsize for key in keys)
 
 
 def streams(source: str, arch: str | dict | None) -> bool:
