@@ -1,10 +1,16 @@
-"""Which rows of the layer the plan splits between two widths keep the wider one (plan.mixed)."""
+"""The per-layer plan (plan.mixed): which rows of a layer split between two widths keep the wider
+one, and which of a layer's elements its error at a width is measured on."""
 
 import torch
 from torch import nn
 
 from rpsconvert import convert
+from rpsconvert.engine import plan
+from rpsconvert.engine.mapping import RandomFold
 from rpsconvert.engine.modules import find_pool
+from rpsconvert.engine.operator import CompressedWeight, PoolOperator
+from rpsconvert.engine.projection import in_memory, project_range
+from rpsconvert.engine.storage import PoolStorage
 
 
 def test_the_layer_split_between_two_widths_keeps_its_first_rows_wider():
@@ -21,3 +27,40 @@ def test_the_layer_split_between_two_widths_keeps_its_first_rows_wider():
         error = (converted[0].weight - original).square().sum(1) / original.square().sum(1)
     first, last = float(error[:256].mean()), float(error[-256:].mean())
     assert first < 0.02 < last, (first, last)  # int4 rounds about 4x more finely than int3
+
+
+def _layer(rows: int, row: int, scale: float = 1.5) -> tuple[list[CompressedWeight], dict[str, torch.Tensor], PoolOperator]:
+    """One weight of `rows` rows, the row norms ramped 100-fold (as an embedding's are by token
+    frequency), at offset 0 of a lossless RandomFold pool."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(rows, row, generator=g) * torch.logspace(0, 2, rows).unsqueeze(1)
+    layout = [CompressedWeight("w", (rows, row), torch.float32, 0, scale)]
+    return layout, {"w": weight}, PoolOperator(RandomFold(), rows * row, seed=7)
+
+
+def test_a_layer_within_the_sample_is_measured_whole_on_the_same_run_as_the_projection():
+    layout, tensors, operator = _layer(64, 96)
+    run = plan._sample(operator, layout[0], in_memory(tensors), block=32)
+    (first,) = plan._first_slots(operator, layout, "cpu")  # the run starts there and wraps past the end
+    projected = [project_range(operator, layout, in_memory(tensors), *slots) for slots in ((first, 64 * 96), (0, first))]
+    assert 0 < first and torch.equal(run, torch.cat(projected))  # bit for bit
+
+
+def test_a_layer_above_the_sample_is_measured_on_spans_of_whole_rows_spread_over_it():
+    rows, row = 4096, 384  # 1.57M elements
+    layout, tensors, operator = _layer(rows, row)
+    read_rows = []
+
+    def read(weight, lo, hi):
+        assert lo % row == 0 and hi % row == 0  # whole rows, so whole blocks of 32
+        read_rows.append((lo // row, hi // row))
+        return tensors["w"].reshape(-1)[lo:hi]
+
+    storage = PoolStorage(torch.float16, bits=3, block=32)
+    run = plan._sample(operator, layout[0], read, storage.block)
+    assert len(read_rows) == plan.SPANS and len(run) == plan.SPANS * 170 * row  # 170 rows a span: 2**20 / 16 / 384
+    assert read_rows[0][0] == 0 and read_rows[-1][1] == rows  # from the first row to the last
+    whole = project_range(operator, layout, in_memory(tensors), 0, rows * row)
+    sampled, measured = (float((storage.snap(v) - v).square().sum() / v.square().sum()) for v in (run, whole))
+    # a sample of 32,640 of 49,152 blocks, each rounded as in the whole run: within 1 %
+    assert abs(sampled / measured - 1) < 0.01, (sampled, measured)
