@@ -1,6 +1,8 @@
-"""The per-layer plan (plan.mixed): which rows of a layer split between two widths keep the wider
-one, and which of a layer's elements its error at a width is measured on."""
+"""The plan (engine/plan.py): which rows of a layer split between two widths keep the wider one,
+which of a layer's elements its error at a width is measured on, and a candidate's error measured
+as its pool is projected."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -9,8 +11,9 @@ from rpsconvert.engine import plan
 from rpsconvert.engine.mapping import RandomFold
 from rpsconvert.engine.modules import find_pool
 from rpsconvert.engine.operator import CompressedWeight, PoolOperator
-from rpsconvert.engine.projection import in_memory, project_range
-from rpsconvert.engine.storage import PoolStorage
+from rpsconvert.engine.encoding import encode_pool
+from rpsconvert.engine.projection import in_memory, layer_scales, project_range
+from rpsconvert.engine.storage import PackedPool, PoolStorage
 
 
 def test_the_layer_split_between_two_widths_keeps_its_first_rows_wider():
@@ -64,3 +67,22 @@ def test_a_layer_above_the_sample_is_measured_on_spans_of_whole_rows_spread_over
     sampled, measured = (float((storage.snap(v) - v).square().sum() / v.square().sum()) for v in (run, whole))
     # a sample of 32,640 of 49,152 blocks, each rounded as in the whole run: within 1 %
     assert abs(sampled / measured - 1) < 0.01, (sampled, measured)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ratio", [1.0, 0.5, 0.15])
+@pytest.mark.parametrize("storage", [PoolStorage(torch.float32), PoolStorage(torch.float16), plan.QUANTIZED[4], plan.QUANTIZED[6]], ids=str)
+def test_a_candidate_scored_as_it_is_projected_has_the_error_of_the_pool_it_would_store(storage, ratio, dtype, monkeypatch):
+    monkeypatch.setattr(plan, "PIECE", 1 << 12)  # pieces of about 4096 landing elements, some 26 of them
+    g = torch.Generator().manual_seed(1)
+    weights = [(torch.randn(n, generator=g) * s).to(dtype) for n, s in ((30000, 0.05), (4096, 1.0), (70001, 0.2), (999, 3.0))]
+    scales = layer_scales(weights)
+    offsets = [0, 30000, 34096, 104097]
+    layout = [CompressedWeight(f"w{i}", tuple(w.shape), dtype, o, s) for i, (w, o, s) in enumerate(zip(weights, offsets, scales))]
+    read = in_memory({f"w{i}": w for i, w in enumerate(weights)})
+    operator = PoolOperator(RandomFold(), round(ratio * 105096), seed=3)
+    stored = encode_pool(storage, operator, layout, read, dtype)
+    expected = plan.weight_error(operator, layout, read, PackedPool(storage, stored, operator.slots, dtype))
+    # the same squared error element by element, summed in another order: float64 sums of 1e5 terms
+    assert plan.stored_error(storage, operator, layout, read, dtype) == pytest.approx(expected, rel=1e-12)
+    assert 0 < expected < 1.5

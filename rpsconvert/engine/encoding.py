@@ -29,24 +29,26 @@ def encode_pool(
     suffix, as `storage.encode` gives them): each piece is projected (`project_range`), put in
     the weights' `dtype` and encoded by its part of the storage, into tensors made once."""
     out = {suffix: torch.empty(shape, dtype=kind) for suffix, kind, shape in storage.tensors(operator.slots)}
-    for first, count, part, starts in _pieces(storage, operator):
+    for first, count, part, starts in pieces(storage, operator):
         values = project_range(operator, layout, read, first, first + count).to(dtype)
         for suffix, tensor in part.encode(values).items():
             out[suffix][starts[suffix] : starts[suffix] + len(tensor)] = tensor.to(out[suffix].device)
     return out
 
 
-def _pieces(storage: PoolStorage | MixedStorage, operator: PoolOperator) -> Iterator[tuple[int, int, PoolStorage, dict[str, int]]]:
-    """(first slot, slots, the storage of those slots, where their tensors start) of every piece:
-    a mixed pool's runs cut into pieces, each on whole blocks and bytes of its run. A pool that
-    is projected whole anyway (a mapping other than RandomFold, or a pool too small to slice) is
-    one piece per run."""
+def pieces(
+    storage: PoolStorage | MixedStorage, operator: PoolOperator, piece: int = PIECE
+) -> Iterator[tuple[int, int, PoolStorage, dict[str, int]]]:
+    """(first slot, slots, the storage of those slots, where their tensors start) of every piece
+    of about `piece` slots: a mixed pool's runs cut into pieces, each on whole blocks and bytes of
+    its run. A pool that is projected whole anyway (a mapping other than RandomFold, or a pool too
+    small to slice) is one piece per run."""
     slots = operator.slots
     runs = storage.runs if isinstance(storage, MixedStorage) else ((slots, storage),)
     first, starts = 0, {"": 0, ".scales": 0}
     for n, part in runs:
         unit = 8 * part.block if part.quantized else 1  # whole blocks and whole bytes
-        step = max(1, PIECE // unit) * unit if operator._folded() else n
+        step = max(1, piece // unit) * unit if operator._folded() else n
         for lo in range(0, n, step):
             within = {"": lo * part.bits // 8, ".scales": lo // part.block} if part.quantized else {"": lo}
             yield first + lo, min(step, n - lo), part, {suffix: starts[suffix] + within.get(suffix, 0) for suffix in starts}

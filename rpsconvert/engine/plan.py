@@ -26,8 +26,8 @@ import torch
 
 from rpsconvert.engine.mapping import Mapping, chunks
 from rpsconvert.engine.operator import CompressedWeight, PoolOperator
-from rpsconvert.engine.encoding import PIECE, encode_pool
-from rpsconvert.engine.projection import Reader
+from rpsconvert.engine.encoding import PIECE, encode_pool, pieces
+from rpsconvert.engine.projection import Reader, signed_runs, solve
 from rpsconvert.engine.storage import MixedStorage, PackedPool, PoolStorage
 
 # What the plan weighs against each other: float32, float16 and every integer width from 8 down to
@@ -79,14 +79,47 @@ def error_sums(operator: PoolOperator, layout: Sequence[CompressedWeight], read:
     return sums
 
 
+def _relative(sums: Sequence[tuple[float, float]]) -> list[float]:
+    return [diff / norm if norm > 0 else float(diff > 0) for diff, norm in sums]
+
+
 def layer_errors(operator: PoolOperator, layout: Sequence[CompressedWeight], read: Reader, theta: torch.Tensor | PackedPool) -> list[float]:
     """The relative squared error of each weight `theta` generates."""
-    return [diff / norm if norm > 0 else float(diff > 0) for diff, norm in error_sums(operator, layout, read, theta)]
+    return _relative(error_sums(operator, layout, read, theta))
 
 
 def weight_error(operator: PoolOperator, layout: Sequence[CompressedWeight], read: Reader, theta: torch.Tensor | PackedPool) -> float:
     """Mean over layers of the relative squared error of the weights `theta` generates."""
     errors = layer_errors(operator, layout, read, theta)
+    return sum(errors) / max(len(errors), 1)
+
+
+def stored_error(
+    storage: PoolStorage | MixedStorage, operator: PoolOperator, layout: Sequence[CompressedWeight], read: Reader, dtype: torch.dtype
+) -> float:
+    """`weight_error` of the pool `encode_pool` would store, measured as it is projected and
+    never stored: each piece of slots is projected from the elements that land there, rounded as
+    it would be stored, and those same elements compared with what it generates for them. A
+    candidate then costs one read of the weights instead of two and holds no pool (at a quarter
+    of a 7B model's bf16 bytes a float32 candidate's is 3.4 GB). Each element's squared error is
+    the one generation gives (|scale * sign * v - w| = |scale * v - sign * w|, rounded alike); only
+    the order of the sums differs. A piece has about PIECE landing elements, whatever the ratio.
+    Pools projected whole anyway (PoolOperator._folded) are stored and measured as they are.
+    """
+    if not (operator._folded() and len(layout)):
+        stored = encode_pool(storage, operator, layout, read, dtype)
+        return weight_error(operator, layout, read, PackedPool(storage, stored, operator.slots, dtype))
+    device = read(layout[0], 0, 0).device
+    factors = [operator.signed(torch.empty(0, dtype=dtype, device=device), w.scale)[0] for w in layout]
+    sums = [[0.0, 0.0] for _ in layout]
+    for first, count, part, _ in pieces(storage, operator, max(1, PIECE * operator.slots // sum(w.numel for w in layout))):
+        runs = list(signed_runs(operator, layout, read, first, first + count))
+        snapped = part.snap(solve(runs, layout, first, first + count, device).to(dtype))
+        for index, slot, signed in runs:
+            generated = snapped[slot - first : slot - first + len(signed)] * factors[index]
+            sums[index][0] += float((generated.double() - signed).square_().sum())
+            sums[index][1] += float(signed.square().sum())
+    errors = _relative(sums)
     return sum(errors) / max(len(errors), 1)
 
 
@@ -230,13 +263,13 @@ def _sample(operator: PoolOperator, weight: CompressedWeight, read: Reader, bloc
     SAMPLE) at 1/4 and 1/8 of the bytes the plan chose the same widths as measured whole.
     """
     if weight.numel <= SAMPLE:
-        pieces = [(0, weight.numel)]
+        spans = [(0, weight.numel)]
     else:
         unit = -(-_row(weight) // block) * block  # a row, rounded up to whole blocks
         span = max(1, SAMPLE // SPANS // unit) * unit
-        pieces = [(lo, lo + span) for lo in sorted({i * (weight.numel // unit * unit - span) // (SPANS - 1) // unit * unit for i in range(SPANS)})]
+        spans = [(lo, lo + span) for lo in sorted({i * (weight.numel // unit * unit - span) // (SPANS - 1) // unit * unit for i in range(SPANS)})]
     runs = []
-    for lo, hi in pieces:
+    for lo, hi in spans:
         values = read(weight, lo, hi).double()
         values *= operator.signs(weight.offset + lo, weight.offset + hi, torch.float64, values.device)
         runs.append(values.mul_(weight.scale).div_(max(weight.scale**2, 1e-300)))  # as project_range divides
@@ -255,16 +288,12 @@ def choose(
     """The candidate (storage, slots, file bytes) with the least weight error, and all of them scored.
 
     `layout_for(slots)` gives the weights' layout (their scales depend on whether the pool is
-    lossless). Ties go to the earlier candidate. Each candidate's stored pool is dropped once it
-    is scored, so the plan holds one pool at a time: keeping the best one for the end would save
-    one pass over the weights and cost a second pool's memory (3.4 GB for a 7B model at 1/8).
+    lossless). Ties go to the earlier candidate. Each candidate is scored as it is projected
+    (`stored_error`), so the plan holds no pool: the winner is encoded once more at the end.
     """
     scored = []
     for i, (storage, slots, file_bytes) in enumerate(candidates, 1):
-        on_stage(f"scoring candidate {i} of {len(candidates)}: {storage}", 2)  # encoding, then the weight error
+        on_stage(f"scoring candidate {i} of {len(candidates)}: {storage}", 1)
         operator = PoolOperator(mapping, slots, seed)
-        layout = layout_for(slots)
-        stored = encode_pool(storage, operator, layout, read, dtype)
-        scored.append(Candidate(storage, slots, file_bytes, weight_error(operator, layout, read, PackedPool(storage, stored, slots, dtype))))
-        del stored
+        scored.append(Candidate(storage, slots, file_bytes, stored_error(storage, operator, layout_for(slots), read, dtype)))
     return min(scored, key=lambda c: c.error), scored

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -63,20 +63,31 @@ def project_range(operator: PoolOperator, layout: Sequence[CompressedWeight], re
     to slice (PoolOperator._folded) scatter whole weights into a pool-sized vector.
     """
     device = _device(layout, read)
-    if not (operator._folded() and len(layout)):
-        whole = torch.zeros(operator.slots, dtype=torch.float64, device=device)
-        for weight in layout:
-            operator.adjoint(weight, read(weight, 0, weight.numel).double(), out=whole)
-        numerator, denominator = whole[lo:hi], operator.diagonal(layout, device)[lo:hi]
-    else:
-        numerator = torch.zeros(hi - lo, dtype=torch.float64, device=device)
-        denominator = torch.zeros(hi - lo, dtype=torch.float64, device=device)
-        for index, start, stop, slot in operator.landing(layout, lo, hi):
-            weight = layout[index]
-            values = read(weight, start, stop).double()
-            values *= operator.signs(weight.offset + start, weight.offset + stop, torch.float64, device)
-            numerator[slot - lo : slot - lo + stop - start].add_(values, alpha=weight.scale)
-            denominator[slot - lo : slot - lo + stop - start].add_(weight.scale**2)
+    if operator._folded() and len(layout):
+        return solve(signed_runs(operator, layout, read, lo, hi), layout, lo, hi, device)
+    whole = torch.zeros(operator.slots, dtype=torch.float64, device=device)
+    for weight in layout:
+        operator.adjoint(weight, read(weight, 0, weight.numel).double(), out=whole)
+    return whole[lo:hi].div_(operator.diagonal(layout, device)[lo:hi].clamp_(min=1e-300))
+
+
+def signed_runs(operator: PoolOperator, layout: Sequence[CompressedWeight], read: Reader, lo: int, hi: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(weight index, first slot, its elements times their signs in float64) of every run of
+    elements landing in the slots [lo, hi) of a sliced RandomFold pool (`PoolOperator.landing`)."""
+    device = _device(layout, read)
+    for index, start, stop, slot in operator.landing(layout, lo, hi):
+        weight = layout[index]
+        values = read(weight, start, stop).double()
+        yield index, slot, values.mul_(operator.signs(weight.offset + start, weight.offset + stop, torch.float64, device))
+
+
+def solve(runs: Iterable[tuple[int, int, torch.Tensor]], layout: Sequence[CompressedWeight], lo: int, hi: int, device) -> torch.Tensor:
+    """The least-squares slots [lo, hi) from every `signed_runs` run landing there."""
+    numerator = torch.zeros(hi - lo, dtype=torch.float64, device=device)
+    denominator = torch.zeros(hi - lo, dtype=torch.float64, device=device)
+    for index, slot, values in runs:
+        numerator[slot - lo : slot - lo + len(values)].add_(values, alpha=layout[index].scale)
+        denominator[slot - lo : slot - lo + len(values)].add_(layout[index].scale ** 2)
     return numerator.div_(denominator.clamp_(min=1e-300))  # in place: the temporaries are pool-sized
 
 
