@@ -62,8 +62,9 @@ def convert_files(
 def memory_needed(path: str | os.PathLike, *, arch: str | dict | None = None, **options) -> int:
     """A bound on the memory `convert_files(path, arch=arch, **options)` takes at its peak beyond
     what the process held before, in bytes (what --max-memory is checked against): the stored
-    pool (the plan holds one candidate's at a time), the largest compressed weight in its dtype
-    and in float64 (its layer scale), the pieces in flight, and the tensors kept dense. The pool takes at most the budget, or with a ratio that share of the
+    pool (the chosen one's: the plan scores the others as they are projected), the largest
+    compressed weight in its dtype and in float64 (its layer scale), the pieces in flight, and the
+    tensors kept dense. The pool takes at most the budget, or with a ratio that share of the
     weights at 4 bytes each."""
     files, model, _, chosen, keys, compressed = _prepare(Path(path), arch, options)
     return _needed(model, files, chosen, keys, compressed, options)
