@@ -27,7 +27,7 @@ import torch
 from rpsconvert.engine.mapping import Mapping, chunks
 from rpsconvert.engine.operator import CompressedWeight, PoolOperator
 from rpsconvert.engine.encoding import PIECE, encode_pool, pieces
-from rpsconvert.engine.projection import Reader, signed_runs, solve
+from rpsconvert.engine.projection import Reader, signed, signed_runs, solve
 from rpsconvert.engine.storage import MixedStorage, PackedPool, PoolStorage
 
 # What the plan weighs against each other: float32, float16 and every integer width from 8 down to
@@ -115,10 +115,10 @@ def stored_error(
     for first, count, part, _ in pieces(storage, operator, max(1, PIECE * operator.slots // sum(w.numel for w in layout))):
         runs = list(signed_runs(operator, layout, read, first, first + count))
         snapped = part.snap(solve(runs, layout, first, first + count, device).to(dtype))
-        for index, slot, signed in runs:
-            generated = snapped[slot - first : slot - first + len(signed)] * factors[index]
-            sums[index][0] += float((generated.double() - signed).square_().sum())
-            sums[index][1] += float(signed.square().sum())
+        for index, slot, elements in runs:  # each times its sign
+            generated = snapped[slot - first : slot - first + len(elements)] * factors[index]
+            sums[index][0] += float((generated.double() - elements).square_().sum())
+            sums[index][1] += float(elements.square().sum())
     errors = _relative(sums)
     return sum(errors) / max(len(errors), 1)
 
@@ -268,12 +268,8 @@ def _sample(operator: PoolOperator, weight: CompressedWeight, read: Reader, bloc
         unit = -(-_row(weight) // block) * block  # a row, rounded up to whole blocks
         span = max(1, SAMPLE // SPANS // unit) * unit
         spans = [(lo, lo + span) for lo in sorted({i * (weight.numel // unit * unit - span) // (SPANS - 1) // unit * unit for i in range(SPANS)})]
-    runs = []
-    for lo, hi in spans:
-        values = read(weight, lo, hi).double()
-        values *= operator.signs(weight.offset + lo, weight.offset + hi, torch.float64, values.device)
-        runs.append(values.mul_(weight.scale).div_(max(weight.scale**2, 1e-300)))  # as project_range divides
-    return torch.cat(runs)
+    runs = [signed(operator, weight, read, lo, hi).mul_(weight.scale).div_(max(weight.scale**2, 1e-300)) for lo, hi in spans]
+    return torch.cat(runs)  # divided as project_range divides: the same bits
 
 
 def choose(

@@ -74,11 +74,14 @@ def project_range(operator: PoolOperator, layout: Sequence[CompressedWeight], re
 def signed_runs(operator: PoolOperator, layout: Sequence[CompressedWeight], read: Reader, lo: int, hi: int) -> Iterator[tuple[int, int, torch.Tensor]]:
     """(weight index, first slot, its elements times their signs in float64) of every run of
     elements landing in the slots [lo, hi) of a sliced RandomFold pool (`PoolOperator.landing`)."""
-    device = _device(layout, read)
     for index, start, stop, slot in operator.landing(layout, lo, hi):
-        weight = layout[index]
-        values = read(weight, start, stop).double()
-        yield index, slot, values.mul_(operator.signs(weight.offset + start, weight.offset + stop, torch.float64, device))
+        yield index, slot, signed(operator, layout[index], read, start, stop)
+
+
+def signed(operator: PoolOperator, weight: CompressedWeight, read: Reader, start: int, stop: int) -> torch.Tensor:
+    """The elements [start, stop) of `weight` times their signs, in float64."""
+    values = read(weight, start, stop).double()
+    return values.mul_(operator.signs(weight.offset + start, weight.offset + stop, torch.float64, values.device))
 
 
 def solve(runs: Iterable[tuple[int, int, torch.Tensor]], layout: Sequence[CompressedWeight], lo: int, hi: int, device) -> torch.Tensor:
