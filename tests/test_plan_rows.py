@@ -86,3 +86,20 @@ def test_a_candidate_scored_as_it_is_projected_has_the_error_of_the_pool_it_woul
     # the same squared error element by element, summed in another order: float64 sums of 1e5 terms
     assert plan.stored_error(storage, operator, layout, read, dtype) == pytest.approx(expected, rel=1e-12)
     assert 0 < expected < 1.5
+
+
+def test_a_mixed_pool_scored_as_it_is_projected_has_the_error_of_the_pool_it_would_store(monkeypatch):
+    monkeypatch.setattr(plan, "PIECE", 1 << 12)
+    g = torch.Generator().manual_seed(2)
+    weights = [torch.randn(rows, 96, generator=g) * s for rows, s in ((300, 0.05), (64, 1.0), (701, 0.2))]
+    offsets = [0, 300 * 96, 364 * 96]
+    layout = [CompressedWeight(f"w{i}", tuple(w.shape), w.dtype, o, s) for i, (w, o, s) in enumerate(zip(weights, offsets, layer_scales(weights)))]
+    read = in_memory({f"w{i}": w for i, w in enumerate(weights)})
+    operator = PoolOperator(RandomFold(), 1065 * 96, seed=5)
+    # each layer at its own width, the last split between two (its first rows wider)
+    parts = [[(300 * 96, 5)], [(64 * 96, 8)], [(400 * 96, 3), (301 * 96, 2)]]
+    storage = plan.aligned(operator.slots, layout, plan._first_slots(operator, layout, "cpu"), parts)
+    stored = encode_pool(storage, operator, layout, read, torch.float32)
+    expected = plan.weight_error(operator, layout, read, PackedPool(storage, stored, operator.slots, torch.float32))
+    assert plan.stored_error(storage, operator, layout, read, torch.float32) == pytest.approx(expected, rel=1e-12)
+    assert 0.01 < expected < 0.5
