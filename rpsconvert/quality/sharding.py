@@ -67,6 +67,14 @@ def torchrun_job() -> Iterator[bool]:
     job (outside torchrun a recovery runs in the one process). At the end every process waits for
     the others (a barrier) before the group goes, so that none tears gloo down while another still
     gathers the models back.
+
+    The barrier's work holds the collectives still in flight when it began (FSDP's all-gathers),
+    whose tensors own Python objects, and the gloo thread that ran it frees it once it is done. A
+    process that returns at once (every one but the writer) could reach the interpreter's exit
+    first; the thread then took the GIL to free those tensors, and exiting there ended the process
+    in std::terminate ("terminate called without an active exception": a core dump of rank 1
+    under load, about 1 run in 20). So the work is kept (`_FINAL_WORKS`) until the interpreter's
+    own teardown, where the main thread frees it and gloo's thread only drops its reference.
     """
     if not dist.is_torchelastic_launched():
         yield False
@@ -74,9 +82,14 @@ def torchrun_job() -> Iterator[bool]:
     dist.init_process_group("gloo")
     try:
         yield True
-        dist.barrier()
+        barrier = dist.barrier(async_op=True)
+        _FINAL_WORKS.append(barrier)
+        barrier.wait()
     finally:
         dist.destroy_process_group()
+
+
+_FINAL_WORKS: list = []  # torchrun_job's barriers, freed by the interpreter's teardown
 
 
 def device_mesh(device: torch.device):
