@@ -182,7 +182,8 @@ def mixed(
     the best allocation. Widths are free to differ by more than one bit between layers: on a
     pretrained MobileNetV2 at a quarter of the bytes, keeping sensitive layers at int8 and moving
     others to int4 beat int7 everywhere (docs/quality.md). At ratio 1.0 a layer's pool run is its
-    weight times its signs over its scale, so its rounding error is measured on the run itself.
+    weight times its signs over its scale, so its rounding error is measured on the run itself
+    (on spans of its rows when it is large: `_sample`).
 
     The layer whose step tips the balance keeps its first rows at the wider width and moves its
     last rows down. For a matrix or a convolution which rows go is indifferent (output channels
