@@ -68,13 +68,14 @@ def torchrun_job() -> Iterator[bool]:
     the others (a barrier) before the group goes, so that none tears gloo down while another still
     gathers the models back.
 
-    The barrier's work holds the collectives still in flight when it began (FSDP's all-gathers),
-    whose tensors own Python objects, and the gloo thread that ran it frees it once it is done. A
-    process that returns at once (every one but the writer) could reach the interpreter's exit
-    first; the thread then took the GIL to free those tensors, and exiting there ended the process
-    in std::terminate ("terminate called without an active exception": a core dump of rank 1
-    under load, about 1 run in 20). So the work is kept (`_FINAL_WORKS`) until the interpreter's
-    own teardown, where the main thread frees it and gloo's thread only drops its reference.
+    The barrier's work holds the collectives still in flight when it began (FSDP's all-gathers,
+    DDP's all-reduces), whose tensors own Python objects, and the gloo thread that ran it frees it
+    once it is done. A process that returns at once (every one but the writer) could reach the
+    interpreter's exit first; the thread then took the GIL to free those tensors, and exiting there
+    ended the process in std::terminate ("terminate called without an active exception": core
+    dumps of rank 1 under load, 2 runs in 64). So the work is kept (`_FINAL_WORKS`) until the
+    interpreter's own teardown, where the main thread frees it and gloo's thread only drops its
+    reference.
     """
     if not dist.is_torchelastic_launched():
         yield False
