@@ -83,6 +83,10 @@ def _relative(sums: Sequence[tuple[float, float]]) -> list[float]:
     return [diff / norm if norm > 0 else float(diff > 0) for diff, norm in sums]
 
 
+def _mean(errors: list[float]) -> float:
+    return sum(errors) / max(len(errors), 1)
+
+
 def layer_errors(operator: PoolOperator, layout: Sequence[CompressedWeight], read: Reader, theta: torch.Tensor | PackedPool) -> list[float]:
     """The relative squared error of each weight `theta` generates."""
     return _relative(error_sums(operator, layout, read, theta))
@@ -90,8 +94,7 @@ def layer_errors(operator: PoolOperator, layout: Sequence[CompressedWeight], rea
 
 def weight_error(operator: PoolOperator, layout: Sequence[CompressedWeight], read: Reader, theta: torch.Tensor | PackedPool) -> float:
     """Mean over layers of the relative squared error of the weights `theta` generates."""
-    errors = layer_errors(operator, layout, read, theta)
-    return sum(errors) / max(len(errors), 1)
+    return _mean(layer_errors(operator, layout, read, theta))
 
 
 def stored_error(
@@ -119,8 +122,7 @@ def stored_error(
             generated = snapped[slot - first : slot - first + len(elements)] * factors[index]
             sums[index][0] += float((generated.double() - elements).square_().sum())
             sums[index][1] += float(elements.square().sum())
-    errors = _relative(sums)
-    return sum(errors) / max(len(errors), 1)
+    return _mean(_relative(sums))
 
 
 def row_block(row: int, target: int = 32) -> int:
