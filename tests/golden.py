@@ -16,9 +16,10 @@ from torch import nn
 from rpsconvert import RoastTile
 
 DATA = Path(__file__).parent / "data"
-# name -> (mapping, pool storage: a float dtype or bits, ratio[, shard size]): every mapping and
-# pool dtype of format v1, a mapping parameter of v2, every quantized width of v3, widths that
-# straddle bytes in v4, and a model directory cut into shards (docs/format.md, "Sharded checkpoints")
+# name -> (mapping, pool storage: a float dtype, bits or None for the plan's choice, ratio or a
+# budget[, shard size]): every mapping and pool dtype of format v1, a mapping parameter of v2, every
+# quantized width of v3, widths that straddle bytes in v4, a model directory cut into shards
+# (docs/format.md, "Sharded checkpoints"), and int2 in base 3 in v6, alone and in a per-layer mix
 GOLDEN = {
     "golden-v1-randomfold-fp32": ("randomfold", torch.float32, 0.3),
     "golden-v1-hashednet-fp16": ("hashednet", torch.float16, 0.5),
@@ -30,6 +31,9 @@ GOLDEN = {
     "golden-v4-randomfold-int5": ("randomfold", 5, 0.7),
     "golden-v4-hashednet-int3": ("hashednet", 3, 1.0),
     "golden-sharded-v3-randomfold-int4": ("randomfold", 4, 0.5, 1500),
+    "golden-v6-randomfold-int2": ("randomfold", 2, 0.7),
+    "golden-v6-hashednet-int2": ("hashednet", 2, 1.0),
+    "golden-v6-randomfold-mixed": ("randomfold", None, "7000"),  # the plan: int3, and int2 in base 3 in blocks of 36 and 72
 }
 
 
@@ -81,11 +85,12 @@ def write() -> None:
 
     DATA.mkdir(exist_ok=True)
     tokens = torch.randint(0, 60, (2, 5), generator=torch.Generator().manual_seed(1))
-    for name, (mapping, storage, ratio, *shard_size) in GOLDEN.items():
+    for name, (mapping, storage, amount, *shard_size) in GOLDEN.items():
         if checkpoint(name).exists():
             continue  # a shipped golden file is never rewritten
         bits, dtype = (storage, None) if isinstance(storage, int) else (None, storage)
-        converted = convert(trained_like(), ratio, mapping=mapping, dtype=dtype, bits=bits, seed=1234)
+        spend = {"budget": amount} if isinstance(amount, str) else {"ratio": amount}
+        converted = convert(trained_like(), **spend, mapping=mapping, dtype=dtype, bits=bits, seed=1234)
         path = save(converted, f"{checkpoint(name)}/" if shard_size else checkpoint(name), max_shard_size=shard_size[0] if shard_size else None)
         with torch.no_grad():
             output = converted(tokens)

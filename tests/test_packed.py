@@ -32,13 +32,16 @@ def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
         return {name: model.rps.weight(name).clone() for name in model.rps.weights}
 
 
-@settings(max_examples=60, deadline=None)
+PACKED = [(bits, "bits") for bits in WIDTHS] + [(2, "base3")]
+
+
+@settings(max_examples=80, deadline=None)
 @given(
-    bits=st.sampled_from(WIDTHS), block=st.sampled_from([1, 7, 32, 64]), slots=st.integers(1, 3000),
+    packed=st.sampled_from(PACKED), block=st.sampled_from([1, 7, 32, 64]), slots=st.integers(1, 3000),
     cut=st.tuples(st.floats(0, 1), st.floats(0, 1)), seed=st.integers(0, 2**16),
 )
-def test_any_range_or_any_slots_of_a_stored_pool_read_exactly_the_decoded_values(bits, block, slots, cut, seed):
-    storage = PoolStorage(torch.float16, bits, block)
+def test_any_range_or_any_slots_of_a_stored_pool_read_exactly_the_decoded_values(packed, block, slots, cut, seed):
+    storage = PoolStorage(torch.float16, packed[0], block, packed[1])
     generator = torch.Generator().manual_seed(seed)
     stored = storage.encode(torch.randn(slots, generator=generator))
     decoded = storage.decode(stored, slots)
@@ -49,12 +52,13 @@ def test_any_range_or_any_slots_of_a_stored_pool_read_exactly_the_decoded_values
 
 
 def test_a_mixed_pool_reads_each_run_with_its_own_width():
-    runs = tuple((n, PoolStorage(torch.float16, bits, block)) for n, bits, block in ((100, 8, 32), (37, 3, 7), (1000, 5, 64), (3, 2, 16)))
-    storage, slots = MixedStorage(runs), 1140
+    layout = ((100, 8, 32, "bits"), (37, 3, 7, "bits"), (11, 2, 64, "base3"), (1000, 5, 64, "bits"), (3, 2, 16, "bits"), (9, 2, 4, "base3"))
+    runs = tuple((n, PoolStorage(torch.float16, bits, block, packing)) for n, bits, block, packing in layout)
+    storage, slots = MixedStorage(runs), 1160
     stored = storage.encode(torch.randn(slots, generator=torch.Generator().manual_seed(0)))
     decoded = storage.decode(stored, slots)
     assert torch.equal(decoded, storage.snap(decoded))  # decode is exactly the grid the codes stand for
-    for lo, hi in ((0, slots), (90, 140), (136, 137), (137, 1137), (1139, 1140), (5, 5), (slots, slots)):
+    for lo, hi in ((0, slots), (90, 140), (136, 137), (137, 1137), (140, 150), (1150, 1160), (1159, 1160), (5, 5), (slots, slots)):
         assert torch.equal(storage.read(stored, lo, hi), decoded[lo:hi])
     picks = torch.randint(0, slots, (500,), generator=torch.Generator().manual_seed(1))
     assert torch.equal(storage.gather(stored, picks), decoded[picks])
@@ -68,6 +72,20 @@ def test_codes_below_the_lowest_level_read_as_decode_clamps_them_and_stay_stored
     assert torch.equal(storage.read(stored, 0, 8), lowest) and torch.equal(storage.decode(stored, 8), lowest)
     assert torch.equal(storage.gather(stored, torch.arange(8)), lowest)
     assert not stored[""].any()  # reading never writes into the stored codes
+
+
+def test_base3_codes_are_five_digits_a_byte_the_earliest_lowest():
+    storage = PoolStorage(torch.float16, 2, 8, "base3")
+    stored = storage.encode(torch.tensor([1.0, -1.0, 0.0, 0.0, 1.0, -1.0, 1.0]))  # scale 1: the values are the codes
+    assert stored[""].tolist() == [200, 6]  # 2 + 0*3 + 1*9 + 1*27 + 2*81, then 0 + 2*3 (docs/format.md)
+    assert storage.bytes(7) == 2 + 2 and storage.bytes(10**6) == 200_000 + 2 * 125_000  # 1.6 bits a code and the scales
+
+
+def test_a_base3_byte_above_242_reads_as_its_digits_with_the_fifth_clamped():
+    storage = PoolStorage(torch.float16, 2, 5, "base3")
+    stored = {"": torch.tensor([255], dtype=torch.uint8), ".scales": torch.ones(1, dtype=torch.float16)}
+    expected = torch.tensor([-1.0, 0.0, 0.0, -1.0, 1.0])  # 255 = 0 + 1*3 + 1*9 + 0*27 + 3*81: digits 0, 1, 1, 0, then 3 clamped to 2
+    assert torch.equal(storage.decode(stored, 5), expected) and torch.equal(storage.gather(stored, torch.arange(5)), expected)
 
 
 MAPPINGS = [("randomfold", 0.5, 128), ("randomfold", 0.5, 16), ("hashednet", 0.5, 128), (RoastTile(tile=100), 0.5, 128), ("randomfold", 1.0, 128)]

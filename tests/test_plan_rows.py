@@ -96,8 +96,9 @@ def test_a_mixed_pool_scored_as_it_is_projected_has_the_error_of_the_pool_it_wou
     layout = [CompressedWeight(f"w{i}", tuple(w.shape), w.dtype, o, s) for i, (w, o, s) in enumerate(zip(weights, offsets, layer_scales(weights)))]
     read = in_memory({f"w{i}": w for i, w in enumerate(weights)})
     operator = PoolOperator(RandomFold(), 1065 * 96, seed=5)
-    # each layer at its own width, the last split between two (its first rows wider)
-    parts = [[(300 * 96, 5)], [(64 * 96, 8)], [(400 * 96, 3), (301 * 96, 2)]]
+    # each layer at its own width, the last split between two (its first rows wider; int2 in base 3, blocks of 64)
+    int8, int5, int3, int2_64 = (next(r for r in plan.LADDER if (r.bits, r.block) == key) for key in ((8, 32), (5, 32), (3, 32), (2, 64)))
+    parts = [[(300 * 96, int5)], [(64 * 96, int8)], [(400 * 96, int3), (301 * 96, int2_64)]]
     storage = plan.aligned(operator.slots, layout, plan._first_slots(operator, layout, "cpu"), parts)
     stored = encode_pool(storage, operator, layout, read, torch.float32)
     expected = plan.weight_error(operator, layout, read, PackedPool(storage, stored, operator.slots, torch.float32))

@@ -5,7 +5,7 @@ count) and a float copy in the weights' dtype before it is packed: for the pool 
 ratio 1 that is 110 GB, where its codes take 3.5 GB. Computed in pieces of PIECE slots, only the
 codes grow with the pool; the weights are read through a Reader (engine/projection.py), so they may
 live in the files of a model larger than memory. Pieces start on whole blocks and on whole groups
-of eight codes (which are whole bytes), so a piece's codes and scales are exactly those of the
+of codes that fill whole bytes (eight in a bit stream, five in base 3), so a piece's codes and scales are exactly those of the
 whole pool's, and the bytes are the same whatever the piece size.
 """
 
@@ -47,10 +47,11 @@ def pieces(
     runs = storage.runs if isinstance(storage, MixedStorage) else ((slots, storage),)
     first, starts = 0, {"": 0, ".scales": 0}
     for n, part in runs:
-        unit = 8 * part.block if part.quantized else 1  # whole blocks and whole bytes
+        codes, code_bytes = part.group if part.quantized else (1, 1)
+        unit = codes * part.block if part.quantized else 1  # whole blocks and whole bytes
         step = max(1, piece // unit) * unit if operator._folded() else n
         for lo in range(0, n, step):
-            within = {"": lo * part.bits // 8, ".scales": lo // part.block} if part.quantized else {"": lo}
+            within = {"": lo // codes * code_bytes, ".scales": lo // part.block} if part.quantized else {"": lo}
             yield first + lo, min(step, n - lo), part, {suffix: starts[suffix] + within.get(suffix, 0) for suffix in starts}
         for suffix, _, shape in part.tensors(n):
             starts[suffix] += shape[0]

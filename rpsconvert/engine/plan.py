@@ -36,8 +36,17 @@ from rpsconvert.engine.storage import MixedStorage, PackedPool, PoolStorage
 # agreement and blocks of 64 and 128 lost 3 and 6 points. Every width earns its place: each bit
 # cuts the rounding error about fourfold, and a budget between two widths is met by a per-layer
 # mix of those two (see `mixed`), so the finer the ladder the less a budget wastes on the coarser.
-QUANTIZED = tuple(PoolStorage(torch.float16, bits=bits, block=32) for bits in range(8, 1, -1))
+# int2 is packed in base 3 (1.6 bits a code, where a bit stream takes 2 for its three codes).
+QUANTIZED = tuple(PoolStorage(torch.float16, bits=bits, block=32, packing="base3" if bits == 2 else "bits") for bits in range(8, 1, -1))
 CANDIDATES = (PoolStorage(torch.float32), PoolStorage(torch.float16), *QUANTIZED)
+# The per-layer plan's ladder (`mixed`), widest first: the widths above, then int2 with longer
+# blocks, whose scales cost less. At 1/16 of the fp32 bytes (2 bits a weight) int2 in blocks of 32
+# takes 2.1 bits with its scales, in blocks of 64 1.85 and of 128 1.725: only these let every
+# weight keep a slot of its own there, where the shared pool's collisions cost far more (on
+# all-MiniLM-L6-v2, every weight at int2 in blocks of 64 keeps a held-out embedding cosine of 0.32,
+# the int3 pool at ratio 0.56 that 1/16 bought before 0.03). A step to a longer block is a step
+# down the ladder as a bit is: less error per byte saved goes first.
+LADDER = (*QUANTIZED, *(PoolStorage(torch.float16, bits=2, block=block, packing="base3") for block in (64, 128)))
 
 # Told each stage of a conversion as it starts, with the passes over the compressed weights it will
 # read (None where the plan decides as it goes): a model read from its files is read many times
@@ -151,21 +160,25 @@ def _first_slots(operator: PoolOperator, layout: Sequence[CompressedWeight], dev
 
 
 def aligned(
-    slots: int, layout: Sequence[CompressedWeight], firsts: Sequence[int], parts: Sequence[Sequence[tuple[int, int]]], dtype=torch.float16
+    slots: int, layout: Sequence[CompressedWeight], firsts: Sequence[int], parts: Sequence[Sequence[tuple[int, PoolStorage]]]
 ) -> MixedStorage:
     """The storage of a lossless RandomFold pool of `slots` slots (each weight one contiguous run,
     from its first element's slot `firsts[l]`, wrapping past the pool's end) in which weight l's
-    elements are stored in `parts[l]`: (elements, bits) pairs in element order, each a run of
-    blocks of `row_block` of the weight's rows, so that every block holds whole rows or a part of
-    one row."""
+    elements are stored in `parts[l]`: (elements, rung) pairs in element order, each a run of the
+    rung's storage in blocks of `row_block` of the weight's rows (near the rung's block), so that
+    every block holds whole rows or a part of one row."""
     m, runs = slots, []
     for weight, first, pieces in zip(layout, firsts, parts):
-        block = row_block(_row(weight))
-        for n, bits in pieces:
-            storage = PoolStorage(dtype, bits=bits, block=block)
+        for n, rung in pieces:
+            storage = _on_rows(rung, weight)
             runs += [(first, min(n, m - first), storage)] + ([(0, n - (m - first), storage)] if first + n > m else [])
             first = (first + n) % m
     return MixedStorage(tuple((n, storage) for _, n, storage in sorted(runs, key=lambda run: run[0]) if n))
+
+
+def _on_rows(rung: PoolStorage, weight: CompressedWeight) -> PoolStorage:
+    """A ladder rung's storage for `weight`: its block moved to the nearest that keeps rows whole."""
+    return dataclasses.replace(rung, block=row_block(_row(weight), rung.block))
 
 
 def mixed(
@@ -202,7 +215,7 @@ def mixed(
     """
     device = read(layout[0], 0, 0).device
     firsts = _first_slots(operator, layout, device)
-    widths = [s.bits for s in QUANTIZED]  # widest first
+    widths = LADDER  # widest first
 
     def fits(parts) -> MixedStorage | None:
         storage = aligned(operator.slots, layout, firsts, parts)
@@ -228,7 +241,7 @@ def mixed(
         pool run; computed when the greedy first asks, since near the dense size no layer goes
         down more than a few widths (half the plan's time on a 33M-weight encoder at a quarter of
         the bytes went to widths never reached)."""
-        storage = PoolStorage(torch.float16, widths[k], row_block(_row(layout[l])))
+        storage = _on_rows(widths[k], layout[l])
         run = _sample(operator, layout[l], read, storage.block)
         return float((storage.snap(run) - run).square_().sum()) / max(float(run.square().sum()), 1e-300)
 

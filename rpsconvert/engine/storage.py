@@ -24,6 +24,11 @@ from dataclasses import dataclass
 import torch
 
 BITS = (2, 3, 4, 5, 6, 7, 8)  # every width from the coarsest useful one to a byte, packed as a bit stream
+# How the codes are laid in bytes: a bit stream of b-bit fields, or (2-bit codes only) base 3, five
+# codes a byte. Symmetric int2 has three codes, -1, 0 and 1, so its bit stream leaves a quarter of
+# its fields unused: five of them in a byte (3**5 = 243 <= 256) are 1.6 bits a weight instead of 2,
+# which at 1/16 of the fp32 bytes (2 bits a weight) is what lets every weight keep a slot of its own.
+PACKINGS = ("bits", "base3")
 SCALE_DTYPES = (torch.float16, torch.float32)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 CLIPS = (1.0, 0.9, 0.8, 0.7, 0.6)  # fractions of a block's peak tried as its top level
@@ -31,11 +36,13 @@ CLIPS = (1.0, 0.9, 0.8, 0.7, 0.6)  # fractions of a block's peak tried as its to
 
 @dataclass(frozen=True)
 class PoolStorage:
-    """A float `dtype` (bits None), or `bits`-bit codes with one `dtype` scale per `block` slots."""
+    """A float `dtype` (bits None), or `bits`-bit codes with one `dtype` scale per `block` slots,
+    laid in bytes as `packing` says (PACKINGS)."""
 
     dtype: torch.dtype = torch.float32
     bits: int | None = None
     block: int = 64
+    packing: str = "bits"
 
     def __post_init__(self):
         if self.bits is None:
@@ -48,6 +55,8 @@ class PoolStorage:
             raise ValueError(f"the quantization block must be a positive number of slots, got {self.block!r}")
         if self.dtype not in SCALE_DTYPES:
             raise ValueError(f"block scales are float16 or float32, not {dtype_name(self.dtype)}")
+        if self.packing not in PACKINGS or (self.packing == "base3" and self.bits != 2):
+            raise ValueError(f"codes are packed as a bit stream, or 2-bit codes in base 3, not {self.bits}-bit codes as {self.packing!r}")
 
     @property
     def quantized(self) -> bool:
@@ -63,8 +72,18 @@ class PoolStorage:
         """The largest code: codes are integers in [-levels, levels] (symmetric, zero exact)."""
         return 2 ** (self.bits - 1) - 1
 
+    @property
+    def group(self) -> tuple[int, int]:
+        """(codes, bytes) of the smallest run of codes that fills whole bytes: 8 codes of b bits
+        are b bytes, 5 codes in base 3 one byte. Pieces of a pool cut on such groups (and on
+        blocks) pack independently."""
+        return (5, 1) if self.packing == "base3" else (8, self.bits)
+
     def __str__(self) -> str:
-        return f"int{self.bits} (blocks of {self.block}, {dtype_name(self.dtype)} scales)" if self.quantized else dtype_name(self.dtype)
+        if not self.quantized:
+            return dtype_name(self.dtype)
+        packing = "5 codes a byte, " if self.packing == "base3" else ""
+        return f"int{self.bits} ({packing}blocks of {self.block}, {dtype_name(self.dtype)} scales)"
 
     def bytes(self, slots: int) -> int:
         """The exact bytes the stored pool of `slots` slots takes in a checkpoint."""
@@ -74,7 +93,8 @@ class PoolStorage:
         """(name suffix, dtype, shape) of every tensor the stored pool is made of."""
         if not self.quantized:
             return [("", self.dtype, (slots,))]
-        return [("", torch.uint8, (math.ceil(slots * self.bits / 8),)), (".scales", self.dtype, (math.ceil(slots / self.block),))]
+        codes = math.ceil(slots / 5) if self.packing == "base3" else math.ceil(slots * self.bits / 8)
+        return [("", torch.uint8, (codes,)), (".scales", self.dtype, (math.ceil(slots / self.block),))]
 
     def _rounded(self, values: torch.Tensor) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """Round-to-nearest codes (as floats, one row per block) and the block scales, piece by
@@ -153,6 +173,8 @@ class PoolStorage:
         if not self.quantized:
             return {"": values.detach().to(self.dtype)}
         codes, scales = self._codes_and_scales(values)
+        if self.packing == "base3":
+            return {"": _pack_base3((codes + 1).to(torch.uint8)), ".scales": scales}
         offset = (codes + 2 ** (self.bits - 1)).to(torch.uint8)  # [1, 2**bits - 1]: never negative
         return {"": _pack(offset, self.bits), ".scales": scales}
 
@@ -170,14 +192,16 @@ class PoolStorage:
         if hi <= lo:
             return torch.zeros(0, device=stored[""].device)
         pieces = []
+        size, size_bytes = self.group
         for start in range(lo, hi, _CHUNK):  # bounded temporaries for any range
             stop = min(start + _CHUNK, hi)
             first = start // self.block * self.block  # whole blocks, so each multiplies by one scale
             blocks = -(-(stop - first) // self.block)
-            group = first // 8  # whole groups of 8 codes, which are `bits` whole bytes
-            end = -(-(first + blocks * self.block) // 8)
-            codes = _codes(stored[""][group * self.bits : end * self.bits], self.bits, end - group)
-            codes = codes[first - 8 * group : first - 8 * group + blocks * self.block].view(blocks, self.block)
+            group = first // size  # whole groups of codes, which are whole bytes
+            end = -(-(first + blocks * self.block) // size)
+            packed = stored[""][group * size_bytes : end * size_bytes]
+            codes = _base3_codes(packed, end - group) if self.packing == "base3" else _codes(packed, self.bits, end - group)
+            codes = codes[first - size * group : first - size * group + blocks * self.block].view(blocks, self.block)
             scales = stored[".scales"][first // self.block : first // self.block + blocks].float()
             pieces.append((codes * scales.unsqueeze(1)).view(-1)[start - first : stop - first])
         return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
@@ -188,7 +212,9 @@ class PoolStorage:
         RandomFold read one slot per element)."""
         if not self.quantized:
             return stored[""][slots]
-        return _gather(stored, slots * self.bits, self.bits, slots // self.block)
+        if self.packing == "base3":
+            return _gather_base3(stored[""], slots) * stored[".scales"][slots // self.block].float()
+        return _stream_codes(stored[""], slots * self.bits, self.bits) * stored[".scales"][slots // self.block].float()
 
     def packs(self, dtype: torch.dtype) -> bool:
         """Whether a pool computing in `dtype` is held in memory as stored rather than as `dtype`
@@ -198,7 +224,8 @@ class PoolStorage:
     def to_json(self) -> dict:
         if not self.quantized:
             return {"dtype": dtype_name(self.dtype)}
-        return {"dtype": "uint8", "bits": self.bits, "block": self.block, "scale_dtype": dtype_name(self.dtype)}
+        packing = {"packing": self.packing} if self.packing != "bits" else {}
+        return {"dtype": "uint8", "bits": self.bits, "block": self.block, "scale_dtype": dtype_name(self.dtype), **packing}
 
 
 @dataclass(frozen=True)
@@ -222,8 +249,8 @@ class MixedStorage:
             slot, byte, scale = starts[-1]
             starts.append((slot + n, byte + size[""], scale + size[".scales"]))
         object.__setattr__(self, "_starts", starts)
-        # (runs, 5) int64: each run's first slot, first code byte, first scale, bits and block
-        rows = [(*start, part.bits, part.block) for start, (_, part) in zip(starts, self.runs)]
+        # (runs, 6) int64: each run's first slot, first code byte, first scale, bits, block, and 1 if base 3
+        rows = [(*start, part.bits, part.block, int(part.packing == "base3")) for start, (_, part) in zip(starts, self.runs)]
         object.__setattr__(self, "_table", torch.tensor(rows, dtype=torch.int64))
 
     quantized = True
@@ -328,15 +355,20 @@ class MixedStorage:
         expression for all runs (which torch.compile and torch.export trace)."""
         table = self._table.to(slots.device)
         run = torch.bucketize(slots, table[:, 0].contiguous(), right=True) - 1
-        first, byte, scale, bits, block = table[run].unbind(1)
+        first, byte, scale, bits, block, base3 = table[run].unbind(1)
         local = slots - first
-        return _gather(stored, byte * 8 + local * bits, bits, scale + local // block)
+        stream = stored[""]
+        codes = _stream_codes(stream, (byte * 8 + local * bits).clamp(max=8 * len(stream) - 1), bits)
+        if any(part.packing == "base3" for _, part in self.runs):  # a bit stream's reading of a base-3 run is replaced
+            codes = torch.where(base3 == 1, _gather_base3(stream, byte * 5 + local), codes)
+        return codes * stored[".scales"][scale + local // block].float()
 
     def packs(self, dtype: torch.dtype) -> bool:
         return True
 
     def to_json(self) -> dict:
-        return {"dtype": "uint8", "scale_dtype": dtype_name(self.dtype), "runs": [[n, part.bits, part.block] for n, part in self.runs]}
+        runs = [[n, part.bits, part.block] + ([part.packing] if part.packing != "bits" else []) for n, part in self.runs]
+        return {"dtype": "uint8", "scale_dtype": dtype_name(self.dtype), "runs": runs}
 
 
 # Codes are packed a chunk at a time: 8 codes of b bits are exactly b bytes, so chunks of a multiple
@@ -383,16 +415,48 @@ def _unpack_groups(packed: torch.Tensor, bits: int, groups: int) -> torch.Tensor
     return out.view(-1)
 
 
-def _gather(stored: dict[str, torch.Tensor], bit: torch.Tensor, bits: int | torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The codes whose fields start at stream bit `bit`, `bits` wide (one width, or one per code),
-    times the block scales at `scale`, clamped as decode clamps them: each field spans at most two
-    bytes, read as one 16-bit word."""
-    stream = stored[""]
+def _stream_codes(stream: torch.Tensor, bit: torch.Tensor, bits: int | torch.Tensor) -> torch.Tensor:
+    """The codes (float32) whose fields start at stream bit `bit`, `bits` wide (one width, or one
+    per code), clamped as decode clamps them: each field spans at most two bytes, read as one
+    16-bit word."""
     byte = bit >> 3
     word = stream[byte].int() | (stream[(byte + 1).clamp(max=len(stream) - 1)].int() << 8)
     half = 2 ** (bits - 1)  # the offset of the stored fields; codes run from 1 - half to half - 1
-    codes = (((word >> (bit & 7)) & (2 * half - 1)) - half).clamp(min=1 - half)
-    return codes.float() * stored[".scales"][scale].float()
+    return (((word >> (bit & 7)) & (2 * half - 1)) - half).clamp(min=1 - half).float()
+
+
+def _pack_base3(digits: torch.Tensor) -> torch.Tensor:
+    """Digits 0, 1, 2 five to a byte, the earliest the lowest: byte = sum of digit[5n + k] * 3**k
+    (at most 242); the last byte is padded with zero digits."""
+    powers = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int32)
+    out = []
+    for chunk in digits.split(_CHUNK):  # a multiple of 5: chunks pack independently
+        grouped = torch.nn.functional.pad(chunk.int(), (0, -len(chunk) % 5)).view(-1, 5)
+        out.append((grouped * powers).sum(dim=1, dtype=torch.int32).to(torch.uint8))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.uint8)
+
+
+def _base3_table() -> torch.Tensor:
+    """(256, 5) float32: the codes (digit - 1) a base-3 byte holds, the earliest first. Bytes above
+    242 are in no valid file; their top digit is clamped to 2, as a bit stream's field 0 is."""
+    digits = torch.arange(256).unsqueeze(1) // torch.tensor([1, 3, 9, 27, 81])
+    digits[:, :4] %= 3
+    return (digits.clamp(max=2) - 1).float()
+
+
+_BASE3 = _base3_table()
+
+
+def _base3_codes(packed: torch.Tensor, groups: int) -> torch.Tensor:
+    """The 5 * `groups` codes of the base-3 bytes that start at `packed[0]` (bytes past its end read as 0)."""
+    packed = torch.nn.functional.pad(packed, (0, groups - len(packed)))
+    return _BASE3.to(packed.device).index_select(0, packed.int()).view(-1)
+
+
+def _gather_base3(stream: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The codes at positions `index` of a base-3 stream (code j is digit j % 5 of byte j // 5)."""
+    byte = (index // 5).clamp(max=len(stream) - 1)
+    return _BASE3.to(stream.device).view(-1)[stream[byte].long() * 5 + index % 5]
 
 
 def _codes(packed: torch.Tensor, bits: int, groups: int) -> torch.Tensor:
@@ -451,10 +515,14 @@ def storage_from_json(entry: dict) -> PoolStorage | MixedStorage:
     """The storage a manifest's pool entry describes (see `to_json`)."""
     if "runs" in entry:
         scale = parse_dtype(entry["scale_dtype"])
-        return MixedStorage(tuple((int(n), PoolStorage(scale, int(bits), int(block))) for n, bits, block in entry["runs"]))
+
+        def run(n, bits, block, packing="bits"):
+            return int(n), PoolStorage(scale, int(bits), int(block), str(packing))
+
+        return MixedStorage(tuple(run(*r) for r in entry["runs"]))
     if "bits" not in entry:
         return PoolStorage(parse_dtype(entry["dtype"]))
-    return PoolStorage(parse_dtype(entry["scale_dtype"]), int(entry["bits"]), int(entry["block"]))
+    return PoolStorage(parse_dtype(entry["scale_dtype"]), int(entry["bits"]), int(entry["block"]), str(entry.get("packing", "bits")))
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -17,10 +17,10 @@ from rpsconvert.engine.hashing import check_seed
 from rpsconvert.engine.mapping import HASHED_SLOTS, get_mapping, mapping_params
 from rpsconvert.engine.operator import CompressedWeight
 from rpsconvert.engine.pool import POOL_PARAM, RPSPool
-from rpsconvert.engine.storage import dtype_name, parse_dtype, storage_from_json
+from rpsconvert.engine.storage import MixedStorage, dtype_name, parse_dtype, storage_from_json
 
 FORMAT = "rpsconvert"
-FORMAT_VERSION = 5  # the newest version this code reads; it writes the oldest that says everything
+FORMAT_VERSION = 6  # the newest version this code reads; it writes the oldest that says everything
 HASH_SPEC = "fmix32-v1"
 MANIFEST_KEY = "rpsconvert"  # safetensors metadata key of the JSON manifest
 DIGEST_KEY = "rpsconvert.sha256"  # safetensors metadata key of the digest
@@ -84,7 +84,11 @@ def state_metadata(keys: Iterable[str], versions: dict[str, int]) -> dict[str, d
 def _version(storage, v1_params: bool, slots: int) -> int:
     """The oldest version that says everything, so that older readers read every file they can:
     2 added mapping_params, 3 quantized pools of 2, 4 and 8 bits, 4 every width from 2 to 8,
-    5 pools of 2**32 slots and more (RandomFold's, for models above 4.3e9 weights at ratio 1)."""
+    5 pools of 2**32 slots and more (RandomFold's, for models above 4.3e9 weights at ratio 1),
+    6 2-bit codes packed in base 3."""
+    parts = [part for _, part in storage.runs] if isinstance(storage, MixedStorage) else [storage]
+    if any(part.packing == "base3" for part in parts if part.quantized):
+        return 6
     if slots >= HASHED_SLOTS:
         return 5
     if not storage.quantized:

@@ -80,8 +80,8 @@ def reserved(provenance: dict, planned: bool, max_slots: int, budget: str | int)
         if isinstance(value, list):
             bound[key] = [wide if word == str(budget) else word for word in value]
     if planned:
-        # a row per candidate storage, and one for the per-layer mix the plan may add (plan.mixed)
-        widths = [max(len(str(c)) for c in plan.CANDIDATES)] * len(plan.CANDIDATES) + [len(_widest_mix())]
+        # a row per candidate storage (each named as it is), and one for the per-layer mix the plan may add (plan.mixed)
+        widths = [len(str(c)) for c in plan.CANDIDATES] + [len(_widest_mix())]
         bound["plan"] = [{"storage": "9" * n, "slots": _nines(max_slots), "weight_error": PLACEHOLDER} for n in widths]
     if "weight_error" in bound:
         bound["weight_error"] = PLACEHOLDER
