@@ -17,6 +17,7 @@ from torch import nn
 from digits import batches, trained_mlp
 from rpsconvert import calibrate, convert, load, recover, resident_bytes, save, set_mode
 from rpsconvert.engine.mapping import RoastTile
+from rpsconvert.engine import storage as storage_module
 from rpsconvert.engine.storage import MixedStorage, PoolStorage
 
 WIDTHS = (2, 3, 4, 5, 6, 7, 8)
@@ -79,6 +80,16 @@ def test_base3_codes_are_five_digits_a_byte_the_earliest_lowest():
     stored = storage.encode(torch.tensor([1.0, -1.0, 0.0, 0.0, 1.0, -1.0, 1.0]))  # scale 1: the values are the codes
     assert stored[""].tolist() == [200, 6]  # 2 + 0*3 + 1*9 + 1*27 + 2*81, then 0 + 2*3 (docs/format.md)
     assert storage.bytes(7) == 2 + 2 and storage.bytes(10**6) == 200_000 + 2 * 125_000  # 1.6 bits a code and the scales
+
+
+@pytest.mark.parametrize("chunk", [64, 1000, 1 << 20])  # a multiple of 5 or not: chunks of codes pack on whole bytes
+def test_base3_codes_pack_and_read_in_chunks_as_at_once(chunk, monkeypatch):
+    storage = PoolStorage(torch.float16, 2, 32, "base3")
+    values = torch.randn(4099, generator=torch.Generator().manual_seed(4))
+    whole = storage.encode(values)
+    monkeypatch.setattr(storage_module, "_CHUNK", chunk)
+    assert all(torch.equal(whole[k], v) for k, v in storage.encode(values).items())
+    assert torch.equal(storage.read(whole, 3, 4099), storage.snap(values)[3:])
 
 
 def test_a_base3_byte_above_242_reads_as_its_digits_with_the_fifth_clamped():

@@ -185,8 +185,9 @@ def mixed(
     operator: PoolOperator, layout: Sequence[CompressedWeight], read: Reader, room: Callable[[MixedStorage], int]
 ) -> MixedStorage | None:
     """Per-layer widths for a lossless RandomFold pool (one slot per element), blocks aligned to
-    rows (`aligned`): every layer starts at the widest width, and the step down by one bit that
-    adds the least error per byte saved is taken, again and again, until the pool's bytes fit
+    rows (`aligned`): every layer starts at the widest width, and the step down one rung of
+    LADDER (a bit, or at int2 a longer block) that adds the least error per byte saved is taken,
+    again and again, until the pool's bytes fit
     `room(storage)` (the budget left once the header, which lists the runs, is paid); of the step
     that tips the balance only as many rows move as the budget needs. None when even every layer
     at the narrowest width does not fit.

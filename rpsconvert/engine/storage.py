@@ -430,7 +430,7 @@ def _pack_base3(digits: torch.Tensor) -> torch.Tensor:
     (at most 242); the last byte is padded with zero digits."""
     powers = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int32)
     out = []
-    for chunk in digits.split(_CHUNK):  # a multiple of 5: chunks pack independently
+    for chunk in digits.split(_CHUNK - _CHUNK % 5):  # a multiple of 5: chunks pack independently
         grouped = torch.nn.functional.pad(chunk.int(), (0, -len(chunk) % 5)).view(-1, 5)
         out.append((grouped * powers).sum(dim=1, dtype=torch.int32).to(torch.uint8))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.uint8)
