@@ -31,7 +31,9 @@ def small_cnn():
     ).eval()
 
 
-@pytest.mark.parametrize("options", [{"budget": "30kB"}, {"ratio": 0.25, "bits": 4}, {"ratio": 0.3}], ids=["budget plan", "int4", "float32"])
+@pytest.mark.parametrize(
+    "options", [{"budget": "30kB"}, {"ratio": 0.25, "bits": 4}, {"ratio": 0.3, "bits": 2}, {"ratio": 0.3}], ids=["budget plan", "int4", "int2 in base 3", "float32"]
+)
 def test_the_onnx_graph_is_the_checkpoints_size_and_matches_pytorch(tmp_path, options):
     small = convert(small_cnn(), quiet=True, **options).eval()
     checkpoint = save(small, tmp_path / "m.rps.safetensors")
