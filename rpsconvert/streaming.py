@@ -26,7 +26,7 @@ from rpsconvert.engine.projection import Reader
 from rpsconvert.errors import InputError, MemoryLimitError
 from rpsconvert.format.lazy_weights import INDEX_FILE, SINGLE_FILE, SafetensorsFiles
 from rpsconvert.format.manifest import MANIFEST_KEY
-from rpsconvert.format.skeleton import CONFIG_FILE, file_keys, skeleton
+from rpsconvert.format.skeleton import CONFIG_FILE, file_keys, load_dense, skeleton
 from rpsconvert.quality.calibration import SLOT_BYTES
 
 
@@ -55,7 +55,7 @@ def convert_files(
                 f"in float64, the pieces in flight, the tensors kept dense), more than the {format_bytes(max_memory)} "
                 "allowed: free memory and raise --max-memory, or give a smaller budget"
             )
-    _load_dense(model, files, keys, compressed, path)
+    load_dense(model, files, keys, compressed, path)
     return convert(model, weights_from=files.reader(keys, on_read), inplace=True, architecture=architecture, **options)
 
 
@@ -70,26 +70,34 @@ def memory_needed(path: str | os.PathLike, *, arch: str | dict | None = None, **
     return _needed(model, files, chosen, keys, compressed, options)
 
 
-def check_whole_load(path: str | os.PathLike, *, arch: str | dict | None, max_memory: int, calibrating: bool, **options) -> None:
-    """Refuse (MemoryLimitError) a conversion from safetensors files that must load the model whole,
-    because it runs the original (`--calibrate`, `--verify`), when it would need more than
-    `max_memory` bytes: the model in its files' dtypes and, to calibrate, its dense copy and
-    calibration's pool-sized state (`SLOT_BYTES` a slot, the pool at most a slot per weight, or
-    two bits a slot of the budget). A 7B model in bf16 would need 27 GB before calibrating a
-    slot: one line now, rather than the system killing the process later."""
+def whole_load_bytes(path: str | os.PathLike, *, arch: str | dict | None, calibrating: bool, **options) -> int:
+    """The memory a conversion from safetensors files needs when it loads the model whole, because
+    it runs the original (`--calibrate`, `--verify`): the model in its files' dtypes and, to
+    calibrate, its dense copy and calibration's pool-sized state (`SLOT_BYTES` a slot, the pool at
+    most a slot per weight, or two bits a slot of the budget). A 7B model in bf16 needs 27 GB
+    before calibrating a slot."""
     files, model, _, chosen, keys, _ = _prepare(Path(path), arch, options)
     params = dict(model.named_parameters())
     count = sum(params[name].numel() for name in chosen)
     model_bytes = _stored_bytes(files, set(keys.values()))
     ratio, budget = options.get("ratio"), options.get("budget")
     slots = round(ratio * count) if ratio is not None else count if budget is None else min(count, parse_bytes(budget) * 4)
-    needed = model_bytes * (2 if calibrating else 1) + (SLOT_BYTES * slots if calibrating else 0)
+    return model_bytes * (2 if calibrating else 1) + (SLOT_BYTES * slots if calibrating else 0)
+
+
+def check_whole_load(
+    path: str | os.PathLike, *, arch: str | dict | None, max_memory: int, calibrating: bool, flag: str, **options
+) -> None:
+    """Refuse (MemoryLimitError) a conversion that loads the model whole (`whole_load_bytes`) for
+    `flag` (--verify, --recover-steps: they run the original whole) when it would need more than
+    `max_memory` bytes: one line now, rather than the system killing the process later."""
+    needed = whole_load_bytes(path, arch=arch, calibrating=calibrating, **options)
     if needed > max_memory:
-        what = "calibrating loads it whole: the model, its dense copy and calibration's state" if calibrating else "verifying loads it whole"
+        what = "the model, its dense copy and calibration's state" if calibrating else "the model"
         raise MemoryLimitError(
-            f"converting {path} with {'--calibrate' if calibrating else '--verify'} needs about {format_bytes(needed)} of memory "
-            f"({what}), more than the {format_bytes(max_memory)} allowed: convert without it (the files are then read a piece at a time), "
-            "free memory and raise --max-memory, or give a smaller model"
+            f"converting {path} with {flag} needs about {format_bytes(needed)} of memory ({flag} loads it whole: {what}), more than the "
+            f"{format_bytes(max_memory)} allowed: convert without it (the files are then read a piece at a time, and --calibrate goes "
+            "block by block), free memory and raise --max-memory, or give a smaller model"
         )
 
 
@@ -147,31 +155,3 @@ def original_weights(path: str | os.PathLike, converted: nn.Module, on_read: Cal
     files = SafetensorsFiles.open(path)
     names = [n for w in find_pool(converted).weights.values() for n in (w.name, *w.aliases)]
     return files.reader(file_keys(names, converted, files), on_read)
-
-
-def _load_dense(model: nn.Module, files: SafetensorsFiles, keys: dict[str, str], compressed: set[str], path: Path) -> None:
-    """Read every tensor that stays dense into the skeleton, in the model's own dtype, a tied
-    tensor once (the same Parameter under each name); refuse a file that does not fit the model."""
-    state = model.state_dict(keep_vars=True)
-    ties: dict[int, list[str]] = {}
-    for name, tensor in state.items():
-        ties.setdefault(id(tensor), []).append(name)
-    missing = [name for name in state if name not in compressed and not any(n in keys for n in ties[id(state[name])])]
-    missing = [name for name in missing if state[name].device.type == "meta"]  # a buffer made at init need not be stored
-    if missing:
-        raise InputError(f"{path} does not fit the model it describes (missing: {', '.join(missing[:3])})")
-    dense = {}
-    for group in ties.values():
-        if group[0] in compressed:
-            continue
-        stored = next((keys[n] for n in group if n in keys), None)
-        if stored is None:
-            continue
-        like = state[group[0]]
-        entry = files.entries[stored]
-        if tuple(entry.shape) != tuple(like.shape):
-            raise InputError(f"{path} does not fit the model: {stored} has shape {tuple(entry.shape)}, the model {tuple(like.shape)}")
-        value = files.tensor(stored).to(like.dtype)
-        value = nn.Parameter(value, requires_grad=like.requires_grad) if isinstance(like, nn.Parameter) else value
-        dense.update(dict.fromkeys(group, value))
-    model.load_state_dict(dense, strict=False, assign=True)

@@ -184,13 +184,13 @@ def test_the_command_refuses_a_run_above_max_memory_in_one_line_and_writes_nothi
     assert not (tmp_path / "out.rps.safetensors").exists()
 
 
-@pytest.mark.parametrize("flag", ["--calibrate", "--verify"])
+@pytest.mark.parametrize("flag", ["--recover-steps", "--verify"])
 def test_a_run_that_loads_the_files_whole_is_refused_above_max_memory_in_one_line(tmp_path, flag):
-    """--calibrate and --verify run the original, so the files are loaded whole: the tiny Llama's
+    """Recovery and --verify run the original, so the files are loaded whole: the tiny Llama's
     bf16 tensors are 225 kB (twice that, and 53 bytes a slot, to calibrate), above the 100 kB allowed."""
     directory = llama_directory(tmp_path / "llama")
     safetensors.torch.save_file({"input_ids": TOKENS}, tmp_path / "calibration.safetensors")
-    extra = [flag, str(tmp_path / "calibration.safetensors")] if flag == "--calibrate" else [flag]
+    extra = ["--calibrate", str(tmp_path / "calibration.safetensors"), flag, "1"] if flag == "--recover-steps" else [flag]
     out = tmp_path / "out.rps.safetensors"
     result = CliRunner().invoke(app, [str(directory), "--budget", "60kB", "--max-memory", "100kB", "-o", str(out), *extra])
     assert result.exit_code == 1 and result.output.count("\n") == 1, result.output

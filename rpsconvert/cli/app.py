@@ -31,11 +31,12 @@ import rpsconvert
 from rpsconvert.engine.budget import check_ratio, format_bytes, parse_bytes
 from rpsconvert.format.checkpoint import Checkpoint, checkpoint_bytes, checkpoint_file, is_directory, read, save_directory, serialized, write_dense
 from rpsconvert.format.serialized import Serialized
-from rpsconvert.streaming import available_memory, check_whole_load, convert_files, original_weights, streams
+from rpsconvert.quality.streaming_calibration import calibrate_files, streams_calibration
+from rpsconvert.streaming import available_memory, check_whole_load, convert_files, original_weights, streams, whole_load_bytes
 from rpsconvert.format import provenance
 from rpsconvert.format.files import taken, write_atomic
 from rpsconvert.engine.storage import dtype_name
-from rpsconvert.errors import OutputExistsError, RPSError, RPSWarning
+from rpsconvert.errors import MemoryLimitError, OutputExistsError, RPSError, RPSWarning
 from rpsconvert.cli import sweep
 from rpsconvert.cli.inputs import ModelInput, default_output, read_calibration, read_model
 from rpsconvert.cli.tables import WRAP_WIDTH, plan_table, tensor_table
@@ -268,14 +269,19 @@ def convert_command(
         made_by = {"command": _command_line(ctx.command, given), "inputs": _inputs(model, calibrate), **dict.fromkeys(later)}
         with _Stages(3 + bool(recover_steps), enabled=not quiet) as stage, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", RPSWarning)
-            # from safetensors files without --calibrate or --verify (which run the original), the
-            # model is converted without loading it (streaming.py): the same bytes in a fraction of the memory
-            stream = calibrate is None and not verify and streams(model, arch)
+            # from safetensors files without --verify or --recover-steps (which run the original
+            # whole), the model is converted without loading it (streaming.py): the same bytes in a
+            # fraction of the memory; with --calibrate it is loaded whole where that fits (any pool
+            # calibrates so), else calibrated a block at a time from the files
+            stream = not verify and not recover_steps and streams(model, arch)
             limit = parse_bytes(max_memory) if max_memory else int(0.9 * available_memory())
+            sizing = dict(ratio=ratio, budget=budget, include=include or None, exclude=exclude or None, min_numel=min_numel)
+            if stream and calibrate is not None:
+                stream = whole_load_bytes(model, arch=arch, calibrating=True, **sizing) > limit
             with stage("read", f"reading {model}" if not stream else f"reading the structure of {model}"):
                 if not stream and streams(model, arch):  # safetensors files loaded whole: refused now if they cannot fit
-                    check_whole_load(model, arch=arch, max_memory=limit, calibrating=calibrate is not None, ratio=ratio, budget=budget,
-                                     include=include or None, exclude=exclude or None, min_numel=min_numel)
+                    flag = "--verify" if verify else "--recover-steps" if recover_steps else "--calibrate"
+                    check_whole_load(model, arch=arch, max_memory=limit, calibrating=calibrate is not None, flag=flag, **sizing)
                 source = None if stream else _read(model, arch, trust_pickle)
                 as_directory = output is not None and is_directory(output)
                 output = Path(output) if output else (source.output if source else default_output(Path(model)))
@@ -293,8 +299,13 @@ def convert_command(
                 if stream:
                     reads = stage.reads("converting")
                     converted = convert_files(model, arch=arch, max_memory=limit, on_read=reads.on_read, on_stage=reads.on_stage, **options)
+                    if calibration is not None:
+                        _calibrate_from_files(converted, model, arch, calibration + heldout, limit, quiet)
+                        heldout = None  # calibration held out its own fifth; the original is not loaded to compare on the rest
                 else:
                     converted = rpsconvert.convert(source.model, architecture=source.architecture, calibration=calibration, quiet=quiet, **options)
+            if calibration is not None and not quiet:  # whether the held-out check kept it, and by how much
+                typer.echo(next((n for n in report(converted).notes if n.startswith("calibration ")), "calibrated"), err=True)
             original = source.model if source else original_weights(model, converted, reads.on_read)
             quality = _quality(converted, original, heldout)
             if recover_steps:
@@ -507,6 +518,18 @@ def _write(converted: torch.nn.Module, data: Serialized, output: Path, as_direct
 def _record(converted: torch.nn.Module, key: str, value: dict) -> None:
     """Record a figure measured after conversion in the provenance the file will carry."""
     provenance.fill(converted.rps.info["provenance"], key, value)
+
+
+def _calibrate_from_files(converted: torch.nn.Module, model: str, arch: str | None, batches: list, limit: int, quiet: bool) -> None:
+    """--calibrate of a model too large to load whole: block by block from its files, when every
+    weight of the converted pool has slots of its own; else one line saying why and what to do."""
+    reason = streams_calibration(converted)
+    if reason:
+        raise MemoryLimitError(
+            f"{model} does not fit in the {format_bytes(limit)} allowed to calibrate it loaded whole, and {reason}: give a larger "
+            "budget, or convert without --calibrate, or free memory and raise --max-memory"
+        )
+    calibrate_files(converted, model, batches, arch=arch, quiet=quiet)
 
 
 def _quality(converted: torch.nn.Module, original: torch.nn.Module, heldout: list | None) -> dict:

@@ -56,3 +56,31 @@ def pieces(
         for suffix, _, shape in part.tensors(n):
             starts[suffix] += shape[0]
         first += n
+
+
+def spans(
+    storage: PoolStorage | MixedStorage, stored: dict[str, torch.Tensor], slots: int, lo: int, hi: int
+) -> Iterator[tuple[PoolStorage, dict[str, torch.Tensor], int, int, int]]:
+    """(part, its run's stored tensors, the run's first slot, first and last slot within the run)
+    of the slots [lo, hi) of a stored pool, widened to whole blocks and bytes of each run they
+    touch: the least that can be encoded again on its own (calibration from files rewrites one
+    layer's slots in place this way)."""
+    mixed = isinstance(storage, MixedStorage)
+    runs = storage.runs if mixed else ((slots, storage),)
+    begin = 0
+    for index, (n, part) in enumerate(runs):
+        if begin < hi and lo < begin + n:
+            unit = part.group[0] * part.block if part.quantized else 1
+            first = (max(lo, begin) - begin) // unit * unit
+            last = min(-(-(min(hi, begin + n) - begin) // unit) * unit, n)
+            yield part, storage.run_tensors(stored, index) if mixed else stored, begin, first, last
+        begin += n
+
+
+def rewrite(part: PoolStorage, run: dict[str, torch.Tensor], first: int, values: torch.Tensor) -> None:
+    """Encode `values` as the slots from `first` of one run of a stored pool (a `spans` piece),
+    in place: the bytes and scales of those slots alone change."""
+    codes, code_bytes = part.group if part.quantized else (1, 1)
+    at = {"": first // codes * code_bytes, ".scales": first // part.block}
+    for suffix, tensor in part.encode(values).items():
+        run[suffix][at[suffix] : at[suffix] + len(tensor)] = tensor

@@ -334,7 +334,7 @@ class MixedStorage:
         validate(self, stored, slots)
         return self.read(stored, 0, slots)
 
-    def _run(self, stored: dict[str, torch.Tensor], run: int) -> dict[str, torch.Tensor]:
+    def run_tensors(self, stored: dict[str, torch.Tensor], run: int) -> dict[str, torch.Tensor]:
         """The stored tensors of run `run` alone (views)."""
         (_, byte, scale), (_, byte_end, scale_end) = self._starts[run], self._starts[run + 1]
         return {"": stored[""][byte:byte_end], ".scales": stored[".scales"][scale:scale_end]}
@@ -347,7 +347,7 @@ class MixedStorage:
             begin, end = self._starts[run][0], self._starts[run + 1][0]
             if begin >= hi:
                 break
-            pieces.append(self.runs[run][1].read(self._run(stored, run), max(lo, begin) - begin, min(hi, end) - begin))
+            pieces.append(self.runs[run][1].read(self.run_tensors(stored, run), max(lo, begin) - begin, min(hi, end) - begin))
         return torch.cat(pieces) if len(pieces) != 1 else pieces[0]
 
     def gather(self, stored: dict[str, torch.Tensor], slots: torch.Tensor) -> torch.Tensor:

@@ -81,3 +81,31 @@ def file_keys(names: Iterable[str], model: nn.Module, files: SafetensorsFiles) -
         if found is not None:
             keys[name] = found
     return keys
+
+
+def load_dense(model: nn.Module, files: SafetensorsFiles, keys: dict[str, str], compressed: set[str], path: Path) -> None:
+    """Read every tensor but the `compressed` ones into the skeleton, in the model's own dtype, a
+    tied tensor once (the same Parameter under each name); refuse a file that does not fit the model."""
+    state = model.state_dict(keep_vars=True)
+    ties: dict[int, list[str]] = {}
+    for name, tensor in state.items():
+        ties.setdefault(id(tensor), []).append(name)
+    missing = [name for name in state if name not in compressed and not any(n in keys for n in ties[id(state[name])])]
+    missing = [name for name in missing if state[name].device.type == "meta"]  # a buffer made at init need not be stored
+    if missing:
+        raise InputError(f"{path} does not fit the model it describes (missing: {', '.join(missing[:3])})")
+    dense = {}
+    for group in ties.values():
+        if group[0] in compressed:
+            continue
+        stored = next((keys[n] for n in group if n in keys), None)
+        if stored is None:
+            continue
+        like = state[group[0]]
+        entry = files.entries[stored]
+        if tuple(entry.shape) != tuple(like.shape):
+            raise InputError(f"{path} does not fit the model: {stored} has shape {tuple(entry.shape)}, the model {tuple(like.shape)}")
+        value = files.tensor(stored).to(like.dtype)
+        value = nn.Parameter(value, requires_grad=like.requires_grad) if isinstance(like, nn.Parameter) else value
+        dense.update(dict.fromkeys(group, value))
+    model.load_state_dict(dense, strict=False, assign=True)

@@ -25,13 +25,26 @@ from rpsconvert.engine.operator import CompressedWeight
 from rpsconvert.engine.pool import RPSPool
 
 
+def feedback_factor(hessian: torch.Tensor, damping: float = 0.01) -> torch.Tensor:
+    """The upper Cholesky factor of the damped inverse of `hessian` (G, d, d), along which GPTQ
+    spreads each column's rounding error: `damping` times H's mean diagonal is added to it, so that
+    inputs the data never excites do not blow up the feedback. Layers fed the same inputs (a
+    transformer's q, k and v) share it: it is the d^3 part of rounding a layer."""
+    h = hessian.double().clone()
+    diagonal = torch.diagonal(h, dim1=1, dim2=2)
+    diagonal[diagonal <= 0] = 1.0  # an input the data never sets: its column is rounded alone
+    diagonal += damping * diagonal.mean(dim=1, keepdim=True)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)  # (G, d, d)
+
+
 def round_with_feedback(
-    weight: torch.Tensor, hessian: torch.Tensor, steps: torch.Tensor, levels: torch.Tensor, damping: float = 0.01, block: int = 128
+    weight: torch.Tensor, hessian: torch.Tensor | None, steps: torch.Tensor, levels: torch.Tensor, damping: float = 0.01, block: int = 128,
+    factor: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Integer codes for `weight` (G, o, d): the rows of each group g rounded against the input
     second moments `hessian[g]` (d, d), element by element on the grid `steps` * code with
-    |code| <= `levels` (both shaped like `weight`). `damping` times H's mean diagonal is added to
-    it, as GPTQ does, so that inputs the data never excites do not blow up the feedback.
+    |code| <= `levels` (both shaped like `weight`), damped as `feedback_factor` says (or along
+    `factor`, that function's result, given in place of `hessian`).
 
     Columns go in blocks of `block`: inside a block each column's error is fed to the block's later
     columns at once, and to the columns after the block in one product when the block is done (the
@@ -41,11 +54,7 @@ def round_with_feedback(
     steps, levels = steps.double(), levels.double()
     nearest = torch.maximum(torch.minimum(torch.round(w / steps), levels), -levels)
     pinned = (nearest.abs() == levels) | (w == 0)
-    h = hessian.double().clone()
-    diagonal = torch.diagonal(h, dim1=1, dim2=2)
-    diagonal[diagonal <= 0] = 1.0  # an input the data never sets: its column is rounded alone
-    diagonal += damping * diagonal.mean(dim=1, keepdim=True)
-    factor = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)  # (G, d, d)
+    factor = feedback_factor(hessian, damping) if factor is None else factor
     codes = torch.empty_like(w)
     d = w.shape[2]
     for start in range(0, d, block):  # GPTQ's lazy batches: the feedback beyond a block is one matmul
