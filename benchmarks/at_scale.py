@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/at_scale.py make 125m /data/llama-125m   # random-init bf16 shards
     .venv/bin/python benchmarks/at_scale.py convert /data/llama-125m --fraction 8 --fraction 32
+    .venv/bin/python benchmarks/at_scale.py convert /data/llama-125m --fraction 8 --calibrate 16
 
 `make` writes a random-init model of the real Llama shapes (transformers' LlamaConfig) as bf16
 shards of at most 2 GB with their index and config.json, one tensor at a time: the model is never
@@ -11,7 +12,9 @@ bytes) and prints its wall and CPU seconds, its peak resident memory (the child'
 file's bytes and the CPU seconds per billion weights, so that 125M, 1B and 7B compare per weight.
 Then, in another fresh process, the result is loaded lean (`rpsconvert.load(OUT)`) and runs one
 forward pass of 16 tokens: the memory it takes beyond the imports, after loading and at the peak of
-the forward pass, against the checkpoint's bytes (the memory budget is run-time memory).
+the forward pass, against the checkpoint's bytes (the memory budget is run-time memory). With
+`--calibrate N` the command also gets N random sequences of 128 tokens and a --max-memory below
+what loading the model whole would take, so it calibrates block by block from the files.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import safetensors.torch
 import torch
 import typer
 import transformers
@@ -114,18 +118,29 @@ def make(size: str, directory: Path) -> None:
 
 
 @app.command()
-def convert(directory: Path, fraction: list[int] = typer.Option([8, 32]), keep: bool = False) -> None:
+def convert(
+    directory: Path, fraction: list[int] = typer.Option([8, 32]), keep: bool = False,
+    calibrate: int = typer.Option(0, help="Calibrate on this many random sequences of 128 tokens, block by block from the files."),
+    max_memory: str = typer.Option("6GB", help="--max-memory of a calibrating run: below what loading the model whole would take."),
+) -> None:
     """Convert DIRECTORY at 1/FRACTION of its bf16 bytes, each in a fresh process, and print the table."""
     index = json.loads((directory / "model.safetensors.index.json").read_text())
     source_bytes = index["metadata"]["total_size"]
     weights = source_bytes // 2
     print(f"{directory.name}: {weights / 1e9:.3f} B weights, {source_bytes / 1e9:.2f} GB bf16")
+    extra = []
+    if calibrate:  # a random-init model has no language: random tokens are as good as any
+        tokens = torch.randint(0, 32000, (calibrate, 128), generator=torch.Generator().manual_seed(0))
+        data = Path(tempfile.mkdtemp(dir=directory.parent)) / "calibration.safetensors"
+        safetensors.torch.save_file({"input_ids": tokens}, data)
+        extra = ["--calibrate", str(data), "--max-memory", max_memory]
+        print(f"calibrating on {calibrate} sequences of 128 tokens, --max-memory {max_memory}")
     print(f"{'budget':>12} {'file bytes':>14} {'wall s':>8} {'CPU s':>8} {'peak RSS':>10} {'CPU s / B weights':>18} "
           f"{'loaded / file':>14} {'forward / file':>15} {'forward s':>10} {'weight error':>13}  plan")
     for k in fraction:
         budget = source_bytes // k
         out = Path(tempfile.mkdtemp(dir=directory.parent)) / "out"
-        command = [str(RPSCONVERT), str(directory), "--budget", str(budget), "-o", f"{out}/", "--json", "--quiet"]
+        command = [str(RPSCONVERT), str(directory), "--budget", str(budget), "-o", f"{out}/", "--json", "--quiet", *extra]
         start = time.perf_counter()
         result = subprocess.run([sys.executable, "-c", MEASURED, *command], capture_output=True, text=True)
         wall = time.perf_counter() - start
@@ -141,6 +156,9 @@ def convert(directory: Path, fraction: list[int] = typer.Option([8, 32]), keep: 
               f"{cpu / (weights / 1e9):>18.0f} {after_load / size:>14.2f} {at_forward / size:>15.2f} {forward:>10.1f} "
               f"{report['quality']['weight error']:>13.4g}  "
               f"{report['report']['pool_dtype']}, ratio {report['report']['ratio']:.3g}")
+        for note in report["report"]["notes"]:
+            if note.startswith("calibration "):
+                print(f"{'':>12} {note}")
         if not keep:
             shutil.rmtree(out.parent)
 

@@ -110,3 +110,8 @@ def test_the_command_calibrates_from_the_files_when_the_model_does_not_fit_whole
     shared = CliRunner().invoke(app, [str(llama), "--ratio", "0.3", "-o", f"{tmp_path / 'shared'}/", "--calibrate", str(tmp_path / "calibration.safetensors")])
     assert shared.exit_code == 1 and shared.output.count("\n") == 1, shared.output
     assert "calibrate it loaded whole" in shared.output and not (tmp_path / "shared").exists()
+    monkeypatch.setattr(sys.modules["rpsconvert.cli.app"], "memory_needed", lambda *args: 1 << 40)
+    refused = CliRunner().invoke(app, [str(llama), "--budget", BUDGET, "-o", f"{tmp_path / 'big'}/", "--calibrate", str(tmp_path / "calibration.safetensors")])
+    assert refused.exit_code == 1 and refused.output.count("\n") == 1, refused.output
+    assert refused.output.startswith(f"error: calibrating {llama} block by block needs about 1099.51 GB") and not (tmp_path / "big").exists()
+

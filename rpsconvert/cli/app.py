@@ -31,7 +31,7 @@ import rpsconvert
 from rpsconvert.engine.budget import check_ratio, format_bytes, parse_bytes
 from rpsconvert.format.checkpoint import Checkpoint, checkpoint_bytes, checkpoint_file, is_directory, read, save_directory, serialized, write_dense
 from rpsconvert.format.serialized import Serialized
-from rpsconvert.quality.streaming_calibration import calibrate_files, streams_calibration
+from rpsconvert.quality.streaming_calibration import ACTIVATION_MEMORY, calibrate_files, memory_needed, streams_calibration
 from rpsconvert.streaming import available_memory, check_whole_load, convert_files, original_weights, streams, whole_load_bytes
 from rpsconvert.format import provenance
 from rpsconvert.format.files import taken, write_atomic
@@ -529,7 +529,15 @@ def _calibrate_from_files(converted: torch.nn.Module, model: str, arch: str | No
             f"{model} does not fit in the {format_bytes(limit)} allowed to calibrate it loaded whole, and {reason}: give a larger "
             "budget, or convert without --calibrate, or free memory and raise --max-memory"
         )
-    calibrate_files(converted, model, batches, arch=arch, quiet=quiet)
+    activations = min(ACTIVATION_MEMORY, limit // 8)  # the rest of them wait on disk
+    needed = memory_needed(converted, activations) + report(converted).pool_bytes
+    if needed > limit:
+        raise MemoryLimitError(
+            f"calibrating {model} block by block needs about {format_bytes(needed)} of memory (the pool, one block twice in float32, "
+            f"the activations and the largest layer's solve), more than the {format_bytes(limit)} allowed: free memory and raise "
+            "--max-memory, or convert without --calibrate"
+        )
+    calibrate_files(converted, model, batches, arch=arch, activation_memory=activations, quiet=quiet)
 
 
 def _quality(converted: torch.nn.Module, original: torch.nn.Module, heldout: list | None) -> dict:

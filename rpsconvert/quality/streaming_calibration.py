@@ -33,6 +33,7 @@ the chain of blocks (a language model's head) keep the weight-space solution.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -74,6 +75,22 @@ def streams_calibration(model: nn.Module) -> str | None:
     if not repeated_blocks(model, pool.weights):
         return "calibrating from files goes block by block, and this model has no chain of repeated blocks (a ModuleList of layers)"
     return None
+
+
+def memory_needed(model: nn.Module, activation_memory: int = ACTIVATION_MEMORY) -> int:
+    """A bound on the memory `calibrate_files(model, ...)` takes beyond the converted model, in
+    bytes: one block twice in float32 (the original's and the converted one's), the activations
+    held in memory, and the largest layer's solve: H, its factor and the factorization's three
+    temporaries (d x d float64 each, d the layer's inputs), and nine float64 copies of the weight
+    (B, the solution, GPTQ's working weight, codes, grid...). For a 7B Llama's down projection
+    (d = 11008) the solve alone is about 8 GB."""
+    pool = find_pool(model)
+    blocks = repeated_blocks(model, pool.weights)
+    block = max((sum(p.numel() for p in model.get_submodule(b).parameters()) + sum(
+        pool.weights[n].numel for n in pool.weights if n.startswith(f"{b}.")) for b in blocks), default=0)
+    solve = max((8 * (5 * w.shape[1] ** 2 * math.prod(w.shape[2:]) ** 2 + 9 * w.numel) for w in pool.weights.values()
+                 if any(w.name.startswith(f"{b}.") for b in blocks) and len(w.shape) >= 2), default=0)
+    return 2 * 4 * block + activation_memory + solve
 
 
 def calibrate_files(
