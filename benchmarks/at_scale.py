@@ -70,16 +70,17 @@ print(json.dumps([loaded - base, peak() - base, time.perf_counter() - start]))
 """
 
 
-def config_of(size: str) -> transformers.LlamaConfig:
-    hidden, layers, intermediate, heads = SIZES[size]
+def config_of(size: str, layers: int | None = None) -> transformers.LlamaConfig:
+    hidden, all_layers, intermediate, heads = SIZES[size]
+    layers = layers or all_layers
     return transformers.LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=intermediate,
                                     num_attention_heads=heads, num_key_value_heads=heads, vocab_size=32000, dtype="bfloat16")
 
 
 @app.command()
-def make(size: str, directory: Path) -> None:
+def make(size: str, directory: Path, layers: int = typer.Option(0, help="Fewer layers than SIZE has (0: all): its shapes, in less time.")) -> None:
     """Write a random-init Llama of SIZE (125m, 1b, 7b) as bf16 shards, one tensor in memory at a time."""
-    config = config_of(size)
+    config = config_of(size, layers)
     with torch.device("meta"):
         shapes = {name: (tuple(t.shape), t.ndim) for name, t in transformers.LlamaForCausalLM(config).state_dict().items()}
     directory.mkdir(parents=True, exist_ok=True)

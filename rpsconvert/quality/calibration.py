@@ -607,7 +607,11 @@ def _statistics(model: nn.Module, name: str, calls: int, feeds: list[Feed], targ
             for rows, y in zip(x.split(_chunk(module, x)), chunks):
                 p = patches(module, rows).float()
                 h, b = torch.einsum("ngd,nge->gde", p, p).double(), torch.einsum("ngo,ngd->god", y, p).double()
-                H, B = (h, b) if H is None else (H + h, B + b)
+                if H is None:
+                    H, B = h, b
+                else:  # in place: a d x d float64 per batch is the largest write of a layer's statistics
+                    H.add_(h)
+                    B.add_(b)
                 yy += float(y.double().square().sum())
     if H is None:
         raise ValueError(f"layer {module_name} was not called on the calibration data")

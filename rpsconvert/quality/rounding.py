@@ -50,25 +50,27 @@ def round_with_feedback(
     columns at once, and to the columns after the block in one product when the block is done (the
     same sums in another order). On a 384 x 1536 layer that is 4x faster than feeding every column
     to all the rest, with the same codes in a check on random data."""
-    w = weight.double().clone()
-    steps, levels = steps.double(), levels.double()
+    # columns are rows of the transposed weights (G, d, o): each column's steps read contiguous
+    # memory, where a column of (G, o, d) strides over every row (3.4x slower on a 5504 x 2048 layer)
+    w = weight.double().transpose(1, 2).contiguous()
+    steps, levels = steps.double().transpose(1, 2).contiguous(), levels.double().transpose(1, 2).contiguous()
     nearest = torch.maximum(torch.minimum(torch.round(w / steps), levels), -levels)
     pinned = (nearest.abs() == levels) | (w == 0)
     factor = feedback_factor(hessian, damping) if factor is None else factor
     codes = torch.empty_like(w)
-    d = w.shape[2]
+    d = w.shape[1]
     for start in range(0, d, block):  # GPTQ's lazy batches: the feedback beyond a block is one matmul
         end = min(start + block, d)
-        errors = torch.empty(*w.shape[:2], end - start, dtype=w.dtype, device=w.device)
+        errors = torch.empty(w.shape[0], end - start, w.shape[2], dtype=w.dtype, device=w.device)
         for j in range(start, end):
-            column = w[:, :, j]
-            code = torch.maximum(torch.minimum(torch.round(column / steps[:, :, j]), levels[:, :, j]), -levels[:, :, j])
-            code = torch.where(pinned[:, :, j], nearest[:, :, j], code)
-            codes[:, :, j] = code
-            errors[:, :, j - start] = error = (column - code * steps[:, :, j]) / factor[:, j, j].unsqueeze(1)
-            w[:, :, j + 1 : end] -= error.unsqueeze(2) * factor[:, j, j + 1 : end].unsqueeze(1)
-        w[:, :, end:] -= errors @ factor[:, start:end, end:]
-    return codes
+            column = w[:, j]
+            code = torch.maximum(torch.minimum(torch.round(column / steps[:, j]), levels[:, j]), -levels[:, j])
+            code = torch.where(pinned[:, j], nearest[:, j], code)
+            codes[:, j] = code
+            errors[:, j - start] = error = (column - code * steps[:, j]) / factor[:, j, j].unsqueeze(1)
+            w[:, j + 1 : end] -= factor[:, j, j + 1 : end].unsqueeze(2) * error.unsqueeze(1)
+        w[:, end:] -= factor[:, start:end, end:].transpose(1, 2) @ errors
+    return codes.transpose(1, 2)
 
 
 def sole_slots(pool: RPSPool) -> torch.Tensor:
