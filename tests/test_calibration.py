@@ -229,17 +229,25 @@ def _wrecking(monkeypatch, prefix: str) -> None:
     """Make every solve of a layer under `prefix` add noise to its slots: a calibration that hurts."""
     import rpsconvert.quality.calibration as calibration
 
-    solve = calibration._solve
+    solve, solve_alone = calibration._solve, calibration._solve_alone
 
-    def wrecked(pool, weight, *args):
-        fit, changed = solve(pool, weight, *args)
+    def wreck(pool, weight):
+        slots = (pool.operator.counts([weight]) > 0).nonzero().squeeze(1)
         if weight.name.startswith(prefix):
-            slots = (pool.operator.counts([weight]) > 0).nonzero().squeeze(1)
             pool.pool.detach()[slots] += 0.5 * torch.randn(len(slots), generator=torch.Generator().manual_seed(0))
-            changed = torch.cat([changed, slots])
-        return fit, changed
+        return slots
+
+    def wrecked(pool, weight, *args):  # a layer sharing its slots
+        fit, changed = solve(pool, weight, *args)
+        return fit, torch.cat([changed, wreck(pool, weight)])
+
+    def wrecked_alone(pool, weight, *args):  # a layer with slots of its own
+        fit = solve_alone(pool, weight, *args)
+        wreck(pool, weight)
+        return fit
 
     monkeypatch.setattr(calibration, "_solve", wrecked)
+    monkeypatch.setattr(calibration, "_solve_alone", wrecked_alone)
 
 
 @pytest.mark.parametrize("ratio, bits", [(1.0, 4), (1 / 4, None)])

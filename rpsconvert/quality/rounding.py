@@ -31,10 +31,35 @@ def feedback_factor(hessian: torch.Tensor, damping: float = 0.01) -> torch.Tenso
     inputs the data never excites do not blow up the feedback. Layers fed the same inputs (a
     transformer's q, k and v) share it: it is the d^3 part of rounding a layer."""
     h = hessian.double().clone()
-    diagonal = torch.diagonal(h, dim1=1, dim2=2)
-    diagonal[diagonal <= 0] = 1.0  # an input the data never sets: its column is rounded alone
-    diagonal += damping * diagonal.mean(dim=1, keepdim=True)
-    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)  # (G, d, d)
+    torch.diagonal(h, dim1=1, dim2=2).copy_(damped_diagonal(hessian, damping))
+    h = torch.linalg.cholesky(h)  # one d x d temporary at a time: 1 GB each for a 7B's down projection
+    h = torch.cholesky_inverse(h)
+    return torch.linalg.cholesky(h, upper=True)  # (G, d, d)
+
+
+def damped_diagonal(hessian: torch.Tensor, damping: float = 0.01) -> torch.Tensor:
+    """H's diagonal (G, d) as `feedback_factor` damps it: an input the data never sets counts 1
+    (its column is rounded alone), then `damping` times the mean diagonal is added."""
+    diagonal = hessian.diagonal(dim1=1, dim2=2).double().clone()
+    diagonal[diagonal <= 0] = 1.0
+    return diagonal + damping * diagonal.mean(dim=1, keepdim=True)
+
+
+def solve_alone(hessian: torch.Tensor, cross: torch.Tensor, current: torch.Tensor, factor: torch.Tensor, damping: float = 0.01) -> torch.Tensor:
+    """The weight (G, o, d) that minimizes ||X W^T - Y||^2 + ||W - W_0||^2_D for a layer whose slots
+    are its own, from H = X^T X (`hessian`), B = Y^T X (`cross`) and W_0 (`current`), with D the
+    damping `feedback_factor` adds to H: W = (B + W_0 D)(H + D)^-1, through that function's
+    factor U, (H + D)^-1 = U^T U. Conjugate gradients would reach the same minimum in many
+    products; the factor is computed anyway for the rounding that follows."""
+    shift = damped_diagonal(hessian, damping) - hessian.diagonal(dim1=1, dim2=2)  # D
+    return ((cross + current * shift.unsqueeze(1)) @ factor.transpose(1, 2)) @ factor
+
+
+def output_error(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, targets: float) -> float:
+    """||X W^T - Y|| / ||Y|| of a weight (G, o, d) from H, B and ||Y||^2 (`targets`), in float32 products."""
+    w = weight.float()
+    quadratic = float(((w @ hessian.float()) * w).sum()) - 2 * float((cross.float() * w).sum())
+    return max(quadratic + targets, 0.0) ** 0.5 / max(targets, 1e-30) ** 0.5
 
 
 def round_with_feedback(
@@ -79,11 +104,14 @@ def sole_slots(pool: RPSPool) -> torch.Tensor:
     return pool.operator.counts(pool.weights.values(), pool.pool.device) == 1
 
 
-def round_layer(pool: RPSPool, weight: CompressedWeight, hessian: torch.Tensor, sole: torch.Tensor, damping: float = 0.01) -> bool:
+def round_layer(
+    pool: RPSPool, weight: CompressedWeight, hessian: torch.Tensor, sole: torch.Tensor, damping: float = 0.01, factor: torch.Tensor | None = None
+) -> bool:
     """Round the slots of `weight` onto the pool's stored grid with error feedback against its
     inputs' second moments `hessian` (G, d, d), in place; False, and nothing done, unless every one
     of its slots is `sole` (shared slots are rounded by `snap`, since their value serves several
-    weights). The values are g(i) * W[i] / scale, so the grid and the rounding are the weight's own."""
+    weights). The values are g(i) * W[i] / scale, so the grid and the rounding are the weight's own.
+    `factor` is `feedback_factor(hessian, damping)` where the caller has it already."""
     pieces = list(chunks(pool.mapping, weight.offset, weight.numel, pool.size, pool.seed, pool.pool.device))
     slots, signs = torch.cat([piece[2] for piece in pieces]), torch.cat([piece[3] for piece in pieces]).float()
     if not bool(sole[slots].all()):
@@ -96,6 +124,6 @@ def round_layer(pool: RPSPool, weight: CompressedWeight, hessian: torch.Tensor, 
     def by_group(per_element: torch.Tensor) -> torch.Tensor:
         return grouped(per_element.view(weight.shape), groups)
 
-    codes = round_with_feedback(by_group(theta[slots].double() * signs), hessian, by_group(steps), by_group(levels), damping)
+    codes = round_with_feedback(by_group(theta[slots].double() * signs), hessian, by_group(steps), by_group(levels), damping, factor=factor)
     theta[slots] = (codes.reshape(-1).float() * signs * steps).to(theta.dtype)  # exact: a code times a block scale
     return True

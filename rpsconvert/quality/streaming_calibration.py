@@ -60,7 +60,7 @@ from rpsconvert.format.skeleton import file_keys, load_dense, skeleton
 from rpsconvert.quality.batches import Batch, eval_mode, run
 from rpsconvert.quality.blocks import repeated_blocks
 from rpsconvert.quality.calibration import Call, LayerFit, _advance, _call, _capture, _forward_order, _solvable, _statistics, _Stats, _targets
-from rpsconvert.quality.rounding import feedback_factor, round_with_feedback
+from rpsconvert.quality.rounding import feedback_factor, output_error, round_with_feedback, solve_alone
 
 ACTIVATION_MEMORY = 1 << 30  # bytes of block inputs kept in memory before they go to disk
 
@@ -261,8 +261,7 @@ def _solve(pool: RPSPool, weight: CompressedWeight, stats: _Stats, factors: dict
     if "H" not in factors or not torch.equal(factors["H"], stats.H):  # q, k and v: one factor
         factors.update(H=stats.H, U=feedback_factor(stats.H, damping))
     factor = factors["U"]
-    shift = _damped_diagonal(stats.H, damping) - stats.H.diagonal(dim1=1, dim2=2)  # D
-    solved = ((stats.B + w0 * shift.unsqueeze(1)) @ factor.transpose(1, 2)) @ factor  # (H + D)^-1 = U^T U
+    solved = solve_alone(stats.H, stats.B, w0, factor, damping)
     signs = torch.cat([piece[3] for piece in chunks(pool.mapping, weight.offset, weight.numel, pool.size, pool.seed)]).double()
     units = solved.reshape(-1) * signs / weight.scale  # the pool values the solve asks for, element by element
     pieces = _pieces(pool, weight)
@@ -277,7 +276,8 @@ def _solve(pool: RPSPool, weight: CompressedWeight, stats: _Stats, factors: dict
     for piece in pieces:
         rewrite(piece.part, piece.run, piece.first, piece.spliced(units))
     pool.clear_cache()
-    return LayerFit(weight.name, _error(w0, stats), _error(grouped(pool.weight(weight.name).double(), groups), stats), 0)
+    final = grouped(pool.weight(weight.name), groups)
+    return LayerFit(weight.name, output_error(w0, stats.H, stats.B, stats.yy), output_error(final, stats.H, stats.B, stats.yy), 0)
 
 
 @dataclass(frozen=True)
@@ -315,20 +315,6 @@ def _pieces(pool: RPSPool, weight: CompressedWeight) -> list[_Piece]:
             lo, hi = max(slot, begin + first), min(slot + count, begin + last)
             out.append(_Piece(part, run, first, part.read(run, first, last).float(), element + lo - slot, lo - begin - first, hi - lo))
     return out
-
-
-def _damped_diagonal(H: torch.Tensor, damping: float) -> torch.Tensor:
-    """The diagonal `feedback_factor` gives H: an input never set counts 1, then damping times the mean."""
-    diagonal = H.diagonal(dim1=1, dim2=2).clone()
-    diagonal[diagonal <= 0] = 1.0
-    return diagonal + damping * diagonal.mean(dim=1, keepdim=True)
-
-
-def _error(w: torch.Tensor, stats: _Stats) -> float:
-    """The relative output error ||X W^T - Y||^2 / ||Y||^2 from the statistics (float32 products)."""
-    w = w.float()
-    quadratic = float(((w @ stats.H.float()) * w).sum()) - 2 * float((stats.B.float() * w).sum())
-    return max(quadratic + stats.yy, 0.0) / max(stats.yy, 1e-30)
 
 
 class _Activations:
