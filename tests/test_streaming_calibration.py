@@ -9,7 +9,7 @@ import safetensors.torch
 import torch
 from typer.testing import CliRunner
 
-from rpsconvert import convert, load, report
+from rpsconvert import convert, report
 from rpsconvert.cli import app
 from rpsconvert.cli.inputs import read_model
 from rpsconvert.format.checkpoint import encode
@@ -115,3 +115,31 @@ def test_the_command_calibrates_from_the_files_when_the_model_does_not_fit_whole
     assert refused.exit_code == 1 and refused.output.count("\n") == 1, refused.output
     assert refused.output.startswith(f"error: calibrating {llama} block by block needs about 1099.51 GB") and not (tmp_path / "big").exists()
 
+
+
+def test_rewriting_a_weights_slots_changes_only_the_bytes_of_the_blocks_that_hold_them(llama):
+    from rpsconvert.engine.encoding import rewrite
+    from rpsconvert.engine.modules import find_pool
+
+    pool = find_pool(convert_files(llama, budget=BUDGET))
+    received = {suffix: tensor.clone() for suffix, tensor in pool.stored().items()}
+    weight = pool.weights["model.layers.1.mlp.up_proj.weight"]
+    pieces = streaming_calibration._pieces(pool, weight)
+    for piece in pieces:  # the values a piece holds, encoded again: the same bytes
+        rewrite(piece.part, piece.run, piece.first, piece.values)
+    assert all(torch.equal(pool.stored()[s], received[s]) for s in received)
+    for piece in pieces:
+        rewrite(piece.part, piece.run, piece.first, piece.spliced(torch.zeros(weight.numel)))
+    with torch.no_grad():
+        assert float(pool.weight(weight.name).abs().max()) == 0.0
+        others = [name for name in pool.weights if name != weight.name]
+        assert all(float(pool.weight(n).abs().sum()) > 0 for n in others)
+    changed = (pool.stored()[""] != received[""]).nonzero().squeeze(1)
+    codes = pool.stored()[""]
+    owned = torch.zeros(len(codes), dtype=torch.bool)
+    for piece in pieces:  # the bytes of each piece's slots, within the pool's codes
+        start = piece.run[""].storage_offset() - codes.storage_offset()
+        codes_per, bytes_per = piece.part.group
+        first = start + piece.first // codes_per * bytes_per
+        owned[first : first + -(-len(piece.values) // codes_per) * bytes_per] = True
+    assert len(changed) > 0 and bool(owned[changed].all())

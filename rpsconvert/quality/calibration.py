@@ -612,8 +612,8 @@ def _statistics(model: nn.Module, name: str, calls: int, feeds: list[Feed], targ
     yy = 0.0
     for feed in feeds:
         ours = _capture(model, module_name, calls, feed)
-        for ((x, *_), _), chunks in zip(ours, next(targets)):  # each call's first argument
-            for rows, y in zip(x.split(_chunk(module, x)), chunks):
+        for ((x, *_), _), pieces in zip(ours, next(targets)):  # each call's first argument
+            for rows, y in zip(x.split(_chunk(module, x)), pieces):
                 p = patches(module, rows).float()
                 h, b = torch.einsum("ngd,nge->gde", p, p).double(), torch.einsum("ngo,ngd->god", y, p).double()
                 if H is None:

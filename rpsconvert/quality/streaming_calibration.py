@@ -59,7 +59,7 @@ from rpsconvert.format.lazy_weights import SafetensorsFiles
 from rpsconvert.format.skeleton import file_keys, load_dense, skeleton
 from rpsconvert.quality.batches import Batch, eval_mode, run
 from rpsconvert.quality.blocks import repeated_blocks
-from rpsconvert.quality.calibration import Call, LayerFit, _advance, _call, _capture, _forward_order, _solvable, _statistics, _Stats, _targets
+from rpsconvert.quality.calibration import Call, LayerFit, _advance, _call, _capture, _forward_order, _statistics, _Stats, _targets
 from rpsconvert.quality.rounding import feedback_factor, output_error, round_with_feedback, solve_alone
 
 ACTIVATION_MEMORY = 1 << 30  # bytes of block inputs kept in memory before they go to disk
@@ -311,9 +311,10 @@ def _pieces(pool: RPSPool, weight: CompressedWeight) -> list[_Piece]:
     stored = pool.stored()
     out = []
     for element, slot, count in ranges:
-        for part, run, begin, first, last in spans(pool.storage, stored, pool.size, slot, slot + count):
+        for part, tensors, begin, first, last in spans(pool.storage, stored, pool.size, slot, slot + count):
             lo, hi = max(slot, begin + first), min(slot + count, begin + last)
-            out.append(_Piece(part, run, first, part.read(run, first, last).float(), element + lo - slot, lo - begin - first, hi - lo))
+            values = part.read(tensors, first, last).float()
+            out.append(_Piece(part, tensors, first, values, element + lo - slot, lo - begin - first, hi - lo))
     return out
 
 
