@@ -16,6 +16,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]  # as tests/conftest.py: the test h
 from digits import batches, trained_mlp  # noqa: E402
 from rpsconvert import convert  # noqa: E402
 from rpsconvert.quality.recovery import recover  # noqa: E402
+from rpsconvert.quality.sharding import final_barrier  # noqa: E402
 
 STEPS = 12
 
@@ -35,8 +36,9 @@ def main(out: str) -> None:
     if torch.distributed.get_rank() == 0:
         torch.save({"state": model.state_dict(), "loss": history.loss, "after": history.after.relative_error}, out)
     # both ranks tear gloo down together: a rank that destroyed its group while the other was still
-    # saving aborted now and then ("terminate called without an active exception", SIGABRT)
-    torch.distributed.barrier()
+    # saving aborted now and then ("terminate called without an active exception", SIGABRT); the
+    # barrier's work is kept to the end, as the command keeps it (quality/sharding.py `torchrun_job`)
+    final_barrier()
     torch.distributed.destroy_process_group()
 
 

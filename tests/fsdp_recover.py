@@ -201,7 +201,7 @@ def main(out: str, bits: int | None, auto: bool, pool: bool, resume: bool, lazy:
         result["files"] = sorted(str(f.relative_to(state)) for f in state.rglob("*"))
     if torch.distributed.get_rank() == 0:
         torch.save(result, out)
-    torch.distributed.barrier()  # as ddp_recover.py: both ranks tear gloo down together
+    sharding.final_barrier()  # as ddp_recover.py: both ranks tear gloo down together
     torch.distributed.destroy_process_group()
 
 

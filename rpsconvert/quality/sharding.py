@@ -83,14 +83,21 @@ def torchrun_job() -> Iterator[bool]:
     dist.init_process_group("gloo")
     try:
         yield True
-        barrier = dist.barrier(async_op=True)
-        _FINAL_WORKS.append(barrier)
-        barrier.wait()
+        final_barrier()
     finally:
         dist.destroy_process_group()
 
 
-_FINAL_WORKS: list = []  # torchrun_job's barriers, freed by the interpreter's teardown
+def final_barrier() -> None:
+    """Wait for every process of the group before it is destroyed, keeping the barrier's work
+    until the interpreter's teardown (see `torchrun_job`: a gloo thread freeing it at exit ended
+    processes in std::terminate)."""
+    barrier = dist.barrier(async_op=True)
+    _FINAL_WORKS.append(barrier)
+    barrier.wait()
+
+
+_FINAL_WORKS: list = []  # the final barriers' works, freed by the interpreter's teardown
 
 
 def device_mesh(device: torch.device):
