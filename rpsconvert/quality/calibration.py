@@ -206,9 +206,11 @@ def calibrate(
         for name, stats in _layer_statistics(model, reference, pool, layers, batches, originals, cache):
             weight = pool.weights[name]
             progress.update(task, layer=name)
-            slots = torch.cat([piece[2] for piece in chunks(pool.mapping, weight.offset, weight.numel, pool.size, pool.seed, device)])
+            pieces = list(chunks(pool.mapping, weight.offset, weight.numel, pool.size, pool.seed, device))
+            slots = torch.cat([piece[2] for piece in pieces])
             if bool(sole[slots].all()):  # no other weight shares its slots: the exact minimum, then GPTQ's rounding
-                fit = _solve_alone(pool, weight, stats, damping, sole)
+                signs = torch.cat([piece[3] for piece in pieces]).double()
+                fit = _solve_alone(pool, weight, stats, damping, sole, slots, signs)
                 changed = slots
             else:
                 fit, changed = _solve(pool, weight, stats, penalties, shared[name], work, damping, iterations, tolerance)
@@ -627,16 +629,17 @@ def _statistics(model: nn.Module, name: str, calls: int, feeds: list[Feed], targ
     return _Stats(H, B, yy)
 
 
-def _solve_alone(pool: RPSPool, weight: CompressedWeight, stats: _Stats, damping: float, sole: torch.Tensor) -> LayerFit:
-    """Layer l's problem where its slots are its own (a lossless RandomFold pool: the plan's
-    per-layer widths): no other layer's penalty reaches them, so its minimum is one linear solve
-    (`solve_alone`), and a quantized pool is then rounded with GPTQ's feedback on the same factor.
-    At 1/16 of all-MiniLM-L6-v2's bytes, 50 conjugate-gradient steps had left the held-out
-    embedding cosine at 0.50 where the exact minimum gives 0.64 (benchmarks/calibration_from_files.py)."""
+def _solve_alone(
+    pool: RPSPool, weight: CompressedWeight, stats: _Stats, damping: float, sole: torch.Tensor, slots: torch.Tensor, signs: torch.Tensor
+) -> LayerFit:
+    """Layer l's problem where its `slots` are its own (a lossless RandomFold pool: the plan's
+    per-layer widths; `signs` are its elements' g(i)): no other layer's penalty reaches them, so
+    its minimum is one linear solve (`solve_alone`), and a quantized pool is then rounded with
+    GPTQ's feedback on the same factor. At 1/16 of all-MiniLM-L6-v2's bytes, 50 conjugate-gradient
+    steps had left the held-out embedding cosine at 0.50 where the exact minimum gives 0.68
+    (benchmarks/calibration_from_files.py)."""
     theta = pool.pool.detach()
     groups = stats.H.shape[0]
-    pieces = list(chunks(pool.mapping, weight.offset, weight.numel, pool.size, pool.seed, theta.device))
-    slots, signs = torch.cat([piece[2] for piece in pieces]), torch.cat([piece[3] for piece in pieces]).double()
     w0 = grouped(pool.operator.generate(theta, weight).double(), groups)
     factor = feedback_factor(stats.H, damping)
     solved = solve_alone(stats.H, stats.B, w0, factor, damping)
