@@ -272,15 +272,15 @@ def convert_command(
             # from safetensors files without --verify or --recover-steps (which run the original
             # whole), the model is converted without loading it (streaming.py): the same bytes in a
             # fraction of the memory; with --calibrate it is loaded whole where that fits (any pool
-            # calibrates so), else calibrated a block at a time from the files
+            # calibrates so: already checked against the limit), else calibrated a block at a time from the files
             stream = not verify and not recover_steps and streams(model, arch)
             limit = parse_bytes(max_memory) if max_memory else int(0.9 * available_memory())
             sizing = dict(ratio=ratio, budget=budget, include=include or None, exclude=exclude or None, min_numel=min_numel)
             if stream and calibrate is not None:
                 stream = whole_load_bytes(model, arch=arch, calibrating=True, **sizing) > limit
             with stage("read", f"reading {model}" if not stream else f"reading the structure of {model}"):
-                if not stream and streams(model, arch):  # safetensors files loaded whole: refused now if they cannot fit
-                    flag = "--verify" if verify else "--recover-steps" if recover_steps else "--calibrate"
+                if (verify or recover_steps) and streams(model, arch):  # loaded whole to run the original: refused now if it cannot fit
+                    flag = "--verify" if verify else "--recover-steps"
                     check_whole_load(model, arch=arch, max_memory=limit, calibrating=calibrate is not None, flag=flag, **sizing)
                 source = None if stream else _read(model, arch, trust_pickle)
                 as_directory = output is not None and is_directory(output)

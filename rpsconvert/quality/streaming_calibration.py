@@ -60,6 +60,7 @@ from rpsconvert.format.skeleton import file_keys, load_dense, skeleton
 from rpsconvert.quality.batches import Batch, eval_mode, run
 from rpsconvert.quality.blocks import repeated_blocks
 from rpsconvert.quality.calibration import Call, LayerFit, _advance, _call, _capture, _forward_order, _statistics, _Stats, _targets
+from rpsconvert.quality.recovery import distillation_loss
 from rpsconvert.quality.rounding import feedback_factor, output_error, round_with_feedback, solve_alone
 
 ACTIVATION_MEMORY = 1 << 30  # bytes of block inputs kept in memory before they go to disk
@@ -214,10 +215,7 @@ def _plain(value: Any) -> bool:
 
 def _relative_error(store: _Activations, stream: str) -> float:
     """The mean over the held-out batches of ||x - x_orig||^2 / ||x_orig||^2 of the last block's output."""
-    errors = []
-    for b in store.batches(stream):
-        x, target = store.get(stream, b).double(), store.get("held reference", b).double()
-        errors.append(float((x - target).square().sum() / target.square().sum().clamp(min=1e-30)))
+    errors = [float(distillation_loss(store.get(stream, b), store.get("held reference", b), "mse")) for b in store.batches(stream)]
     return sum(errors) / len(errors)
 
 
