@@ -28,7 +28,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from fractions import Fraction
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable
 
@@ -39,7 +39,6 @@ from torch.nn.utils import parametrize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import baselines  # noqa: E402
 import pretrained  # noqa: E402
 import quality  # noqa: E402
 import tasks  # noqa: E402
@@ -304,7 +303,8 @@ def rtn_cells(ctx: Context, budget: int) -> dict[str, Cell]:
     return {f"{m} RTN": quality.quantized_cell(ctx, budget, m) for m in ("int8", "int4")}
 
 
-PLAN = ("RPS plan", "RPS plan, data-aware", "RPS plan + recovery")
+PLAN = ("RPS plan", "RPS plan, data-aware", "RPS plan, data-aware + recovery")
+RECOVERED = PLAN[2]  # what a user with data does: calibrate, then recover; the row the targets at 1/16 and below judge
 COLUMNS = PLAN + tuple(p.name for p in PEERS) + ("HQQ + recovery", "torchao + recovery", "int8 RTN", "int4 RTN")
 
 
@@ -396,12 +396,12 @@ def verdicts(result: Result) -> list[str]:
                 f"{_format(task, aware) if aware is not None else 'n/a'}; {show})."
             )
         else:
-            ours = cells["RPS plan + recovery"].value
-            others = {c: v.value for c, v in cells.items() if c != "RPS plan + recovery" and v.value is not None}
+            ours = cells[RECOVERED].value
+            others = {c: v.value for c, v in cells.items() if c != RECOVERED and v.value is not None}
             ok = ours is not None and all(_better(task, ours, v, strictly=True) for v in others.values())  # a tie (all at chance) is no win
             rival = max(others, key=lambda c: others[c] if task.higher_is_better else -others[c], default=None)
             out.append(
-                f"{task.name} at {name}: RPS plan + recovery the best row: {quality._met(ok)} (ours "
+                f"{task.name} at {name}: {RECOVERED} the best row: {quality._met(ok)} (ours "
                 f"{_format(task, ours) if ours is not None else 'n/a'}; best other: {rival} {_format(task, others[rival]) if rival else 'n/a'})."
             )
     return out
@@ -429,7 +429,8 @@ def section(results: list[Result], command: str, seconds: float, plot_name: str)
         "A **budget** is a fraction of the fp32 bytes of the compressed weights, as in `## Quality`; each cell is the "
         "task's quality and, in parentheses, the bytes that row stores for those weights. **RPS plan** is "
         "`convert(model, budget=...)` (its budget also pays for the dense tensors and the file's header, so its pool has "
-        "a little less), **data-aware** adds `calibration=` (training batches), and every "
+        "a little less), **data-aware** adds `calibration=` (training batches), **data-aware + recovery** recovers that "
+        "calibrated conversion (what a user with data does), and every "
         "**+ recovery** row is quality.py's `recovered` (distillation from the dense model, `lr=\"auto\"`, no early stop) "
         f"at the same steps within a task: {steps}. The int8 and int4 RTN rows are the project's hand-written baselines (baselines.py), "
         "shown where 8 and 4.5 bits a weight fit. quanto's and bitsandbytes' grids are not recovered (quanto fits no "
@@ -474,10 +475,16 @@ class Settings:
     minilm: Run | None
 
 
-# MiniLM stops at 1/16, with 10 recovery steps and 4 calibration batches: at 20 steps and 8 batches
-# its budgets alone took over half an hour of the shared CPU (docs/benchmarks.md says so).
-FULL = Settings(1500, 1000, Run(TRAINED_BUDGETS, 100, 8), Run(PRETRAINED_BUDGETS, 20, 8), Run(PRETRAINED_BUDGETS[:3], 10, 4))
+FULL = Settings(1500, 1000, Run(TRAINED_BUDGETS, 100, 8), Run(PRETRAINED_BUDGETS, 20, 8), Run(PRETRAINED_BUDGETS, 20, 8))
 QUICK = Settings(150, 20, Run(QUICK_BUDGETS, 5, 2), None, None)
+
+
+def _installed(package: str) -> bool:
+    try:
+        version(package)
+    except PackageNotFoundError:
+        return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -487,6 +494,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "peers.png")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    missing = [p.package for p in PEERS if not _installed(p.package)]
+    if missing:
+        raise SystemExit(f"peers.py needs {', '.join(missing)}: run `make bench`, or pip install them at the versions the Makefile names")
     warnings.simplefilter("ignore")
     torch.set_num_threads(args.threads)
     settings = QUICK if args.quick else FULL

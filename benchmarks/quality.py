@@ -175,16 +175,16 @@ def plan_cells(ctx: Context, budget: int, methods: tuple[str, ...]) -> dict[str,
     """What `--budget` chooses, as it is and after recovery. Its budget counts the whole file, so
     it gets the weights' budget plus the bytes every method keeps dense; the file's header must fit
     in it too, so the plan has a little less for the weights than the other methods."""
-    names = ("RPS plan", "RPS plan + recovery")
+    names, aware = ("RPS plan", "RPS plan + recovery"), ("RPS plan, data-aware", "RPS plan, data-aware + recovery")
     try:
         planned = convert(ctx.teacher, budget=budget + ctx.kept_bytes)
     except BudgetError:
-        return {name: Cell(note="the budget does not hold the file's header") for name in (*names, "RPS plan, data-aware") if name in methods}
+        return {name: Cell(note="the budget does not hold the file's header") for name in (*names, *aware) if name in methods}
     pool = report(planned)
     cells = with_recovery(ctx, planned, names, methods, f"{pool.pool_dtype}, ratio {pool.pool_slots / pool.compressible_elements:.3g}")
-    if "RPS plan, data-aware" in methods:  # the same plan (it is chosen before calibration), GPTQ-style rounding and a data-aware fit
+    if any(name in methods for name in aware):  # the same plan (it is chosen before calibration), GPTQ-style rounding and a data-aware fit
         calibrated = convert(ctx.teacher, budget=budget + ctx.kept_bytes, calibration=ctx.calibration)
-        cells["RPS plan, data-aware"] = scored(ctx, calibrated, report(calibrated).pool_bytes)
+        cells.update(with_recovery(ctx, calibrated, aware, methods))
     return cells
 
 

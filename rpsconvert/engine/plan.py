@@ -168,8 +168,8 @@ def aligned(
     rung's storage in blocks of `row_block` of the weight's rows (near the rung's block), so that
     every block holds whole rows or a part of one row."""
     m, runs = slots, []
-    for weight, first, pieces in zip(layout, firsts, parts):
-        for n, rung in pieces:
+    for weight, first, weight_parts in zip(layout, firsts, parts):
+        for n, rung in weight_parts:
             storage = _on_rows(rung, weight)
             runs += [(first, min(n, m - first), storage)] + ([(0, n - (m - first), storage)] if first + n > m else [])
             first = (first + n) % m
